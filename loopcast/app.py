@@ -1,0 +1,116 @@
+"""Building the stages from the resolved config: shared by the CLI, the demo and the end-to-end tests."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from loopcast.settings import LoopcastConfig
+from realtime.controller import Controller
+from realtime.engine import EngineError, load_engine, resolve_engine
+from realtime.forecast import ForecastStage
+from realtime.metrics import Metrics, MetricsConfig
+from realtime.pipeline import Pipeline
+from realtime.policy import resolve_neuron_set
+from realtime.transport import Publisher, Subscriber
+from replay.fish import FishModel
+from replay.layout import Recording, RecordingError
+from replay.sim import LiveSim
+
+log = logging.getLogger("loopcast")
+
+
+class UserError(RuntimeError):
+    """Something the user must fix (missing recording, no engine, bad config): printed, exit 2."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("amqtt", "transitions", "asyncio", "onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def process_metrics(cfg: LoopcastConfig, process: str) -> Metrics:
+    """The one Metrics of this process, serving /metrics on the port configured for it."""
+    port = getattr(cfg.metrics, process)
+    m = Metrics(process, MetricsConfig(host=cfg.metrics.host, port=port))
+    m.serve()
+    log.info("%s metrics on http://%s:%s/metrics", process, cfg.metrics.host, m.port)
+    return m
+
+
+def open_recording(cfg: LoopcastConfig, path: str | None = None) -> Recording:
+    path = path or cfg.paths.recording
+    try:
+        return Recording.open(path)
+    except RecordingError as exc:
+        raise UserError(f"{exc}\n  (make a synthetic one with `loopcast synth`, or point "
+                        f"paths.recording at a ZAPBench-layout store)") from exc
+
+
+def neuron_groups(rec: Recording) -> dict[str, np.ndarray]:
+    """Named neuron groups a policy may refer to ("ensemble:<k>"), where the recording has them."""
+    try:
+        return {"ensemble": rec.ground_truth("ensemble")}
+    except RecordingError:
+        return {}
+
+
+def engine_path(cfg: LoopcastConfig) -> Path:
+    """The configured engine, or the registry entry `loopcast train` writes for [train]."""
+    from_train = f"{cfg.train.model}-c{cfg.train.context}-h{cfg.train.horizon}"
+    return Path(cfg.pipeline.forecast.engine or Path(cfg.paths.engines) / from_train)
+
+
+def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray) -> Pipeline:
+    """Forecast publisher first (optionally waiting for a controller), then the frame subscriber."""
+    fc = cfg.pipeline.forecast
+    try:
+        engine = load_engine(engine_path(cfg), runtime=fc.runtime, threads=fc.threads)
+    except EngineError as exc:
+        raise UserError(str(exc)) from exc
+    log.info("engine %s (%s)", engine.version, resolve_engine(engine_path(cfg)))
+    publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
+    if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
+        log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
+    stage = ForecastStage(engine, publisher, metrics)
+    source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
+    return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics)
+
+
+def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | None) -> Controller:
+    """Resolve the policy's neuron sets (against the recording's groups, if any) and build it."""
+    n = rec.n_neurons if rec is not None else None
+    groups = neuron_groups(rec) if rec is not None else {}
+    if n is None:
+        raise UserError("the controller needs the neuron count: set paths.recording to the rig's recording")
+    pol = cfg.controller.policy
+    try:
+        monitor = resolve_neuron_set(pol.monitor, n, groups)
+        targets = resolve_neuron_set(pol.targets, n, groups)
+    except ValueError as exc:
+        raise UserError(f"controller.policy: {exc}") from exc
+    return Controller(cfg.controller, monitor, targets, metrics, n_neurons=n)
+
+
+def build_sim(cfg: LoopcastConfig, metrics: Metrics, mqtt: bool = True) -> LiveSim:
+    fish = FishModel(cfg.synth.fish)
+    broker = (cfg.mqtt.host, cfg.mqtt.port) if mqtt else None
+    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker)
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
+    """asyncio.run(main(stop)) where SIGINT/SIGTERM set `stop` for a clean shutdown."""
+    async def runner() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+    return asyncio.run(runner())

@@ -1,0 +1,205 @@
+"""`loopcast` — one console script, one subcommand per part of the loop.
+
+Every subcommand reads configs/loopcast.toml (or -c FILE, repeatable: later files win), applies
+`-s section.key=value` overrides, saves the resolved config in its run directory, and, for the
+long-running parts, serves Prometheus metrics and writes a summary JSON when it stops.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from loopcast import app
+from loopcast.config import ConfigError
+from loopcast.settings import LoopcastConfig, load_settings, new_run_dir
+
+log = logging.getLogger("loopcast")
+
+
+def cmd_synth(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import synth_recording
+    synth_recording(cfg, out=args.out, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from replay.player import Player
+    rec = app.open_recording(cfg, args.recording)
+    metrics = app.process_metrics(cfg, "replay")
+    player = Player(rec, cfg.endpoints.frames, cfg.replay, cfg.rig.name, metrics)
+    log.info("replaying %s on %s at speed %s (0 = as fast as possible)", args.recording or cfg.paths.recording,
+             player.endpoint, cfg.replay.speed)
+    try:
+        report = player.run(progress=True)
+    finally:
+        player.close()
+        metrics.write_summary(run_dir / "replay.summary.json", {"volumes_per_s": report.volumes_per_s})
+        metrics.close()
+    log.info("sent %d volumes in %.1f s (%.2f volumes/s)", report.frames, report.seconds, report.volumes_per_s)
+    return 0
+
+
+def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    metrics = app.process_metrics(cfg, "sim")
+    sim = app.build_sim(cfg, metrics, mqtt=not args.no_mqtt)
+    log.info("live simulated fish on %s: %d neurons, %s voxels, speed %sx", sim.endpoint,
+             cfg.synth.fish.n_neurons, "x".join(map(str, cfg.rig.shape)), cfg.sim.speed)
+    try:
+        report = app.run_until_signalled(sim.run)
+    finally:
+        sim.close()
+    metrics.write_summary(run_dir / "sim.summary.json", {"sim": report.__dict__})
+    metrics.close()
+    log.info("sent %d frames, applied %d triggers; fish response %s", report.frames,
+             report.triggers_received, json.dumps(report.response))
+    return 0
+
+
+def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    import signal
+    rec = app.open_recording(cfg)
+    metrics = app.process_metrics(cfg, "run")
+    pipeline = app.build_pipeline(cfg, metrics, rec.segmentation())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: pipeline.stop())
+    log.info("pipeline: frames from %s, forecasts on %s", cfg.endpoints.frames, cfg.endpoints.forecasts)
+    try:
+        report = pipeline.run()
+    finally:
+        pipeline.close()
+    metrics.write_summary(run_dir / "run.summary.json", {"pipeline": report.__dict__})
+    metrics.close()
+    log.info("processed %d frames, published %d forecasts", report.frames, report.forecasts)
+    return 0
+
+
+def cmd_controller(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    rec = app.open_recording(cfg)
+    metrics = app.process_metrics(cfg, "controller")
+    controller = app.build_controller(cfg, metrics, rec)
+    log.info("controller for rig %s: forecasts from %s, MQTT %s:%d, %s", cfg.rig.name,
+             cfg.endpoints.forecasts, cfg.mqtt.host, cfg.mqtt.port,
+             "ARMED at start" if cfg.controller.interlocks.armed_at_start else "disarmed until armed")
+    app.run_until_signalled(controller.run)
+    metrics.write_summary(run_dir / "controller.summary.json", {"controller": controller.status()})
+    metrics.close()
+    return 0
+
+
+def cmd_train(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import export_checkpoint, train_on_recording
+    rec = app.open_recording(cfg, args.data)
+    _, ckpt = train_on_recording(cfg, rec, run_dir)
+    if args.export:
+        export_checkpoint(cfg, ckpt, rec)
+    else:
+        log.info("export it with: loopcast export --checkpoint %s", ckpt)
+    return 0
+
+
+def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import export_checkpoint
+    rec = app.open_recording(cfg) if Path(cfg.paths.recording).exists() else None
+    export_checkpoint(cfg, Path(args.checkpoint), rec)
+    return 0
+
+
+def cmd_control(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.control import send_control
+    status = asyncio.run(send_control(cfg, args.command, timeout_s=args.timeout))
+    print(json.dumps(status, indent=2))
+    return 0
+
+
+def cmd_demo(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.demo import run_demo
+    return run_demo(cfg, run_dir, args)
+
+
+COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
+    "synth": (cmd_synth, "write a seeded synthetic recording in the ZAPBench layout"),
+    "replay": (cmd_replay, "stream a recording's volumes over ZeroMQ like a rig"),
+    "sim": (cmd_sim, "live simulated fish at frame rate, responding to MQTT triggers"),
+    "run": (cmd_run, "the real-time pipeline: ingest, dF/F, spikes, forecast, publish"),
+    "controller": (cmd_controller, "forecasts -> trigger policy -> interlocks -> MQTT"),
+    "train": (cmd_train, "train the trace forecaster on a recording's train split"),
+    "export": (cmd_export, "export a checkpoint to an ONNX engine with its manifest"),
+    "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
+    "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopcast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("-c", "--config", action="append", default=[], help="TOML config (repeatable)")
+        p.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="dotted override, e.g. -s sim.speed=10 (repeatable)")
+        p.add_argument("--run-dir", help="where the resolved config, logs and summaries go")
+        p.add_argument("-v", "--verbose", action="store_true")
+        _add_command_args(name, p)
+    return parser
+
+
+def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "synth":
+        p.add_argument("--out", help="store path (default: paths.recording)")
+        p.add_argument("--overwrite", action="store_true")
+    elif name == "replay":
+        p.add_argument("--recording", help="store path (default: paths.recording)")
+        p.add_argument("--speed", type=float, help="1 = recorded rate, 0 = as fast as possible")
+    elif name == "sim":
+        p.add_argument("--no-mqtt", action="store_true", help="do not listen for triggers")
+        p.add_argument("--speed", type=float, help="1 = the rig's frame rate, 0 = as fast as possible")
+        p.add_argument("--frames", type=int, help="stop after this many frames")
+    elif name == "run":
+        p.add_argument("--frames", type=int, help="stop after this many valid frames")
+    elif name == "train":
+        p.add_argument("--data", help="recording to train on (default: paths.recording)")
+        p.add_argument("--export", action="store_true", help="export the engine right after training")
+    elif name == "export":
+        p.add_argument("--checkpoint", required=True, help="model.pt written by `loopcast train`")
+    elif name == "control":
+        p.add_argument("command", choices=("arm", "disarm", "stop", "reset"))
+        p.add_argument("--timeout", type=float, default=5.0)
+    elif name == "demo":
+        p.add_argument("--fresh", action="store_true", help="re-synthesize and retrain")
+
+
+# Convenience flags that are just overrides of one config key.
+SHORTCUTS = {("replay", "speed"): "replay.speed", ("sim", "speed"): "sim.speed",
+             ("sim", "frames"): "sim.n_frames", ("run", "frames"): "pipeline.max_frames"}
+
+
+def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for (cmd, flag), key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if args.command == cmd and value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    app.setup_logging(args.verbose)
+    try:
+        cfg = load_settings(args.config or None, [*args.set, *_shortcut_overrides(args)])
+        run_dir = new_run_dir(cfg, args.command, args.run_dir)
+        return COMMANDS[args.command][0](cfg, args, run_dir)
+    except (ConfigError, app.UserError) as exc:
+        print(f"loopcast {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

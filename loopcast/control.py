@@ -1,0 +1,38 @@
+"""`loopcast control`: send arm / disarm / stop / reset to a rig's controller and show its status."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiomqtt
+
+from loopcast.app import UserError
+from loopcast.settings import LoopcastConfig
+from realtime.wire import mqtt_topic
+
+
+async def send_control(cfg: LoopcastConfig, command: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Publish `command` (QoS 1) on loopcast/<rig>/control; return the first status sent after it."""
+    rig = cfg.rig.name
+    try:
+        async with aiomqtt.Client(cfg.mqtt.host, cfg.mqtt.port, identifier=f"loopcast-cli-{time.time_ns()}") as c:
+            await c.subscribe(mqtt_topic(rig, "status"), qos=1)
+            await c.publish(mqtt_topic(rig, "control"), command.encode(), qos=1)
+            return await asyncio.wait_for(_next_status(c, command, time.time_ns()), timeout_s)
+    except aiomqtt.MqttError as exc:
+        raise UserError(f"MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}") from exc
+    except asyncio.TimeoutError:
+        raise UserError(f"no status from rig {rig!r} within {timeout_s} s: is `loopcast controller` "
+                        f"running against this broker?") from None
+
+
+async def _next_status(client: aiomqtt.Client, command: str, after_ns: int) -> dict[str, Any]:
+    """The first status published after `after_ns` that reports handling `command`."""
+    async for msg in client.messages:
+        status = json.loads(msg.payload)
+        handled = (status.get("last_control") or {}).get("command") == command
+        if handled and int(status.get("heartbeat_ns", 0)) >= after_ns:
+            return status
+    raise UserError("status stream ended")

@@ -1,0 +1,118 @@
+"""The whole closed loop inside one process (threads + asyncio), for end-to-end tests and benchmarks.
+
+The parts are the real ones — ZeroMQ sockets, the MQTT broker at [mqtt], the ONNX engine — only the
+process boundaries are gone: the pipeline runs in a thread, the simulated fish, the controller and an
+independent trigger listener (standing in for the stimulation hardware) share one event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from loopcast import app
+from loopcast.settings import LoopcastConfig
+from realtime.controller import Controller
+from realtime.metrics import Metrics
+from realtime.pipeline import PipelineReport
+from realtime.transport import Subscriber
+from realtime.wire import Forecast, decode_forecast, mqtt_topic
+from replay.sim import SimReport
+
+
+@dataclass
+class LoopResult:
+    """Everything the loop produced, from each side."""
+
+    sim: SimReport
+    pipeline: PipelineReport
+    forecasts: list[Forecast]
+    triggers: list[dict[str, Any]]
+    controller: Controller
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+
+
+class TriggerListener:
+    """An MQTT subscriber on the trigger topic, as the stimulation hardware would be; arms the rig."""
+
+    def __init__(self, cfg: LoopcastConfig) -> None:
+        self.cfg = cfg
+        self.triggers: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        rig = self.cfg.rig.name
+        async with aiomqtt.Client(self.cfg.mqtt.host, self.cfg.mqtt.port, identifier=f"hw-{rig}") as c:
+            await c.subscribe(mqtt_topic(rig, "trigger"), qos=1)
+            await c.publish(mqtt_topic(rig, "control"), b"arm", qos=1)
+            self.ready.set()
+            async for msg in c.messages:
+                if msg.topic.matches(mqtt_topic(rig, "trigger")):
+                    self.triggers.append(json.loads(msg.payload))
+
+
+def run_loop(cfg: LoopcastConfig, timeout_s: float = 120.0) -> LoopResult:
+    """Run sim -> pipeline -> controller -> broker until the sim has sent sim.n_frames frames."""
+    if not cfg.sim.n_frames:
+        raise ValueError("run_loop needs a finite sim.n_frames")
+    return asyncio.run(_closed_loop(cfg, timeout_s))
+
+
+async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
+    rec = app.open_recording(cfg)
+    metrics = {name: Metrics(name) for name in ("sim", "run", "controller")}
+    forecasts = Subscriber(cfg.endpoints.forecasts, topics=(b"forecast/",), rcvhwm=100_000)
+    controller = app.build_controller(cfg, metrics["controller"], rec)
+    stop_ctl = asyncio.Event()
+    ctl_task = asyncio.create_task(controller.run(stop_ctl))
+    await asyncio.wait_for(controller.ready.wait(), 10)   # subscribed to control: an arm now counts
+    listener = TriggerListener(cfg)
+    hw_task = asyncio.create_task(listener.run())
+    await asyncio.wait_for(listener.ready.wait(), 10)
+    await asyncio.wait_for(_until(lambda: controller.interlocks.armed), 10)
+    holder: dict[str, Any] = {}
+    thread = threading.Thread(target=_pipeline_thread, args=(cfg, metrics["run"], rec.segmentation(), holder))
+    thread.start()
+    sim = app.build_sim(cfg, metrics["sim"])
+    try:
+        report = await asyncio.wait_for(sim.run(asyncio.Event()), timeout_s)
+        await asyncio.to_thread(thread.join, 30)
+        received = await asyncio.to_thread(_drain, forecasts)
+        await asyncio.sleep(0.3)   # last triggers in flight
+    finally:
+        stop_ctl.set()
+        await asyncio.wait_for(ctl_task, 10)
+        hw_task.cancel()
+        sim.close()
+        forecasts.close()
+    if "error" in holder:
+        raise holder["error"]
+    return LoopResult(report, holder["report"], received, listener.triggers, controller, metrics)
+
+
+def _pipeline_thread(cfg: LoopcastConfig, metrics: Metrics, seg: np.ndarray, out: dict[str, Any]) -> None:
+    try:
+        pipeline = app.build_pipeline(cfg, metrics, seg)
+        try:
+            out["report"] = pipeline.run()
+        finally:
+            pipeline.close()
+    except Exception as exc:  # re-raised in the event loop's thread
+        out["error"] = exc
+
+
+def _drain(sub: Subscriber) -> list[Forecast]:
+    out: list[Forecast] = []
+    while batch := sub.recv_all(200, limit=10_000):
+        out += [decode_forecast(m) for m in batch]
+    return out
+
+
+async def _until(cond: Any, period: float = 0.05) -> None:
+    while not cond():
+        await asyncio.sleep(period)

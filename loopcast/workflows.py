@@ -1,0 +1,105 @@
+"""Offline workflows: synthesize a recording, train, export an engine (what `synth`, `train`,
+`export` and the demo's first run do). The only app module that imports offline_training."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loopcast.app import UserError, engine_path
+from loopcast.config import from_dict, to_dict
+from loopcast.settings import LoopcastConfig
+from models.registry import build_model
+from offline_training.export import export_engine
+from offline_training.train import TrainConfig, TrainResult, data_fingerprint, first_window, train
+from realtime.engine import EngineError, resolve_engine
+from replay.layout import Recording
+from replay.synth import synthesize
+
+log = logging.getLogger("loopcast")
+CHECKPOINT = "model.pt"
+
+
+def synth_recording(cfg: LoopcastConfig, out: str | None = None, overwrite: bool = False,
+                    progress: bool = True) -> Recording:
+    path = Path(out or cfg.paths.recording)
+    t0 = time.monotonic()
+    rec = synthesize(cfg.synth, path, progress=progress, overwrite=overwrite)
+    log.info("synthesized %s: %d frames, %d neurons, volume %s in %.1f s", path, rec.n_frames,
+             rec.n_neurons, "x".join(map(str, rec.volume_shape)), time.monotonic() - t0)
+    return rec
+
+
+def ensure_recording(cfg: LoopcastConfig, progress: bool = True) -> Recording:
+    """The configured recording, synthesized first if it does not exist yet."""
+    path = Path(cfg.paths.recording)
+    if path.exists():
+        return Recording.open(path)
+    log.info("no recording at %s yet: synthesizing the simulated fish", path)
+    return synth_recording(cfg, progress=progress)
+
+
+def train_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
+                       progress: bool = True) -> tuple[TrainResult, Path]:
+    """Train [train] on the recording's train split; save a checkpoint and metrics in run_dir."""
+    traces = rec.traces()
+    offsets = rec.condition_offsets
+    log.info("training %s (C=%d, H=%d) on %s: %d frames x %d neurons", cfg.train.model,
+             cfg.train.context, cfg.train.horizon, cfg.paths.recording, *traces.shape)
+    result = train(traces, offsets, cfg.train, progress=progress, checkpoint=run_dir / "resume.pt")
+    ckpt = run_dir / CHECKPOINT
+    torch.save({"train": to_dict(cfg.train), "state_dict": result.model.state_dict(),
+                "metrics": result.metrics, "n_neurons": int(traces.shape[1]),
+                "data": {"fingerprint": data_fingerprint(traces, offsets), "source": str(cfg.paths.recording)}},
+               ckpt)
+    (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=_plain))
+    log.info("val MAE %s; checkpoint %s", _mae_line(result.metrics), ckpt)
+    return result, ckpt
+
+
+def export_checkpoint(cfg: LoopcastConfig, ckpt: Path, rec: Recording | None = None) -> Path:
+    """Checkpoint -> ONNX engine in the registry, parity-checked on a real val window."""
+    if not ckpt.is_file():
+        raise UserError(f"no checkpoint at {ckpt}; run `loopcast train` first")
+    saved: dict[str, Any] = torch.load(ckpt, map_location="cpu", weights_only=False)
+    tcfg = from_dict(TrainConfig, saved["train"], "train")
+    model = build_model(tcfg.model, tcfg.model_config())
+    model.load_state_dict(saved["state_dict"])
+    window = None
+    if rec is not None:
+        window = first_window(rec.traces(), rec.condition_offsets, tcfg)
+    path = export_engine(model, tcfg, cfg.paths.engines, saved["n_neurons"], saved["metrics"],
+                         saved["data"]["fingerprint"], saved["data"]["source"], parity_input=window)
+    log.info("exported engine %s", path)
+    return path
+
+
+def ensure_engine(cfg: LoopcastConfig, run_dir: Path, progress: bool = True) -> Path:
+    """The configured engine, trained and exported first if the registry has none."""
+    try:
+        return resolve_engine(engine_path(cfg))
+    except EngineError:
+        log.info("no engine at %s yet: training one", engine_path(cfg))
+    rec = ensure_recording(cfg, progress)
+    _, ckpt = train_on_recording(cfg, rec, run_dir, progress)
+    return export_checkpoint(cfg, ckpt, rec)
+
+
+def _mae_line(metrics: dict[str, Any]) -> str:
+    val = metrics.get("val", {})
+    model = val.get("model", {}).get("mae", float("nan"))
+    base = val.get("mean_baseline", {}).get("mae", float("nan"))
+    return f"{model:.4f} (mean-of-context baseline {base:.4f})"
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,284 @@
+"""The optogenetic-trigger controller: forecasts (ZeroMQ SUB) -> policy -> interlocks -> MQTT trigger.
+
+MQTT topics (ARCHITECTURE.md): `loopcast/<rig>/trigger` (QoS 1 TriggerCommand JSON),
+`loopcast/<rig>/status` (retained JSON state, also the last will: offline and disarmed),
+`loopcast/<rig>/control` (arm, disarm, stop, reset). The controller starts disarmed unless
+`interlocks.armed_at_start`; a failed trigger publish or a lost broker connection disarms it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from realtime.interlocks import InterlockConfig, Interlocks
+from realtime.metrics import Metrics
+from realtime.policy import Decision, PolicyConfig, PolicyError, ThresholdPolicy
+from realtime.wire import (FORECAST_PREFIX, Forecast, TriggerCommand, WireError, decode_forecast,
+                           mqtt_topic, parse_control)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """Broker connection and rig name (topics are `loopcast/<rig>/...`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    rig: str = "rig0"
+    client_id: str = "loopcast-controller"
+    keepalive_s: int = 30
+    publish_timeout_s: float = 2.0   # no PUBACK within this -> publish failed
+    reconnect_s: float = 1.0         # wait before reconnecting after the broker connection is lost
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Everything the controller process needs."""
+
+    forecasts: str = "tcp://127.0.0.1:5556"  # ZeroMQ endpoint a SUB connects to (topic "forecast/")
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    interlocks: InterlockConfig = field(default_factory=InterlockConfig)
+    heartbeat_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+
+
+class Controller:
+    """Turns forecasts into trigger commands inside the safety interlocks. One per rig."""
+
+    def __init__(self, cfg: ControllerConfig, monitor: np.ndarray, targets: np.ndarray,
+                 metrics: Metrics, n_neurons: int | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.policy = ThresholdPolicy(cfg.policy, monitor, targets, n_neurons)
+        self.interlocks = Interlocks(cfg.interlocks)
+        self.sent: list[TriggerCommand] = []
+        self.forecasts_seen = 0
+        self.invalid = 0
+        self.last_control: dict[str, Any] | None = None  # {"command": ..., "accepted": ...}
+        self.ready = asyncio.Event()   # set once subscribed to control and the first status is out
+        self._client: aiomqtt.Client | None = None
+        self._topics = {k: mqtt_topic(cfg.mqtt.rig, k) for k in ("trigger", "status", "control")}
+        self._trigger_latency = metrics.latency("trigger")
+        metrics.armed.set(int(self.interlocks.armed))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; reconnects to the broker (disarmed) if the connection drops."""
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, FORECAST_PREFIX.encode())
+        sub.connect(self.cfg.forecasts)
+        log.info("controller rig=%s: forecasts from %s, broker %s:%d, policy %s, %s",
+                 self.cfg.mqtt.rig, self.cfg.forecasts, self.cfg.mqtt.host, self.cfg.mqtt.port,
+                 self.cfg.policy.name, "ARMED at start" if self.interlocks.armed else "disarmed")
+        try:
+            while not stop.is_set():
+                try:
+                    await self._session(sub, stop)
+                except aiomqtt.MqttError as exc:
+                    self._on_connection_lost(exc)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.cfg.mqtt.reconnect_s)
+        finally:
+            sub.close(linger=0)
+            ctx.term()
+            self.metrics.armed.set(0)
+            log.info("controller stopped: %d triggers sent, suppressed %s",
+                     self.interlocks.sent, dict(self.interlocks.suppressed))
+
+    def _on_connection_lost(self, exc: BaseException) -> None:
+        self._client = None
+        self.ready.clear()
+        self.metrics.errors.labels(kind="mqtt_connection").inc()
+        if self.interlocks.armed:
+            self.interlocks.disarm()
+            self.metrics.armed.set(0)
+            log.error("broker connection lost (%s): DISARMED; re-arm over MQTT after reconnect", exc)
+        else:
+            log.error("broker connection lost (%s); retrying in %.1f s", exc, self.cfg.mqtt.reconnect_s)
+
+    async def _session(self, sub: zmq.asyncio.Socket, stop: asyncio.Event) -> None:
+        m = self.cfg.mqtt
+        will = aiomqtt.Will(self._topics["status"], self._status_payload(online=False), qos=1, retain=True)
+        async with aiomqtt.Client(m.host, m.port, identifier=m.client_id, keepalive=m.keepalive_s,
+                                  will=will, timeout=m.publish_timeout_s) as client:
+            client.pending_calls_threshold = 1000  # default 10 logs a warning under bursts
+            self._client = client
+            await client.subscribe(self._topics["control"], qos=1)
+            await self._publish_status()
+            self.ready.set()
+            log.info("connected to broker %s:%d as %s", m.host, m.port, m.client_id)
+            try:
+                await self._run_tasks(client, sub, stop)
+            finally:
+                if stop.is_set():
+                    await self._publish_final_status()
+                self._client = None
+
+    async def _run_tasks(self, client: aiomqtt.Client, sub: zmq.asyncio.Socket, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(c) for c in (
+            self._forecast_loop(sub), self._control_loop(client), self._heartbeat_loop(), stop.wait())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+
+    async def _publish_final_status(self) -> None:
+        self.interlocks.disarm()
+        self.metrics.armed.set(0)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._publish_status(online=False)
+
+    # --- forecasts ----------------------------------------------------------------------------
+    async def _forecast_loop(self, sub: zmq.asyncio.Socket) -> None:
+        while True:
+            parts = await sub.recv_multipart(copy=False)
+            try:
+                forecast = decode_forecast(parts)
+            except WireError as exc:
+                self.invalid += 1
+                self.metrics.frames_invalid.labels(reason=exc.reason).inc()
+                log.warning("invalid forecast message dropped: %s", exc)
+                continue
+            self.forecasts_seen += 1
+            try:
+                await self.handle_forecast(forecast)
+            except Exception:  # a bug on one forecast must not take the controller down
+                self.metrics.errors.labels(kind="forecast_handling").inc()
+                log.exception("forecast seq=%d could not be handled", forecast.header.seq)
+
+    async def handle_forecast(self, forecast: Forecast) -> TriggerCommand | None:
+        """Policy, interlocks and (if allowed) the trigger publish for one forecast."""
+        try:
+            decision = self.policy.evaluate(forecast)
+        except PolicyError as exc:
+            self.metrics.errors.labels(kind=f"policy_{exc.reason}").inc()
+            log.warning("forecast seq=%d not usable by policy %s: %s",
+                        forecast.header.seq, self.cfg.policy.name, exc)
+            return None
+        if decision is None:
+            return None
+        now = time.time_ns()
+        reason = self.interlocks.check(now, forecast.header.t_src_ns)
+        if reason is not None:
+            self.metrics.triggers_suppressed.labels(interlock=reason).inc()
+            log.info("trigger suppressed by %s: seq=%d value=%.3f", reason, decision.seq, decision.value)
+            return None
+        return await self._send_trigger(forecast, decision, now)
+
+    async def _send_trigger(self, forecast: Forecast, decision: Decision, now_ns: int) -> TriggerCommand | None:
+        cmd = decision.command(uuid.uuid4().hex, self.cfg.mqtt.rig, now_ns)
+        try:
+            if self._client is None:
+                raise aiomqtt.MqttError("not connected to the broker")
+            await self._client.publish(self._topics["trigger"], cmd.to_json(), qos=1)
+        except aiomqtt.MqttError as exc:
+            await self._on_publish_failed(cmd, exc)
+            return None
+        t_ack = time.time_ns()
+        self.interlocks.record(t_ack)
+        self.metrics.triggers_sent.inc()
+        self._trigger_latency.observe_since_ns(forecast.t_recv_ns, t_ack)
+        self.sent.append(cmd)
+        log.info("TRIGGER %s sent: seq=%d model=%s value=%.3f lead=%d pattern=%s %d targets %.1f mW %.0f ms",
+                 cmd.trigger_id[:8], cmd.seq, cmd.model, cmd.value, cmd.lead, cmd.pattern,
+                 len(cmd.targets), cmd.power_mw, cmd.duration_ms)
+        return cmd
+
+    async def _on_publish_failed(self, cmd: TriggerCommand, exc: BaseException) -> None:
+        self.metrics.errors.labels(kind="mqtt_publish").inc()
+        self.interlocks.disarm()
+        self.metrics.armed.set(0)
+        log.error("trigger %s (seq=%d) publish failed: %s -> DISARMED", cmd.trigger_id[:8], cmd.seq, exc)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._publish_status()
+
+    # --- control and status -------------------------------------------------------------------
+    async def _control_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            command = self._control_command(message)
+            if command is not None:
+                self.apply_control(command)
+                await self._publish_status()
+
+    def _control_command(self, message: aiomqtt.Message) -> str | None:
+        """The command in a control message, or None (logged and counted) if it is not one."""
+        if not message.topic.matches(self._topics["control"]):
+            log.debug("ignoring message on %s (not subscribed here)", message.topic)
+            return None
+        if message.retain:  # a stale retained "arm" must never arm a freshly started controller
+            self.metrics.errors.labels(kind="bad_control").inc()
+            log.warning("retained control message on %s ignored: control must be live", message.topic)
+            return None
+        raw = message.payload
+        try:
+            return parse_control(raw if isinstance(raw, (bytes, bytearray, str)) else str(raw))
+        except WireError as exc:
+            self.metrics.errors.labels(kind="bad_control").inc()
+            log.warning("control message on %s ignored: %s", message.topic, exc)
+            return None
+
+    def apply_control(self, command: str) -> bool:
+        """Apply arm/disarm/stop/reset; False when refused (arm while the emergency stop is latched)."""
+        ok = True
+        if command == "arm":
+            ok = self.interlocks.arm()
+        elif command == "disarm":
+            self.interlocks.disarm()
+        elif command == "stop":
+            self.interlocks.stop()
+        elif command == "reset":
+            self.interlocks.reset()
+        self.metrics.armed.set(int(self.interlocks.armed))
+        self.last_control = {"command": command, "accepted": ok}
+        if ok:
+            log.warning("control %s -> armed=%s estop=%s", command.upper(), self.interlocks.armed,
+                        self.interlocks.estop)
+        else:
+            log.error("control ARM refused: emergency stop latched; send 'reset' first")
+        return ok
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            await self._publish_status()
+
+    def status(self, online: bool = True) -> dict[str, Any]:
+        """The status document (retained on `loopcast/<rig>/status`)."""
+        return {"rig": self.cfg.mqtt.rig, "online": online, **self.interlocks.state(),
+                "policy": self.cfg.policy.name, "forecasts": self.forecasts_seen,
+                "invalid_forecasts": self.invalid, "last_control": self.last_control,
+                "heartbeat_ns": time.time_ns()}
+
+    def _status_payload(self, online: bool = True) -> bytes:
+        doc = self.status(online)
+        if not online:
+            doc["armed"] = False
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    async def _publish_status(self, online: bool = True) -> None:
+        if self._client is None:
+            return
+        await self._client.publish(self._topics["status"], self._status_payload(online), qos=1, retain=True)

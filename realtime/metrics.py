@@ -1,0 +1,141 @@
+"""Prometheus metrics, one registry and one /metrics endpoint per process.
+
+Stage latencies go to the histogram `loopcast_stage_latency_seconds{stage=...}` and, exactly, into a
+bounded ring of samples so that a process can print and save p50/p99/max at exit (histogram buckets
+only give approximate quantiles).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STAGES = ("ingest", "preprocess", "forecast", "trigger")
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where the process serves /metrics; port 0 picks a free port."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    enabled: bool = True
+    keep_samples: int = 100_000
+
+
+class LatencyRecorder:
+    """Observe one stage's latency into its histogram child and an exact sample ring."""
+
+    def __init__(self, child: Any, keep: int) -> None:
+        self._child = child
+        self._samples: deque[float] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        self._child.observe(seconds)
+        with self._lock:
+            self._samples.append(seconds)
+
+    def observe_since_ns(self, t0_ns: int, t1_ns: int) -> float:
+        s = max(0.0, (t1_ns - t0_ns) / 1e9)
+        self.observe(s)
+        return s
+
+    def samples(self) -> np.ndarray:
+        """The kept samples in seconds, oldest first."""
+        with self._lock:
+            return np.fromiter(self._samples, dtype=np.float64)
+
+    def summary(self) -> dict[str, float]:
+        a = self.samples()
+        if a.size == 0:
+            return {"count": 0}
+        p50, p99 = np.percentile(a, [50, 99])
+        return {"count": int(a.size), "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
+                "max_ms": float(a.max()) * 1e3, "mean_ms": float(a.mean()) * 1e3}
+
+
+class Metrics:
+    """All loopcast metrics of one process, on a private registry."""
+
+    def __init__(self, process: str, config: MetricsConfig | None = None) -> None:
+        self.process = process
+        self.config = config or MetricsConfig()
+        r = self.registry = CollectorRegistry()
+        self.stage_latency = Histogram("loopcast_stage_latency_seconds", "Latency per stage, from the "
+                                       "source timestamp unless noted", ["stage"], registry=r,
+                                       buckets=LATENCY_BUCKETS)
+        self.frames_received = Counter("loopcast_frames_received_total", "Valid frames accepted", registry=r)
+        self.frames_dropped = Counter("loopcast_frames_dropped_total", "Frames lost (seq gaps) or skipped "
+                                      "to keep latency bounded", ["reason"], registry=r)
+        self.frames_invalid = Counter("loopcast_frames_invalid_total", "Frames rejected at validation",
+                                      ["reason"], registry=r)
+        self.frames_sent = Counter("loopcast_frames_sent_total", "Frames published by a source", registry=r)
+        self.forecasts = Counter("loopcast_forecasts_published_total", "Forecasts published", ["model"], registry=r)
+        self.values_invalid = Counter("loopcast_values_invalid_total", "Non-finite or clamped values "
+                                      "handled in preprocessing", ["kind"], registry=r)
+        self.triggers_sent = Counter("loopcast_triggers_sent_total", "Triggers acknowledged by the broker",
+                                     registry=r)
+        self.triggers_suppressed = Counter("loopcast_triggers_suppressed_total", "Triggers the policy wanted "
+                                           "but an interlock blocked", ["interlock"], registry=r)
+        self.stimulations = Counter("loopcast_stimulations_total", "Trigger commands applied by a "
+                                    "(simulated) stimulator", registry=r)
+        self.errors = Counter("loopcast_errors_total", "Failures that escalated", ["kind"], registry=r)
+        self.armed = Gauge("loopcast_controller_armed", "1 when the controller is armed", registry=r)
+        self._latency = {s: LatencyRecorder(self.stage_latency.labels(stage=s), self.config.keep_samples)
+                         for s in STAGES}
+        self._server: Any = None
+        self.port: int | None = None
+
+    def latency(self, stage: str) -> LatencyRecorder:
+        return self._latency[stage]
+
+    def serve(self) -> int | None:
+        """Start the /metrics endpoint (if enabled); returns the bound port."""
+        if not self.config.enabled or self._server is not None:
+            return self.port
+        server, _thread = start_http_server(self.config.port, addr=self.config.host, registry=self.registry)
+        self._server, self.port = server, server.server_port
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def counters(self) -> dict[str, float]:
+        """Flat {metric{labels}: value} of every counter, for summaries and tests."""
+        out: dict[str, float] = {}
+        for metric in self.registry.collect():
+            if metric.type != "counter":
+                continue
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                    out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def count(self, name: str, **labels: str) -> float:
+        """Value of one counter sample, 0 if it was never incremented."""
+        value = self.registry.get_sample_value(name, labels or None)
+        return float(value or 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        return {"process": self.process, "latency": {s: r.summary() for s, r in self._latency.items()
+                                                      if r.summary()["count"]},
+                "counters": self.counters()}
+
+    def write_summary(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({**self.summary(), **(extra or {})}, indent=2))
+        return p

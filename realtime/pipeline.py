@@ -1,0 +1,140 @@
+"""The real-time pipeline: source -> ingest -> preprocess -> context -> forecast -> publish.
+
+One loop in one thread. Every queued frame is validated and preprocessed (dF/F state stays exact),
+but only the newest of a backlog is forecast: latency stays bounded and what was skipped is counted
+in `loopcast_frames_dropped_total{reason="forecast_skipped"}`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from realtime.context import ContextBuffer
+from realtime.forecast import ForecastConfig, ForecastStage
+from realtime.ingest import Ingest, RigConfig
+from realtime.metrics import Metrics
+from realtime.preprocess import Preprocess, PreprocessConfig
+from realtime.wire import Frame
+
+log = logging.getLogger(__name__)
+MAX_CONSECUTIVE_FAILURES = 10  # a broken engine stops the pipeline loudly instead of limping on
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where frames come from (ZeroMQ SUB) and how much may queue."""
+
+    rcvhwm: int = 4
+    poll_ms: int = 100
+    max_batch: int = 16
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """`loopcast run`: stage settings; endpoints and the rig come from the top-level config."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    max_frames: int = 0          # stop after this many valid frames (0 = run until stopped)
+    idle_timeout_s: float = 0.0  # stop when no frame arrived for this long after the first (0 = never)
+
+
+class FrameSource(Protocol):
+    """Anything that yields raw multipart messages: a live ZeroMQ subscriber or a recording."""
+
+    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class PipelineReport:
+    """What a run did, for the summary file and the demo."""
+
+    frames: int = 0
+    forecasts: int = 0
+    last_seq: int | None = None
+    first_forecast_seq: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Owns the stages; `run` loops until stopped, `step` handles one batch (used by tests)."""
+
+    def __init__(self, cfg: PipelineConfig, rig: RigConfig, source: FrameSource,
+                 segmentation: np.ndarray, forecast: ForecastStage, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.metrics = metrics
+        self.ingest = Ingest(rig, metrics)
+        self.preprocess = Preprocess(segmentation, cfg.preprocess, rig.frame_period_s, metrics)
+        self.forecast = forecast
+        self.forecast.setup(self.preprocess.n_neurons)
+        self.context = ContextBuffer(forecast.context, self.preprocess.n_neurons)
+        self.report = PipelineReport()
+        self._forecast_failures = 0
+        self.stop_event = threading.Event()
+
+    def step(self, timeout_ms: int | None = None) -> int:
+        """Receive what is queued, process it; returns the number of valid frames handled."""
+        msgs = self.source.recv_all(self.cfg.source.poll_ms if timeout_ms is None else timeout_ms,
+                                    self.cfg.source.max_batch)
+        frames = [f for f in (self.ingest.process(m) for m in msgs) if f is not None]
+        ready = False
+        for frame in frames:
+            pre = self.preprocess.process(frame)
+            self.context.push(pre.dff)
+            ready = pre.ready and self.context.full
+        if frames:
+            self._account(frames, ready)
+        return len(frames)
+
+    def _account(self, frames: list[Frame], ready: bool) -> None:
+        self.report.frames += len(frames)
+        self.report.last_seq = frames[-1].header.seq
+        if not ready:
+            return
+        try:
+            self.forecast.process(self.context.window(), frames[-1].header)
+        except Exception:
+            self._forecast_failures += 1
+            self.metrics.errors.labels(kind="forecast").inc()
+            log.exception("forecast failed for seq %d (%d in a row)", frames[-1].header.seq,
+                          self._forecast_failures)
+            if self._forecast_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise
+            return
+        self._forecast_failures = 0
+        self.report.forecasts += 1
+        if self.report.first_forecast_seq is None:
+            self.report.first_forecast_seq = frames[-1].header.seq
+            log.info("first forecast at seq %d (warm-up done)", frames[-1].header.seq)
+        if len(frames) > 1:
+            self.metrics.frames_dropped.labels(reason="forecast_skipped").inc(len(frames) - 1)
+
+    def run(self) -> PipelineReport:
+        """Loop until stop(), max_frames, or idle_timeout_s after the last frame."""
+        last_frame = None
+        while not self.stop_event.is_set():
+            if self.step():
+                last_frame = time.monotonic()
+            if self.cfg.max_frames and self.report.frames >= self.cfg.max_frames:
+                log.info("reached max_frames=%d", self.cfg.max_frames)
+                break
+            idle = self.cfg.idle_timeout_s
+            if idle and last_frame is not None and time.monotonic() - last_frame > idle:
+                log.info("no frame for %.1f s: source finished", idle)
+                break
+        return self.report
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.source.close()
+        self.forecast.close()

@@ -1,0 +1,32 @@
+"""Segmentation -> per-neuron mean fluorescence of each volume, with the index precomputed once."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class TraceExtractor:
+    """Mean intensity of each labelled neuron (labels 1..N; 0 is background), no loop over neurons."""
+
+    def __init__(self, segmentation: np.ndarray) -> None:
+        if segmentation.ndim != 3 or segmentation.dtype.kind not in "ui":
+            raise ValueError(f"segmentation must be a 3-D integer array, got {segmentation.shape} "
+                             f"{segmentation.dtype}")
+        flat = segmentation.ravel()
+        self.shape = tuple(segmentation.shape)
+        self._idx = np.flatnonzero(flat)                     # foreground voxels
+        self._labels = (flat[self._idx] - 1).astype(np.intp)  # 0-based neuron id per voxel
+        self.n_neurons = int(self._labels.max()) + 1 if self._labels.size else 0
+        counts = np.bincount(self._labels, minlength=self.n_neurons)
+        empty = np.flatnonzero(counts == 0)
+        if self.n_neurons == 0 or empty.size:
+            raise ValueError(f"segmentation labels must cover 1..N without gaps; "
+                             f"{empty.size} label(s) have no voxels, e.g. {(empty[:5] + 1).tolist()}")
+        self._inv_counts = (1.0 / counts).astype(np.float64)
+
+    def process(self, volume: np.ndarray) -> np.ndarray:
+        """volume (x, y, z) -> (N,) float32 mean over each neuron's voxels."""
+        if tuple(volume.shape) != self.shape:
+            raise ValueError(f"volume shape {volume.shape} != segmentation shape {self.shape}")
+        values = volume.ravel()[self._idx]
+        sums = np.bincount(self._labels, weights=values, minlength=self.n_neurons)
+        return (sums * self._inv_counts).astype(np.float32)

@@ -1,0 +1,303 @@
+"""Wire formats of ARCHITECTURE.md: ZeroMQ multipart [topic, msgpack header, raw C-order payload].
+
+Everything that crosses a socket is encoded and decoded here, and nowhere else. Decoding checks the
+header against the schema and the payload against the header (and, for volumes, against the rig's
+expected shape and dtype); every failure is a `WireError` with a short machine-readable `reason`
+that ingest counts in `loopcast_frames_invalid_total{reason=...}`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+TOPIC_FRAME = b"frame"
+FORECAST_PREFIX = "forecast/"
+ACTIVATION_PREFIX = "activation/"
+ALLOWED_DTYPES = frozenset({"uint8", "uint16", "int16", "float16", "float32", "float64"})
+
+Part = bytes | memoryview | Any  # zmq.Frame has .buffer; bytes/memoryview pass through
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire contract. `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """Header of one volume from a microscope, replay or simulation."""
+
+    seq: int
+    t_src_ns: int
+    shape: tuple[int, ...]
+    dtype: str
+    order: str = "C"
+    rig: str = ""
+    stimulus: tuple[float, ...] = ()
+    condition: int = -1
+    v: int = SCHEMA_VERSION
+    kind: str = "volume"
+
+    def to_wire(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["stimulus"] = list(self.stimulus)
+        return d
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A validated volume: header, array view on the received buffer, receive time."""
+
+    header: FrameHeader
+    data: np.ndarray
+    t_recv_ns: int
+
+
+@dataclass(frozen=True)
+class ForecastHeader:
+    """Header of a forecast: the producing frame's seq/t_src_ns/header plus model details."""
+
+    seq: int
+    t_src_ns: int
+    model: str
+    engine_version: str
+    lead_times: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    order: str = "C"
+    kind: str = "forecast"
+    t_pub_ns: int = 0
+    frame: dict[str, Any] = field(default_factory=dict)
+    v: int = SCHEMA_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["lead_times"] = list(self.lead_times)
+        return d
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A decoded forecast: header and the (H, N) array (lead time x neuron)."""
+
+    header: ForecastHeader
+    data: np.ndarray
+    t_recv_ns: int
+
+
+def encode_frame(header: FrameHeader, array: np.ndarray, topic: bytes = TOPIC_FRAME) -> list[Any]:
+    """Multipart message for a volume; the payload is the array's own buffer (no copy)."""
+    arr = np.ascontiguousarray(array)
+    if tuple(arr.shape) != tuple(header.shape) or str(arr.dtype) != header.dtype:
+        raise ValueError(f"array {arr.shape}/{arr.dtype} does not match header "
+                         f"{header.shape}/{header.dtype}")
+    return [topic, msgpack.packb(header.to_wire()), memoryview(arr).cast("B")]
+
+
+def encode_forecast(header: ForecastHeader, array: np.ndarray) -> list[Any]:
+    """Multipart message for a forecast on topic `forecast/<model>` (or `activation/<model>`)."""
+    arr = np.ascontiguousarray(array, dtype=np.dtype(header.dtype))
+    if tuple(arr.shape) != tuple(header.shape):
+        raise ValueError(f"forecast shape {arr.shape} != header shape {header.shape}")
+    prefix = FORECAST_PREFIX if header.kind == "forecast" else ACTIVATION_PREFIX
+    topic = f"{prefix}{header.model}".encode()
+    return [topic, msgpack.packb(header.to_wire()), memoryview(arr).cast("B")]
+
+
+def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None = None,
+                 expected_dtype: str | None = None) -> Frame:
+    """Validate and decode a volume message; raises WireError with a reason on any violation."""
+    t_recv = time.time_ns()
+    topic, raw_header, payload = _split(parts)
+    if topic != TOPIC_FRAME:
+        raise WireError("bad_topic", f"expected topic {TOPIC_FRAME!r}, got {topic[:32]!r}")
+    h = _unpack_header(raw_header)
+    header = FrameHeader(
+        seq=_get(h, "seq", int), t_src_ns=_get(h, "t_src_ns", int),
+        shape=_shape(h), dtype=_dtype(h), order=_get(h, "order", str, "C"),
+        rig=_get(h, "rig", str, ""), stimulus=_floats(h.get("stimulus", [])),
+        condition=_get(h, "condition", int, -1), v=h["v"], kind=_get(h, "kind", str, "volume"))
+    if header.order != "C":
+        raise WireError("bad_order", f"payload order must be 'C', got {header.order!r}")
+    if expected_shape is not None and tuple(header.shape) != tuple(expected_shape):
+        raise WireError("bad_shape", f"shape {list(header.shape)} != rig shape {list(expected_shape)}")
+    if expected_dtype is not None and header.dtype != expected_dtype:
+        raise WireError("bad_dtype", f"dtype {header.dtype} != rig dtype {expected_dtype}")
+    data = _array(payload, header.shape, header.dtype)
+    return Frame(header=header, data=data, t_recv_ns=t_recv)
+
+
+def decode_forecast(parts: Sequence[Part]) -> Forecast:
+    """Validate and decode a forecast (or activation) message."""
+    t_recv = time.time_ns()
+    topic, raw_header, payload = _split(parts)
+    if not (topic.startswith(FORECAST_PREFIX.encode()) or topic.startswith(ACTIVATION_PREFIX.encode())):
+        raise WireError("bad_topic", f"not a forecast topic: {topic[:32]!r}")
+    h = _unpack_header(raw_header)
+    lead = h.get("lead_times")
+    if not isinstance(lead, list) or not all(isinstance(x, int) for x in lead):
+        raise WireError("missing_field", "'lead_times' must be a list of integers")
+    frame = h.get("frame", {})
+    header = ForecastHeader(
+        seq=_get(h, "seq", int), t_src_ns=_get(h, "t_src_ns", int), model=_get(h, "model", str),
+        engine_version=_get(h, "engine_version", str), lead_times=tuple(lead), shape=_shape(h),
+        dtype=_dtype(h), order=_get(h, "order", str, "C"), kind=_get(h, "kind", str, "forecast"),
+        t_pub_ns=_get(h, "t_pub_ns", int, 0), frame=frame if isinstance(frame, dict) else {}, v=h["v"])
+    if len(header.shape) != 2 or header.shape[0] != len(header.lead_times):
+        raise WireError("bad_shape", f"forecast shape {list(header.shape)} must be [len(lead_times), N]")
+    return Forecast(header=header, data=_array(payload, header.shape, header.dtype), t_recv_ns=t_recv)
+
+
+def _split(parts: Sequence[Part]) -> tuple[bytes, bytes, memoryview]:
+    if len(parts) != 3:
+        raise WireError("bad_parts", f"expected 3 message parts [topic, header, payload], got {len(parts)}")
+    topic = bytes(_buffer(parts[0]))
+    return topic, bytes(_buffer(parts[1])), _buffer(parts[2])
+
+
+def _buffer(part: Part) -> memoryview:
+    if isinstance(part, memoryview):
+        return part
+    if isinstance(part, (bytes, bytearray)):
+        return memoryview(part)
+    return memoryview(part.buffer)  # zmq.Frame received with copy=False
+
+
+def _unpack_header(raw: bytes) -> dict[str, Any]:
+    try:
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError("malformed_header", f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(h, dict):
+        raise WireError("malformed_header", f"header must be a map, got {type(h).__name__}")
+    if h.get("v") != SCHEMA_VERSION:
+        raise WireError("bad_version", f"schema version {h.get('v')!r}, this build speaks {SCHEMA_VERSION}")
+    return h
+
+
+_MISSING = object()
+
+
+def _get(h: dict[str, Any], key: str, tp: type, default: Any = _MISSING) -> Any:
+    if key not in h:
+        if default is _MISSING:
+            raise WireError("missing_field", f"header has no '{key}'")
+        return default
+    value = h[key]
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise WireError("missing_field", f"'{key}' must be an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise WireError("missing_field", f"'{key}' must be a string, got {value!r}")
+    return value
+
+
+def _shape(h: dict[str, Any]) -> tuple[int, ...]:
+    shape = h.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise WireError("bad_shape", f"'shape' must be a non-empty list of positive ints, got {shape!r}")
+    return tuple(shape)
+
+
+def _dtype(h: dict[str, Any]) -> str:
+    dtype = h.get("dtype")
+    if dtype not in ALLOWED_DTYPES:
+        raise WireError("bad_dtype", f"'dtype' must be one of {sorted(ALLOWED_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def _floats(values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list) or not all(isinstance(x, (int, float)) for x in values):
+        raise WireError("missing_field", "'stimulus' must be a list of numbers")
+    return tuple(float(x) for x in values)
+
+
+def _array(payload: memoryview, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    expected = int(np.prod(shape)) * dt.itemsize
+    if payload.nbytes < expected:
+        raise WireError("truncated_payload", f"payload {payload.nbytes} B < {expected} B for {list(shape)} {dtype}")
+    if payload.nbytes > expected:
+        raise WireError("oversized_payload", f"payload {payload.nbytes} B > {expected} B for {list(shape)} {dtype}")
+    return np.frombuffer(payload, dtype=dt).reshape(shape)
+
+
+# --- MQTT payloads (JSON) -------------------------------------------------------------------------
+CONTROL_COMMANDS = ("arm", "disarm", "stop", "reset")
+
+
+def mqtt_topic(rig: str, kind: str) -> str:
+    """`loopcast/<rig>/<kind>` for kind in trigger, status, control."""
+    if kind not in ("trigger", "status", "control"):
+        raise ValueError(f"unknown MQTT topic kind {kind!r}")
+    return f"loopcast/{rig}/{kind}"
+
+
+@dataclass(frozen=True)
+class TriggerCommand:
+    """One stimulation command (MQTT `loopcast/<rig>/trigger`, QoS 1). Targets are 0-based neuron indices."""
+
+    trigger_id: str
+    rig: str
+    pattern: str
+    targets: tuple[int, ...]
+    power_mw: float
+    duration_ms: float
+    seq: int
+    model: str
+    engine_version: str
+    decision_time_ns: int
+    policy: str = ""
+    value: float = 0.0
+    lead: int = 0
+    v: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> "TriggerCommand":
+        try:
+            d = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WireError("malformed_trigger", f"trigger is not JSON ({exc})") from None
+        if not isinstance(d, dict) or d.get("v") != SCHEMA_VERSION:
+            raise WireError("malformed_trigger", f"trigger must be a JSON object with v={SCHEMA_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(d) - {"policy", "value", "lead"})
+        if missing:
+            raise WireError("malformed_trigger", f"trigger lacks {missing}")
+        targets = d["targets"]
+        if not isinstance(targets, list) or not all(isinstance(x, int) and x >= 0 for x in targets):
+            raise WireError("malformed_trigger", "'targets' must be a list of neuron indices >= 0")
+        d["targets"] = tuple(targets)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_control(payload: bytes | str) -> str:
+    """A control message: plain `arm|disarm|stop|reset` or JSON {"command": ...}."""
+    text = payload.decode(errors="replace") if isinstance(payload, (bytes, bytearray)) else payload
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            text = str(json.loads(text).get("command", ""))
+        except (ValueError, AttributeError):
+            raise WireError("malformed_control", "control JSON must be an object with 'command'") from None
+    cmd = text.lower()
+    if cmd not in CONTROL_COMMANDS:
+        raise WireError("malformed_control", f"unknown control command {text[:40]!r}; use {list(CONTROL_COMMANDS)}")
+    return cmd

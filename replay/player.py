@@ -1,0 +1,111 @@
+"""Replay: stream a recording's volumes over ZeroMQ as a rig would, at the recorded rate or faster."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from realtime.transport import Publisher
+from realtime.wire import FrameHeader, encode_frame
+from replay.layout import Recording
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """`speed` 1 = the recorded rate, 2 = twice as fast, 0 = as fast as possible."""
+
+    speed: float = 1.0
+    start: int = 0
+    stop: int = 0              # exclusive; 0 = to the end
+    sndhwm: int = 4
+    wait_subscribers: int = 1
+    wait_timeout_s: float = 30.0
+    read_ahead: int = 2
+
+    def __post_init__(self) -> None:
+        if self.speed < 0 or self.start < 0 or self.stop < 0 or self.read_ahead < 1:
+            raise ValueError("speed, start, stop must be >= 0 and read_ahead >= 1")
+
+
+@dataclass
+class ReplayReport:
+    """Frames sent and the achieved rate."""
+
+    frames: int = 0
+    seconds: float = 0.0
+
+    @property
+    def volumes_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+class Player:
+    """Reads volumes ahead in a worker thread and publishes them on schedule."""
+
+    def __init__(self, recording: Recording, endpoint: str, cfg: ReplayConfig, rig: str,
+                 metrics: Any) -> None:
+        self.rec = recording
+        self.cfg = cfg
+        self.rig = rig
+        self.metrics = metrics
+        self.publisher = Publisher(endpoint, sndhwm=cfg.sndhwm)
+        self.endpoint = self.publisher.endpoint
+        self.stimuli = recording.stimuli()
+        self.offsets = np.asarray(recording.condition_offsets)
+        self.stop_event = threading.Event()
+
+    def frame_range(self) -> range:
+        end = self.cfg.stop or self.rec.n_frames
+        if not 0 <= self.cfg.start < end <= self.rec.n_frames:
+            raise ValueError(f"replay range [{self.cfg.start}, {end}) outside the recording's "
+                             f"{self.rec.n_frames} frames")
+        return range(self.cfg.start, end)
+
+    def run(self, progress: bool = True) -> ReplayReport:
+        frames = self.frame_range()
+        if self.cfg.wait_subscribers and not self.publisher.wait_for_subscribers(
+                self.cfg.wait_subscribers, self.cfg.wait_timeout_s):
+            raise TimeoutError(f"no subscriber on {self.endpoint} after {self.cfg.wait_timeout_s} s")
+        period = self.rec.frame_period_s / self.cfg.speed if self.cfg.speed > 0 else 0.0
+        report = ReplayReport()
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                tqdm(total=len(frames), unit="vol", disable=not progress, desc="replay") as bar:
+            pending: list[Future] = [pool.submit(self.rec.read_volume, t)
+                                     for t in frames[: self.cfg.read_ahead]]
+            for k, t in enumerate(frames):
+                if self.stop_event.is_set():
+                    break
+                volume = pending.pop(0).result()
+                if k + self.cfg.read_ahead < len(frames):
+                    pending.append(pool.submit(self.rec.read_volume, frames[k + self.cfg.read_ahead]))
+                delay = t0 + k * period - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self._send(t, volume)
+                report.frames += 1
+                bar.update(1)
+        report.seconds = time.monotonic() - t0
+        return report
+
+    def _send(self, t: int, volume: np.ndarray) -> None:
+        condition = int(np.searchsorted(self.offsets, t, side="right") - 1)
+        header = FrameHeader(seq=t, t_src_ns=time.time_ns(), shape=tuple(volume.shape),
+                             dtype=str(volume.dtype), rig=self.rig,
+                             stimulus=tuple(float(x) for x in self.stimuli[t]), condition=condition)
+        self.publisher.send(encode_frame(header, volume))
+        self.metrics.frames_sent.inc()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.publisher.close()

@@ -1,0 +1,195 @@
+"""Live simulation: the synthetic fish imaged frame by frame at frame rate, listening for triggers.
+
+Frames go out on ZeroMQ exactly as a microscope's would. Trigger commands arriving on MQTT
+(`loopcast/<rig>/trigger`) stimulate the commanded neurons of the fish (after its opto latency);
+a response tracker measures how much stimulated neurons fire compared with themselves unstimulated.
+`fault_every` injects malformed messages between good frames to exercise a pipeline's defences.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from realtime.transport import Publisher
+from realtime.wire import FrameHeader, TriggerCommand, WireError, encode_frame, mqtt_topic
+from replay.fish import FishFrame, FishModel, stimulus_schedule
+
+log = logging.getLogger(__name__)
+FAULT_KINDS = ("duplicate_seq", "malformed_header", "truncated_payload", "bad_dtype")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Pacing and behaviour of the live simulated rig."""
+
+    speed: float = 1.0             # 1 = the rig's frame rate, 10 = ten times faster, 0 = as fast as possible
+    n_frames: int = 0              # 0 = until stopped
+    schedule_frames: int = 1200    # length of the stimulus protocol, repeated
+    sndhwm: int = 4
+    wait_subscribers: int = 1      # frames start once this many subscribers listen
+    wait_timeout_s: float = 30.0
+    reference_power_mw: float = 5.0  # a trigger at this power gives the fish's configured opto response
+    fault_every: int = 0           # inject one malformed message after every k-th frame (0 = never)
+
+    def __post_init__(self) -> None:
+        if self.speed < 0 or self.n_frames < 0 or self.schedule_frames < 1 or self.fault_every < 0:
+            raise ValueError("speed, n_frames, fault_every must be >= 0 and schedule_frames >= 1")
+
+
+class ResponseTracker:
+    """Per-neuron spike and fluorescence sums split by 'under stimulation' or not."""
+
+    def __init__(self, n: int) -> None:
+        self.spk = np.zeros((2, n))
+        self.flu = np.zeros((2, n))
+        self.frames = np.zeros((2, n))
+
+    def update(self, f: FishFrame) -> None:
+        on = f.stimulated.astype(np.float64)
+        for k, w in ((0, 1.0 - on), (1, on)):
+            self.spk[k] += f.spikes * w
+            self.flu[k] += f.fluorescence * w
+            self.frames[k] += w
+
+    def summary(self) -> dict[str, float]:
+        """Rates of ever-stimulated neurons when stimulated vs not (the fish's response)."""
+        sel = (self.frames[1] > 0) & (self.frames[0] > 0)
+        if not sel.any():
+            return {"stimulated_neurons": 0}
+        rate = self.spk[:, sel].sum(axis=1) / self.frames[:, sel].sum(axis=1)
+        flu = self.flu[:, sel].sum(axis=1) / self.frames[:, sel].sum(axis=1)
+        return {"stimulated_neurons": int(sel.sum()), "stimulated_neuron_frames": float(self.frames[1].sum()),
+                "rate_off": float(rate[0]), "rate_on": float(rate[1]),
+                "rate_ratio": float(rate[1] / max(rate[0], 1e-9)),
+                "fluorescence_ratio": float(flu[1] / max(flu[0], 1e-9))}
+
+
+@dataclass
+class SimReport:
+    """What a simulation run did."""
+
+    frames: int = 0
+    faults: int = 0
+    triggers_received: int = 0
+    triggers_invalid: int = 0
+    stimulations: list[dict[str, Any]] = field(default_factory=list)
+    response: dict[str, float] = field(default_factory=dict)
+
+
+class LiveSim:
+    """Streams the fish at `speed` x frame rate on `endpoint`; applies MQTT triggers if `mqtt` is given."""
+
+    def __init__(self, fish: FishModel, cfg: SimConfig, rig: str, endpoint: str, metrics: Any,
+                 mqtt: tuple[str, int] | None = None) -> None:
+        self.fish = fish
+        self.cfg = cfg
+        self.rig = rig
+        self.metrics = metrics
+        self.mqtt = mqtt
+        self.publisher = Publisher(endpoint, sndhwm=cfg.sndhwm)
+        self.endpoint = self.publisher.endpoint
+        self.schedule = stimulus_schedule(fish.cfg, cfg.schedule_frames)
+        self.tracker = ResponseTracker(fish.cfg.n_neurons)
+        self.report = SimReport()
+        self.mqtt_ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> SimReport:
+        """Stream until `stop` is set or n_frames were sent; returns the report."""
+        if self.mqtt is None:
+            await self._stream(stop)
+        else:
+            host, port = self.mqtt
+            async with aiomqtt.Client(host, port, identifier=f"loopcast-sim-{self.rig}-{time.time_ns()}") as c:
+                await c.subscribe(mqtt_topic(self.rig, "trigger"), qos=1)
+                listener = asyncio.create_task(self._listen(c))
+                self.mqtt_ready.set()
+                try:
+                    await self._stream(stop)
+                finally:
+                    listener.cancel()
+        self.report.response = self.tracker.summary()
+        return self.report
+
+    async def _stream(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        if cfg.wait_subscribers:
+            ok = await asyncio.to_thread(self.publisher.wait_for_subscribers, cfg.wait_subscribers,
+                                         cfg.wait_timeout_s)
+            if not ok:
+                raise TimeoutError(f"no subscriber on {self.endpoint} after {cfg.wait_timeout_s} s")
+        period = self.fish.cfg.frame_period_s / cfg.speed if cfg.speed > 0 else 0.0
+        t0 = time.monotonic()
+        seq = 0
+        while not stop.is_set() and not (cfg.n_frames and seq >= cfg.n_frames):
+            self._send_frame(seq)
+            last = bool(cfg.n_frames) and seq + 1 >= cfg.n_frames
+            if cfg.fault_every and (seq + 1) % cfg.fault_every == 0 and not last:
+                self._send_fault(seq)
+            seq += 1
+            delay = t0 + seq * period - time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+
+    def _send_frame(self, seq: int) -> None:
+        i = seq % self.cfg.schedule_frames
+        cov = self.schedule.covariates[i]
+        frame = self.fish.step(cov)
+        header = FrameHeader(seq=seq, t_src_ns=time.time_ns(), shape=tuple(frame.volume.shape),
+                             dtype=str(frame.volume.dtype), rig=self.rig,
+                             stimulus=tuple(float(x) for x in cov), condition=int(self.schedule.condition[i]))
+        self.publisher.send(encode_frame(header, frame.volume))
+        self._last = (header, frame.volume)
+        self.tracker.update(frame)
+        self.metrics.frames_sent.inc()
+        self.report.frames += 1
+
+    def _send_fault(self, seq: int) -> None:
+        """A malformed message between good frames; the next good frame must still get through."""
+        kind = FAULT_KINDS[self.report.faults % len(FAULT_KINDS)]
+        header, vol = self._last
+        nxt = FrameHeader(**{**header.__dict__, "seq": seq + 1})
+        if kind == "duplicate_seq":
+            parts: list[Any] = encode_frame(header, vol)
+        elif kind == "malformed_header":
+            parts = [b"frame", b"\xc1 not msgpack", memoryview(vol).cast("B")]
+        elif kind == "truncated_payload":
+            parts = encode_frame(nxt, vol)[:2] + [vol.tobytes()[: vol.nbytes // 2]]
+        else:
+            parts = encode_frame(FrameHeader(**{**nxt.__dict__, "dtype": "float32"}),
+                                 np.zeros(vol.shape, np.float32))
+        self.publisher.send(parts)
+        self.report.faults += 1
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            try:
+                cmd = TriggerCommand.from_json(msg.payload)
+            except WireError as exc:
+                self.report.triggers_invalid += 1
+                self.metrics.errors.labels(kind="invalid_trigger").inc()
+                log.warning("ignored malformed trigger: %s", exc)
+                continue
+            self._apply(cmd)
+
+    def _apply(self, cmd: TriggerCommand) -> None:
+        self.report.triggers_received += 1
+        n = self.fish.cfg.n_neurons
+        targets = np.asarray([t for t in cmd.targets if t < n], dtype=np.int64)
+        frames = max(1, math.ceil(cmd.duration_ms / 1000.0 / self.fish.cfg.frame_period_s))
+        gain = cmd.power_mw / self.cfg.reference_power_mw
+        self.fish.stimulate(targets, gain=gain, duration_frames=frames)
+        self.metrics.stimulations.inc()
+        self.report.stimulations.append({"trigger_id": cmd.trigger_id, "at_frame": self.report.frames,
+                                         "forecast_seq": cmd.seq, "targets": int(targets.size),
+                                         "frames": frames, "gain": gain})
+        log.info("stimulating %d neurons for %d frame(s) (trigger %s from forecast seq %d)",
+                 targets.size, frames, cmd.trigger_id[:8], cmd.seq)
+
+    def close(self) -> None:
+        self.publisher.close()

@@ -1,0 +1,101 @@
+"""Ingest over real ZeroMQ sockets: every broken message in tests/broken/messages is counted under its
+reason and dropped, and the next good frame still goes through."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from realtime.ingest import Ingest, RigConfig
+from realtime.metrics import Metrics
+from realtime.transport import Publisher, Subscriber
+from realtime.wire import FrameHeader, encode_frame
+
+BROKEN = Path(__file__).resolve().parents[1] / "broken" / "messages"
+CASES = sorted(BROKEN.glob("*.json"))
+RIG = RigConfig(name="test", shape=(12, 10, 4), dtype="uint16")
+
+
+@pytest.fixture()
+def link():
+    pub = Publisher("tcp://127.0.0.1:*", sndhwm=100)
+    sub = Subscriber(pub.endpoint, topics=(b"frame",), rcvhwm=100)
+    assert pub.wait_for_subscribers(1, 5.0)
+    yield pub, sub
+    sub.close()
+    pub.close()
+
+
+def good(seq: int, rng: np.random.Generator) -> tuple[FrameHeader, np.ndarray]:
+    vol = rng.integers(0, 4000, size=RIG.shape, dtype=np.uint16)
+    return FrameHeader(seq=seq, t_src_ns=time.time_ns(), shape=RIG.shape, dtype="uint16", rig="test"), vol
+
+
+def broken_parts(case: dict[str, Any], seq: int, rng: np.random.Generator) -> list[Any]:
+    header, vol = good(seq, rng)
+    h = {**header.to_wire(), **case.get("header", {})}
+    h = {k: v for k, v in h.items() if v is not None}
+    raw_header = bytes.fromhex(case["header_raw_hex"]) if "header_raw_hex" in case else msgpack.packb(h)
+    size = {"half": vol.nbytes // 2, "double": vol.nbytes * 2, None: vol.nbytes}.get(
+        case.get("payload_bytes"), case.get("payload_bytes"))
+    payload = (vol.tobytes() * 2)[:size]
+    return [b"frame", raw_header, payload][: case.get("parts", 3)]
+
+
+def recv_all(sub: Subscriber, n: int) -> list[Any]:
+    msgs: list[Any] = []
+    deadline = time.monotonic() + 5.0
+    while len(msgs) < n and time.monotonic() < deadline:
+        msgs += sub.recv_all(100)
+    assert len(msgs) == n, f"received {len(msgs)} of {n} messages"
+    return msgs
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_broken_message_is_counted_dropped_and_next_frame_passes(path: Path, link, caplog) -> None:
+    case = json.loads(path.read_text())
+    pub, sub = link
+    rng = np.random.default_rng(0)
+    metrics = Metrics("test")
+    ingest = Ingest(RIG, metrics)
+    seqs = case.get("seqs", [0])
+    for s in seqs:
+        pub.send(encode_frame(*good(s, rng)))
+    pub.send(broken_parts(case, seqs[-1] + 1, rng))
+    nxt_header, nxt_vol = good(max(seqs) + 1, rng)
+    pub.send(encode_frame(nxt_header, nxt_vol))
+
+    results = [ingest.process(m) for m in recv_all(sub, len(seqs) + 2)]
+
+    assert all(r is not None for r in results[: len(seqs)])
+    assert results[-2] is None
+    reason = case["expect"]["reason"]
+    assert metrics.count("loopcast_frames_invalid_total", reason=reason) == 1
+    assert sum(v for k, v in metrics.counters().items() if k.startswith("loopcast_frames_invalid")) == 1
+    assert case["expect"]["message"] in caplog.text
+    assert results[-1] is not None and results[-1].header.seq == max(seqs) + 1
+    np.testing.assert_array_equal(results[-1].data, nxt_vol)
+    assert metrics.count("loopcast_frames_received_total") == len(seqs) + 1
+
+
+def test_seq_gap_counts_lost_frames_and_keeps_the_frame() -> None:
+    rng = np.random.default_rng(1)
+    metrics = Metrics("test")
+    ingest = Ingest(RIG, metrics)
+    for s in (0, 1, 5):
+        assert ingest.process(encode_frame(*good(s, rng))) is not None
+    assert metrics.count("loopcast_frames_dropped_total", reason="seq_gap") == 3
+    assert metrics.count("loopcast_frames_received_total") == 3
+
+
+def test_ingest_latency_is_recorded() -> None:
+    metrics = Metrics("test")
+    ingest = Ingest(RIG, metrics)
+    ingest.process(encode_frame(*good(0, np.random.default_rng(2))))
+    s = metrics.latency("ingest").summary()
+    assert s["count"] == 1 and 0 <= s["p50_ms"] < 1000
