@@ -81,7 +81,12 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
         log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
     stage = ForecastStage(engine, publisher, metrics)
     source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
-    return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics)
+    try:
+        return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics)
+    except (EngineError, ValueError) as exc:
+        source.close()
+        stage.close()
+        raise UserError(f"cannot start the pipeline: {exc}") from exc
 
 
 def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | None) -> Controller:

@@ -17,13 +17,18 @@ from typing import Any, Callable, Sequence
 from loopcast import app
 from loopcast.config import ConfigError
 from loopcast.settings import LoopcastConfig, load_settings, new_run_dir
+from realtime.engine import EngineError
 
 log = logging.getLogger("loopcast")
 
 
 def cmd_synth(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import synth_recording
-    synth_recording(cfg, out=args.out, overwrite=args.overwrite)
+    from replay.layout import RecordingError
+    try:
+        synth_recording(cfg, out=args.out, overwrite=args.overwrite)
+    except RecordingError as exc:
+        raise app.UserError(f"{exc} (command line: --overwrite)") from exc
     return 0
 
 
@@ -194,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_settings(args.config or None, [*args.set, *_shortcut_overrides(args)])
         run_dir = new_run_dir(cfg, args.command, args.run_dir)
         return COMMANDS[args.command][0](cfg, args, run_dir)
-    except (ConfigError, app.UserError) as exc:
+    except (ConfigError, app.UserError, EngineError) as exc:
         print(f"loopcast {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -46,8 +46,11 @@ class PipelineConfig:
 
 
 class FrameSource(Protocol):
-    """Anything that yields raw multipart messages: a live ZeroMQ subscriber or a recording."""
+    """Anything that yields raw multipart messages: a live ZeroMQ subscriber
+    (realtime.transport.Subscriber) or a recording read in process (replay.player.RecordingSource)."""
 
+    @property
+    def finished(self) -> bool: ...
     def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]: ...
     def close(self) -> None: ...
 
@@ -125,6 +128,9 @@ class Pipeline:
                 last_frame = time.monotonic()
             if self.cfg.max_frames and self.report.frames >= self.cfg.max_frames:
                 log.info("reached max_frames=%d", self.cfg.max_frames)
+                break
+            if self.source.finished:
+                log.info("source finished after %d frames", self.report.frames)
                 break
             idle = self.cfg.idle_timeout_s
             if idle and last_frame is not None and time.monotonic() - last_frame > idle:

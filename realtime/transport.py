@@ -71,6 +71,11 @@ class Subscriber:
         self.sock.connect(endpoint)
         self.endpoint = endpoint
 
+    @property
+    def finished(self) -> bool:
+        """A live stream never finishes; recorded sources do."""
+        return False
+
     def recv_all(self, timeout_ms: int, limit: int = 64) -> list[list[zmq.Frame]]:
         """Wait up to `timeout_ms` for one message, then drain what else is queued (oldest first)."""
         if not self.sock.poll(timeout_ms, zmq.POLLIN):

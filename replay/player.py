@@ -97,11 +97,7 @@ class Player:
         return report
 
     def _send(self, t: int, volume: np.ndarray) -> None:
-        condition = int(np.searchsorted(self.offsets, t, side="right") - 1)
-        header = FrameHeader(seq=t, t_src_ns=time.time_ns(), shape=tuple(volume.shape),
-                             dtype=str(volume.dtype), rig=self.rig,
-                             stimulus=tuple(float(x) for x in self.stimuli[t]), condition=condition)
-        self.publisher.send(encode_frame(header, volume))
+        self.publisher.send(frame_message(t, volume, self.stimuli, self.offsets, self.rig))
         self.metrics.frames_sent.inc()
 
     def stop(self) -> None:
@@ -109,3 +105,39 @@ class Player:
 
     def close(self) -> None:
         self.publisher.close()
+
+
+def frame_message(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str) -> list[Any]:
+    """The wire message for frame t of a recording, stamped now (seq = t)."""
+    condition = int(np.searchsorted(offsets, t, side="right") - 1)
+    header = FrameHeader(seq=t, t_src_ns=time.time_ns(), shape=tuple(volume.shape), dtype=str(volume.dtype),
+                         rig=rig, stimulus=tuple(float(x) for x in stimuli[t]), condition=condition)
+    return encode_frame(header, volume)
+
+
+class RecordingSource:
+    """A recording as a pipeline frame source, in process and without sockets (the recorded twin of
+    realtime.transport.Subscriber): the same messages a replay would send, one per call, as fast as
+    the pipeline takes them. For offline runs of the real-time code on recorded data."""
+
+    def __init__(self, recording: Recording, rig: str, start: int = 0, stop: int = 0) -> None:
+        self.rec = recording
+        self.rig = rig
+        self.stimuli = recording.stimuli()
+        self.offsets = np.asarray(recording.condition_offsets)
+        self._next = start
+        self._stop = stop or recording.n_frames
+
+    @property
+    def finished(self) -> bool:
+        return self._next >= self._stop
+
+    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[list[Any]]:
+        if self.finished:
+            return []
+        t = self._next
+        self._next += 1
+        return [frame_message(t, self.rec.read_volume(t), self.stimuli, self.offsets, self.rig)]
+
+    def close(self) -> None:
+        pass

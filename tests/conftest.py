@@ -7,9 +7,13 @@ for the whole session.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from loopcast.settings import load_settings, new_run_dir
+from loopcast.workflows import ensure_engine, ensure_recording
 
 from loopcast.broker import Broker, BrokerKind, find_mosquitto, start_broker
 
@@ -40,3 +44,22 @@ def mqtt_broker(pytestconfig: pytest.Config) -> Iterator[Broker]:
         yield broker
     finally:
         broker.stop()
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """A small fish and model, fast to synthesize and train on 2 cores."""
+    return [f'paths.recording="{root}/rec"', f'paths.engines="{root}/engines"', f'paths.runs="{root}/runs"',
+            "rig.shape=[48, 32, 8]", "synth.fish.n_neurons=300", "synth.fish.n_ensembles=4",
+            "synth.n_frames=500", "train.horizon=4", "train.max_epochs=5",
+            "pipeline.preprocess.dff.warmup=5", "pipeline.preprocess.spikes.warmup=10"]
+
+
+@pytest.fixture(scope="session")
+def loop_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """(root, overrides): a synthesized tiny recording and an engine trained and exported from it."""
+    root = tmp_path_factory.mktemp("loop")
+    overrides = tiny_overrides(root)
+    cfg = load_settings(overrides=overrides)
+    ensure_recording(cfg, progress=False)
+    ensure_engine(cfg, new_run_dir(cfg, "train"), progress=False)
+    return root, overrides

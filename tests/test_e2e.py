@@ -13,33 +13,13 @@ import pytest
 
 from loopcast.broker import free_port
 from loopcast.inprocess import run_loop
-from loopcast.settings import LoopcastConfig, load_settings, new_run_dir
-from loopcast.workflows import ensure_engine, ensure_recording
+from loopcast.settings import LoopcastConfig, load_settings
 
 N_FRAMES = 80
 
 
-def tiny_overrides(root: Path) -> list[str]:
-    """A small fish and model, fast to synthesize and train on 2 cores."""
-    return [f'paths.recording="{root}/rec"', f'paths.engines="{root}/engines"', f'paths.runs="{root}/runs"',
-            "rig.shape=[48, 32, 8]", "synth.fish.n_neurons=300", "synth.fish.n_ensembles=4",
-            "synth.n_frames=500", "train.horizon=4", "train.max_epochs=5",
-            "pipeline.preprocess.dff.warmup=5", "pipeline.preprocess.spikes.warmup=10"]
-
-
-@pytest.fixture(scope="session")
-def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """A synthesized recording and an exported engine, shared by the end-to-end tests."""
-    root = tmp_path_factory.mktemp("loop")
-    overrides = tiny_overrides(root)
-    cfg = load_settings(overrides=overrides)
-    ensure_recording(cfg, progress=False)
-    ensure_engine(cfg, new_run_dir(cfg, "train"), progress=False)
-    return root, overrides
-
-
-def loop_config(tiny_setup: tuple[Path, list[str]], broker: Any) -> LoopcastConfig:
-    _, overrides = tiny_setup
+def loop_config(loop_setup: tuple[Path, list[str]], broker: Any) -> LoopcastConfig:
+    _, overrides = loop_setup
     return load_settings(overrides=[
         *overrides, f"mqtt.port={broker.port}", f'mqtt.host="{broker.host}"',
         f'endpoints.frames="tcp://127.0.0.1:{free_port()}"',
@@ -54,8 +34,8 @@ def loop_config(tiny_setup: tuple[Path, list[str]], broker: Any) -> LoopcastConf
 
 
 @pytest.mark.timeout(180)
-def test_closed_loop_end_to_end(tiny_setup: tuple[Path, list[str]], mqtt_broker: Any) -> None:
-    cfg = loop_config(tiny_setup, mqtt_broker)
+def test_closed_loop_end_to_end(loop_setup: tuple[Path, list[str]], mqtt_broker: Any) -> None:
+    cfg = loop_config(loop_setup, mqtt_broker)
     out = run_loop(cfg, timeout_s=60)
     sim, pipe, fc = out.sim, out.pipeline, out.forecasts
 

@@ -1,0 +1,100 @@
+"""The pipeline on recorded data (replay.player.RecordingSource, no sockets in): exact causal dF/F
+through the real stages, forecasts stamped with their frame, engine errors escalated, bad engines refused."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from loopcast import app
+from loopcast.settings import LoopcastConfig, load_settings
+from realtime.dff import causal_dff_reference
+from realtime.engine import EngineError, load_engine
+from realtime.forecast import ForecastStage
+from realtime.metrics import Metrics
+from realtime.pipeline import Pipeline
+from realtime.preprocess import Preprocessed
+from realtime.traces import TraceExtractor
+from realtime.transport import Publisher, Subscriber
+from realtime.wire import Frame, decode_forecast
+from replay.layout import Recording
+from replay.player import RecordingSource
+
+FRAMES = 60
+
+
+def make_pipeline(cfg: LoopcastConfig, rec: Recording, engine: object | None = None) -> tuple[Pipeline, Subscriber]:
+    pub = Publisher("tcp://127.0.0.1:*", sndhwm=1000)
+    sub = Subscriber(pub.endpoint, topics=(b"forecast/",), rcvhwm=1000)
+    assert pub.wait_for_subscribers(1, 5)
+    engine = engine or load_engine(app.engine_path(cfg))
+    stage = ForecastStage(engine, pub, Metrics("run"))
+    pipe = Pipeline(cfg.pipeline, cfg.rig, RecordingSource(rec, cfg.rig.name, stop=FRAMES),
+                    rec.segmentation(), stage, stage.metrics)
+    return pipe, sub
+
+
+def test_pipeline_on_a_recording_matches_the_offline_reference(loop_setup: tuple[Path, list[str]]) -> None:
+    cfg = load_settings(overrides=loop_setup[1])
+    rec = Recording.open(cfg.paths.recording)
+    pipe, sub = make_pipeline(cfg, rec)
+    dffs: list[np.ndarray] = []
+    pipe.preprocess.process = _capturing_dff(pipe.preprocess.process, dffs)
+    report = pipe.run()
+    forecasts = [decode_forecast(m) for m in sub.recv_all(500, limit=1000)]
+    pipe.close()
+    sub.close()
+
+    assert report.frames == FRAMES
+    first = max(cfg.pipeline.preprocess.dff.warmup, cfg.train.context) - 1
+    assert [f.header.seq for f in forecasts] == list(range(first, FRAMES))
+    assert all(f.header.frame["stimulus"] == pytest.approx(rec.stimuli()[f.header.seq].tolist())
+               for f in forecasts)
+    extractor = TraceExtractor(rec.segmentation())
+    f_ref = np.stack([extractor.process(rec.read_volume(t)) for t in range(FRAMES)])
+    ref = causal_dff_reference(f_ref, cfg.pipeline.preprocess.dff)
+    np.testing.assert_allclose(np.stack(dffs), ref, atol=1e-6)
+
+
+def _capturing_dff(process: Callable[[Frame], Preprocessed], sink: list[np.ndarray]) -> Callable[[Frame], Preprocessed]:
+    """Wrap the stage's process() to keep a copy of each frame's dF/F."""
+    def wrapped(frame: Frame) -> Preprocessed:
+        out = process(frame)
+        sink.append(out.dff.copy())
+        return out
+    return wrapped
+
+
+class BrokenEngine:
+    """An engine whose every run fails, standing in for a corrupt model or a lost GPU."""
+
+    def __init__(self, inner: object) -> None:
+        self.manifest = inner.manifest  # type: ignore[attr-defined]
+        self.version = inner.version  # type: ignore[attr-defined]
+        self.check_neurons = inner.check_neurons  # type: ignore[attr-defined]
+
+    def run(self, context: np.ndarray) -> np.ndarray:
+        raise RuntimeError("engine exploded")
+
+
+def test_failing_engine_is_counted_and_then_stops_the_pipeline_loudly(loop_setup: tuple[Path, list[str]]) -> None:
+    cfg = load_settings(overrides=loop_setup[1])
+    rec = Recording.open(cfg.paths.recording)
+    pipe, sub = make_pipeline(cfg, rec, BrokenEngine(load_engine(app.engine_path(cfg))))
+    with pytest.raises(RuntimeError, match="engine exploded"):
+        pipe.run()
+    assert pipe.metrics.count("loopcast_errors_total", kind="forecast") == 10
+    pipe.close()
+    sub.close()
+
+
+def test_engine_for_another_neuron_count_is_refused(loop_setup: tuple[Path, list[str]], tmp_path: Path) -> None:
+    cfg = load_settings(overrides=loop_setup[1])
+    seg = np.zeros((4, 4, 2), np.uint32)
+    seg.flat[:7] = np.arange(1, 8)   # 7 neurons, the engine has 300
+    with pytest.raises(app.UserError, match="trained on 300 neurons, the pipeline has 7"):
+        app.build_pipeline(cfg, Metrics("run"), seg)
+    with pytest.raises(EngineError, match="loopcast train"):
+        load_engine(tmp_path / "nothing-here")

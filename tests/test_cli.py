@@ -1,0 +1,41 @@
+"""The console script: synth -> train -> export as separate commands, and clear errors (exit 2)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loopcast.cli import main
+
+
+def tiny(tmp: Path) -> list[str]:
+    sets = [f'paths.recording="{tmp}/rec"', f'paths.engines="{tmp}/engines"', f'paths.runs="{tmp}/runs"',
+            "rig.shape=[32, 24, 8]", "synth.fish.n_neurons=120", "synth.fish.n_ensembles=3",
+            "synth.n_frames=400", "train.horizon=4", "train.max_epochs=2"]
+    return [a for s in sets for a in ("-s", s)]
+
+
+def test_synth_train_export_as_separate_commands(tmp_path: Path) -> None:
+    assert main(["synth", *tiny(tmp_path)]) == 0
+    assert (tmp_path / "rec" / "loopcast.json").is_file()
+    assert main(["train", *tiny(tmp_path), "--run-dir", str(tmp_path / "runs" / "t")]) == 0
+    ckpt = tmp_path / "runs" / "t" / "model.pt"
+    assert ckpt.is_file() and (tmp_path / "runs" / "t" / "config.toml").is_file()
+    assert not (tmp_path / "engines").exists()          # train alone does not export
+    assert main(["export", *tiny(tmp_path), "--checkpoint", str(ckpt)]) == 0
+    manifest = json.loads((tmp_path / "engines" / "nlinear-c4-h4" / "v0001" / "manifest.json").read_text())
+    assert manifest["n_neurons"] == 120 and manifest["parity"]["max_abs_diff"] <= 1e-5
+    assert main(["synth", *tiny(tmp_path)]) == 2          # refuses to overwrite without --overwrite
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run"], "make a synthetic one with `loopcast synth`"),
+    (["export", "--checkpoint", "nowhere.pt"], "no checkpoint at nowhere.pt"),
+    (["sim", "-s", "sim.sped=2"], "unknown key 'sim.sped' (did you mean 'speed'?)"),
+])
+def test_user_errors_exit_2_with_a_clear_message(tmp_path: Path, argv: list[str], message: str,
+                                                  capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "-s", f'paths.recording="{tmp_path}/missing"', "-s", f'paths.runs="{tmp_path}/runs"']) == 2
+    assert message in capsys.readouterr().err
