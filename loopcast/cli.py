@@ -116,7 +116,7 @@ def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
 
 def cmd_control(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.control import send_control
-    status = asyncio.run(send_control(cfg, args.command, timeout_s=args.timeout))
+    status = asyncio.run(send_control(cfg, args.action, timeout_s=args.timeout))
     print(json.dumps(status, indent=2))
     return 0
 
@@ -172,7 +172,7 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "export":
         p.add_argument("--checkpoint", required=True, help="model.pt written by `loopcast train`")
     elif name == "control":
-        p.add_argument("command", choices=("arm", "disarm", "stop", "reset"))
+        p.add_argument("action", choices=("arm", "disarm", "stop", "reset"))
         p.add_argument("--timeout", type=float, default=5.0)
     elif name == "demo":
         p.add_argument("--fresh", action="store_true", help="re-synthesize and retrain")

@@ -39,3 +39,31 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path: Path, argv: list[str]
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "-s", f'paths.recording="{tmp_path}/missing"', "-s", f'paths.runs="{tmp_path}/runs"']) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_control_command_drives_a_running_controller(loop_setup, mqtt_broker) -> None:
+    """`loopcast control`: arm, a latching stop (arm refused until reset), reset, arm."""
+    import asyncio
+
+    from loopcast import app
+    from loopcast.control import send_control
+    from loopcast.settings import load_settings
+    from realtime.metrics import Metrics
+
+    cfg = load_settings(overrides=[*loop_setup[1], f"mqtt.port={mqtt_broker.port}", 'rig.name="ctltest"'])
+
+    async def session() -> list[tuple[bool, bool]]:
+        controller = app.build_controller(cfg, Metrics("controller"), app.open_recording(cfg))
+        stop = asyncio.Event()
+        task = asyncio.create_task(controller.run(stop))
+        await asyncio.wait_for(controller.ready.wait(), 10)
+        seen = []
+        for action in ("arm", "stop", "arm", "reset", "arm"):
+            status = await send_control(cfg, action, timeout_s=5)
+            seen.append((status["armed"], status["estop"]))
+        stop.set()
+        await task
+        return seen
+
+    assert asyncio.run(session()) == [(True, False), (False, True), (False, True), (False, False), (True, False)]
