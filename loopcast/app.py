@@ -12,7 +12,7 @@ import numpy as np
 
 from loopcast.settings import LoopcastConfig
 from realtime.controller import Controller
-from realtime.engine import EngineError, load_engine, resolve_engine
+from realtime.engine import EngineError, load_engine
 from realtime.forecast import ForecastStage
 from realtime.metrics import Metrics, MetricsConfig
 from realtime.pipeline import Pipeline
@@ -75,7 +75,7 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
         engine = load_engine(engine_path(cfg), runtime=fc.runtime, threads=fc.threads)
     except EngineError as exc:
         raise UserError(str(exc)) from exc
-    log.info("engine %s (%s)", engine.version, resolve_engine(engine_path(cfg)))
+    log.info("engine %s (%s)", engine.version, engine.manifest.engine_dir)
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
     if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
         log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)

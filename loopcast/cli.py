@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,7 +67,6 @@ def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
 
 
 def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
-    import signal
     rec = app.open_recording(cfg)
     metrics = app.process_metrics(cfg, "run")
     pipeline = app.build_pipeline(cfg, metrics, rec.segmentation())

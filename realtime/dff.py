@@ -48,7 +48,6 @@ class CausalDff:
         self.n = n_neurons
         self.cfg = config
         self._buf = np.zeros((config.window, n_neurons), dtype=np.float32)
-        self._last = np.full(n_neurons, np.nan, dtype=np.float32)
         self.frames = 0
 
     @property
@@ -63,9 +62,9 @@ class CausalDff:
         bad = ~np.isfinite(f)
         nonfinite = int(bad.sum())
         if nonfinite:
-            # A non-finite sample repeats the neuron's last good value (or 0 before any).
-            f = np.where(bad, np.nan_to_num(self._last, nan=0.0), f)
-        self._last = f.copy()
+            # A non-finite sample repeats the neuron's last (repaired) value: the newest buffer row,
+            # which is still zeros before the first frame.
+            f = np.where(bad, self._buf[(self.frames - 1) % self.cfg.window], f)
         self._buf[self.frames % self.cfg.window] = f
         self.frames += 1
         filled = self._buf[: min(self.frames, self.cfg.window)]
@@ -102,9 +101,9 @@ def centered_dff(f: np.ndarray, config: DffConfig, stride: int = 1) -> np.ndarra
     f0_knots = np.stack([np.percentile(f[max(0, t - w):t + w + 1], config.percentile, axis=0)
                          for t in knots]).astype(np.float32)
     if len(knots) == n_t:
-        f0 = f0_knots
-    else:
-        f0 = np.empty_like(f)
-        for j in range(f.shape[1]):
-            f0[:, j] = np.interp(np.arange(n_t), knots, f0_knots[:, j])
+        return _ratio(f, f0_knots, config)
+    t = np.arange(n_t)
+    i = np.clip(np.searchsorted(knots, t, side="right") - 1, 0, len(knots) - 2)  # knot at or before t
+    w = ((t - knots[i]) / (knots[i + 1] - knots[i]))[:, None]                     # (T, 1) position between
+    f0 = ((1.0 - w) * f0_knots[i] + w * f0_knots[i + 1]).astype(np.float32)      # (T, N)
     return _ratio(f, f0, config)

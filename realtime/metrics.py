@@ -130,8 +130,8 @@ class Metrics:
         return float(value or 0.0)
 
     def summary(self) -> dict[str, Any]:
-        return {"process": self.process, "latency": {s: r.summary() for s, r in self._latency.items()
-                                                      if r.summary()["count"]},
+        latency = {s: r.summary() for s, r in self._latency.items()}
+        return {"process": self.process, "latency": {s: q for s, q in latency.items() if q["count"]},
                 "counters": self.counters()}
 
     def write_summary(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

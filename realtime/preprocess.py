@@ -43,6 +43,8 @@ class Preprocess:
         self.traces = TraceExtractor(segmentation)
         self.n_neurons = self.traces.n_neurons
         self._latency = metrics.latency("preprocess")
+        self._nonfinite = metrics.values_invalid.labels(kind="nonfinite_fluorescence")
+        self._floored = metrics.values_invalid.labels(kind="floored_baseline")
         self.setup()
 
     def setup(self) -> None:
@@ -53,9 +55,9 @@ class Preprocess:
         f = self.traces.process(frame.data)
         dff, stats = self.dff.process(f)
         if stats.nonfinite:
-            self.metrics.values_invalid.labels(kind="nonfinite_fluorescence").inc(stats.nonfinite)
+            self._nonfinite.inc(stats.nonfinite)
         if stats.floored:
-            self.metrics.values_invalid.labels(kind="floored_baseline").inc(stats.floored)
+            self._floored.inc(stats.floored)
         spikes = self.spikes.process(dff)
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
         return Preprocessed(frame.header.seq, f, dff, spikes, ready=self.dff.ready)

@@ -8,6 +8,7 @@ a response tracker measures how much stimulated neurons fire compared with thems
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -153,7 +154,7 @@ class LiveSim:
         """A malformed message between good frames; the next good frame must still get through."""
         kind = FAULT_KINDS[self.report.faults % len(FAULT_KINDS)]
         header, vol = self._last
-        nxt = FrameHeader(**{**header.__dict__, "seq": seq + 1})
+        nxt = dataclasses.replace(header, seq=seq + 1)
         if kind == "duplicate_seq":
             parts: list[Any] = encode_frame(header, vol)
         elif kind == "malformed_header":
@@ -161,8 +162,7 @@ class LiveSim:
         elif kind == "truncated_payload":
             parts = encode_frame(nxt, vol)[:2] + [vol.tobytes()[: vol.nbytes // 2]]
         else:
-            parts = encode_frame(FrameHeader(**{**nxt.__dict__, "dtype": "float32"}),
-                                 np.zeros(vol.shape, np.float32))
+            parts = encode_frame(dataclasses.replace(nxt, dtype="float32"), np.zeros(vol.shape, np.float32))
         self.publisher.send(parts)
         self.report.faults += 1
 
