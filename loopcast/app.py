@@ -82,7 +82,7 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     stage = ForecastStage(engine, publisher, metrics)
     source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
     try:
-        return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics)
+        return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics, cfg.transport.shm_dir)
     except (EngineError, ValueError) as exc:
         source.close()
         stage.close()
@@ -107,7 +107,7 @@ def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | Non
 def build_sim(cfg: LoopcastConfig, metrics: Metrics, mqtt: bool = True) -> LiveSim:
     fish = FishModel(cfg.synth.fish)
     broker = (cfg.mqtt.host, cfg.mqtt.port) if mqtt else None
-    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker)
+    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker, cfg.transport)
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:

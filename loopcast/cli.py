@@ -19,6 +19,7 @@ from loopcast import app
 from loopcast.config import ConfigError
 from loopcast.settings import LoopcastConfig, load_settings, new_run_dir
 from realtime.engine import EngineError
+from replay.store import is_remote
 
 log = logging.getLogger("loopcast")
 
@@ -37,7 +38,7 @@ def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
     from replay.player import Player
     rec = app.open_recording(cfg, args.recording)
     metrics = app.process_metrics(cfg, "replay")
-    player = Player(rec, cfg.endpoints.frames, cfg.replay, cfg.rig.name, metrics)
+    player = Player(rec, cfg.endpoints.frames, cfg.replay, cfg.rig.name, metrics, cfg.transport)
     log.info("replaying %s on %s at speed %s (0 = as fast as possible)", args.recording or cfg.paths.recording,
              player.endpoint, cfg.replay.speed)
     try:
@@ -109,7 +110,7 @@ def cmd_train(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> i
 
 def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import export_checkpoint
-    rec = app.open_recording(cfg) if Path(cfg.paths.recording).exists() else None
+    rec = app.open_recording(cfg) if is_remote(cfg.paths.recording) or Path(cfg.paths.recording).exists() else None
     export_checkpoint(cfg, Path(args.checkpoint), rec)
     return 0
 

@@ -17,6 +17,7 @@ from offline_training.train import TrainConfig
 from realtime.controller import ControllerConfig
 from realtime.ingest import RigConfig
 from realtime.pipeline import PipelineConfig
+from realtime.transport import TransportConfig
 from replay.player import ReplayConfig
 from replay.sim import SimConfig
 from replay.synth import SynthConfig
@@ -78,6 +79,7 @@ class LoopcastConfig:
     rig: RigConfig = field(default_factory=RigConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     metrics: MetricsPorts = field(default_factory=MetricsPorts)
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -19,6 +19,7 @@ from offline_training.export import export_engine
 from offline_training.train import TrainConfig, TrainResult, data_fingerprint, first_window, train
 from realtime.engine import EngineError, resolve_engine
 from replay.layout import Recording
+from replay.store import is_remote
 from replay.synth import synthesize
 
 log = logging.getLogger("loopcast")
@@ -37,8 +38,8 @@ def synth_recording(cfg: LoopcastConfig, out: str | None = None, overwrite: bool
 
 def ensure_recording(cfg: LoopcastConfig, progress: bool = True) -> Recording:
     """The configured recording, synthesized first if it does not exist yet."""
-    path = Path(cfg.paths.recording)
-    if path.exists():
+    path = cfg.paths.recording
+    if is_remote(path) or Path(path).exists():
         return Recording.open(path)
     log.info("no recording at %s yet: synthesizing the simulated fish", path)
     return synth_recording(cfg, progress=progress)

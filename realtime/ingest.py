@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from realtime.metrics import Metrics
+from realtime.shm import ShmReader
 from realtime.wire import Frame, WireError, decode_frame
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class RigConfig:
 class Ingest:
     """Stage 1: raw multipart message -> validated `Frame` (or None, counted)."""
 
-    def __init__(self, rig: RigConfig, metrics: Metrics) -> None:
+    def __init__(self, rig: RigConfig, metrics: Metrics, shm_dir: str = "/dev/shm") -> None:
         self.rig = rig
         self.metrics = metrics
+        self.shm = ShmReader(shm_dir)   # volumes sent through the shm transport are viewed in place
         self.last_seq: int | None = None
         self._latency = metrics.latency("ingest")
 
@@ -48,7 +50,7 @@ class Ingest:
 
     def process(self, parts: Sequence[Any]) -> Frame | None:
         try:
-            frame = decode_frame(parts, self.rig.shape, self.rig.dtype)
+            frame = decode_frame(parts, self.rig.shape, self.rig.dtype, self.shm)
             self._check_stimulus(frame)
             self._check_seq(frame.header.seq)
         except WireError as exc:
@@ -60,7 +62,7 @@ class Ingest:
         return frame
 
     def close(self) -> None:
-        pass
+        self.shm.close()
 
     def _check_stimulus(self, frame: Frame) -> None:
         n = len(frame.header.stimulus)

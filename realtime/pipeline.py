@@ -70,11 +70,12 @@ class Pipeline:
     """Owns the stages; `run` loops until stopped, `step` handles one batch (used by tests)."""
 
     def __init__(self, cfg: PipelineConfig, rig: RigConfig, source: FrameSource,
-                 segmentation: np.ndarray, forecast: ForecastStage, metrics: Metrics) -> None:
+                 segmentation: np.ndarray, forecast: ForecastStage, metrics: Metrics,
+                 shm_dir: str = "/dev/shm") -> None:
         self.cfg = cfg
         self.source = source
         self.metrics = metrics
-        self.ingest = Ingest(rig, metrics)
+        self.ingest = Ingest(rig, metrics, shm_dir)
         self.preprocess = Preprocess(segmentation, cfg.preprocess, rig.frame_period_s, metrics)
         self.forecast = forecast
         self.forecast.setup(self.preprocess.n_neurons)
@@ -87,10 +88,13 @@ class Pipeline:
         """Receive what is queued, process it; returns the number of valid frames handled."""
         msgs = self.source.recv_all(self.cfg.source.poll_ms if timeout_ms is None else timeout_ms,
                                     self.cfg.source.max_batch)
-        frames = [f for f in (self.ingest.process(m) for m in msgs) if f is not None]
-        ready = False
-        for frame in frames:
+        received = [f for f in (self.ingest.process(m) for m in msgs) if f is not None]
+        frames, ready = [], False
+        for frame in received:
             pre = self.preprocess.process(frame)
+            if pre is None:
+                continue
+            frames.append(frame)
             self.context.push(pre.dff)
             ready = pre.ready and self.context.full
         if frames:
@@ -143,4 +147,5 @@ class Pipeline:
 
     def close(self) -> None:
         self.source.close()
+        self.ingest.close()
         self.forecast.close()

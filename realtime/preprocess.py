@@ -45,14 +45,20 @@ class Preprocess:
         self._latency = metrics.latency("preprocess")
         self._nonfinite = metrics.values_invalid.labels(kind="nonfinite_fluorescence")
         self._floored = metrics.values_invalid.labels(kind="floored_baseline")
+        self._overrun = metrics.frames_invalid.labels(reason="shm_overrun")
         self.setup()
 
     def setup(self) -> None:
         self.dff = CausalDff(self.n_neurons, self.cfg.dff)
         self.spikes = CausalSpikes(self.n_neurons, self.cfg.spikes, self.frame_period_s)
 
-    def process(self, frame: Frame) -> Preprocessed:
+    def process(self, frame: Frame) -> Preprocessed | None:
+        """One frame -> per-neuron results; None (counted) if its shared-memory slot was reused while
+        the traces were extracted, before any state was touched."""
         f = self.traces.process(frame.data)
+        if not frame.intact():
+            self._overrun.inc()
+            return None
         dff, stats = self.dff.process(f)
         if stats.nonfinite:
             self._nonfinite.inc(stats.nonfinite)

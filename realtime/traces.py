@@ -11,7 +11,7 @@ class TraceExtractor:
         if segmentation.ndim != 3 or segmentation.dtype.kind not in "ui":
             raise ValueError(f"segmentation must be a 3-D integer array, got {segmentation.shape} "
                              f"{segmentation.dtype}")
-        flat = segmentation.ravel()
+        flat = segmentation.ravel()                          # C order; F-order indices made on demand
         self.shape = tuple(segmentation.shape)
         self._idx = np.flatnonzero(flat)                     # foreground voxels
         self._labels = (flat[self._idx] - 1).astype(np.intp)  # 0-based neuron id per voxel
@@ -22,11 +22,21 @@ class TraceExtractor:
             raise ValueError(f"segmentation labels must cover 1..N without gaps; "
                              f"{empty.size} label(s) have no voxels, e.g. {(empty[:5] + 1).tolist()}")
         self._inv_counts = (1.0 / counts).astype(np.float64)
+        self._f_idx: np.ndarray | None = None
+
+    def _indices(self, order: str) -> np.ndarray:
+        """Flat voxel indices of the labelled voxels for a volume stored in `order` ("C" or "F")."""
+        if order == "C":
+            return self._idx
+        if self._f_idx is None:
+            self._f_idx = np.ravel_multi_index(np.unravel_index(self._idx, self.shape), self.shape, order="F")
+        return self._f_idx
 
     def process(self, volume: np.ndarray) -> np.ndarray:
-        """volume (x, y, z) -> (N,) float32 mean over each neuron's voxels."""
+        """volume (x, y, z), C- or F-contiguous -> (N,) float32 mean over each neuron's voxels."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} != segmentation shape {self.shape}")
-        values = volume.ravel()[self._idx]
+        order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
+        values = volume.reshape(-1, order=order)[self._indices(order)]   # labels stay in C-index order
         sums = np.bincount(self._labels, weights=values, minlength=self.n_neurons)
         return (sums * self._inv_counts).astype(np.float32)

@@ -7,11 +7,17 @@ everything queued at once, oldest first, so the caller can keep the newest frame
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
+import numpy as np
 import zmq
+
+from realtime.shm import ShmRing
+from realtime.wire import FrameHeader, encode_frame, volume_order
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +55,10 @@ class Publisher:
             self.poll_subscriptions(int(min(left, 0.1) * 1000))
         return True
 
-    def send(self, parts: Sequence[Any]) -> None:
-        """Send a multipart message without copying the payload; dropped silently at the HWM."""
-        self.sock.send_multipart(parts, copy=False)
+    def send(self, parts: Sequence[Any], track: bool = False) -> Any:
+        """Send a multipart message without copying the payload; dropped silently at the HWM.
+        With `track`, returns a zmq.MessageTracker that is done once ZeroMQ released the buffers."""
+        return self.sock.send_multipart(parts, copy=False, track=track)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -87,3 +94,75 @@ class Subscriber:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How volumes travel: `zmq` carries the payload in the message (tcp:// or ipc://); `shm` writes it
+    into a ring of `shm_slots` slots in `shm_dir` and sends only the header (same host only)."""
+
+    kind: Literal["zmq", "shm"] = "zmq"
+    shm_dir: str = "/dev/shm"
+    shm_slots: int = 4
+
+    def __post_init__(self) -> None:
+        if self.shm_slots < 2:
+            raise ValueError(f"shm_slots must be >= 2, got {self.shm_slots}")
+
+
+_LENT = object()   # pool state of a buffer handed out by `buffer()` and not yet sent
+
+
+class VolumeSender:
+    """A source's outbox: `buffer(seq)` gives memory to render frame `seq` into, `send` publishes it.
+    zmq: buffers are pooled and reused only once ZeroMQ is done with them; shm: the buffer IS the slot."""
+
+    POOL = 6
+
+    def __init__(self, publisher: Publisher, cfg: TransportConfig) -> None:
+        self.publisher = publisher
+        self.cfg = cfg
+        self.ring: ShmRing | None = None
+        self._pool: list[tuple[np.ndarray, Any]] = []   # (buffer, tracker of its last send or None)
+
+    def buffer(self, seq: int, shape: tuple[int, ...], dtype: str, order: str = "F") -> np.ndarray:
+        """A writable (shape) array in `order` that frame `seq` may be written into before `send`."""
+        if self.cfg.kind == "shm":
+            return self._ring(shape, dtype, order).acquire(seq)
+        for k, (buf, tracker) in enumerate(self._pool):
+            if buf.shape == tuple(shape) and buf.dtype == np.dtype(dtype) and volume_order(buf) == order \
+                    and (tracker is None or (tracker is not _LENT and tracker.done)):
+                self._pool[k] = (buf, _LENT)
+                return buf
+        buf = np.empty(shape, dtype, order=order)  # type: ignore[call-overload]
+        if len(self._pool) < self.POOL:
+            self._pool.append((buf, _LENT))
+        return buf
+
+    def send(self, header: FrameHeader, volume: np.ndarray) -> None:
+        """Publish frame `header.seq` (header.order is taken from the volume's memory layout)."""
+        header = dataclasses.replace(header, order=volume_order(volume))
+        if self.cfg.kind == "shm":
+            ring = self._ring(volume.shape, str(volume.dtype), header.order)
+            in_slot = np.shares_memory(volume, ring.slot_view(header.seq))
+            ref = ring.commit(header.seq) if in_slot else ring.write(header.seq, volume)
+            self.publisher.send(encode_frame(dataclasses.replace(header, shm=ref), None))
+            return
+        tracker = self.publisher.send(encode_frame(header, volume), track=True)
+        for k, (buf, _) in enumerate(self._pool):
+            if buf is volume:
+                self._pool[k] = (buf, tracker)
+
+    def _ring(self, shape: tuple[int, ...], dtype: str, order: str) -> ShmRing:
+        r = self.ring
+        if r is None or r.shape != tuple(shape) or r.dtype != np.dtype(dtype) or r.order != order:
+            if r is not None:
+                r.close()
+            self.ring = r = ShmRing(tuple(shape), dtype, order, self.cfg.shm_slots, self.cfg.shm_dir)
+        return r
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self._pool.clear()

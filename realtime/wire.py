@@ -1,4 +1,8 @@
-"""Wire formats of ARCHITECTURE.md: ZeroMQ multipart [topic, msgpack header, raw C-order payload].
+"""Wire formats of ARCHITECTURE.md: ZeroMQ multipart [topic, msgpack header, raw payload].
+
+Volumes travel in C order or in Fortran order (`order`: "F" is plane-major, x fastest: a light-sheet
+camera's and ZAPBench's on-disk layout); with the shm transport the payload part is empty and the
+header's `shm` names the shared-memory slot that holds it (realtime/shm.py).
 
 Everything that crosses a socket is encoded and decoded here, and nowhere else. Decoding checks the
 header against the schema and the payload against the header (and, for volumes, against the rig's
@@ -34,6 +38,17 @@ class WireError(ValueError):
 
 
 @dataclass(frozen=True)
+class ShmRef:
+    """Where a volume lies in a shared-memory ring: file, slot, byte offset/size, and the seq it holds."""
+
+    path: str
+    slot: int
+    offset: int
+    nbytes: int
+    seq: int
+
+
+@dataclass(frozen=True)
 class FrameHeader:
     """Header of one volume from a microscope, replay or simulation."""
 
@@ -47,11 +62,14 @@ class FrameHeader:
     condition: int = -1
     v: int = SCHEMA_VERSION
     kind: str = "volume"
+    shm: ShmRef | None = None
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
         d["stimulus"] = list(self.stimulus)
+        if self.shm is None:
+            del d["shm"]
         return d
 
 
@@ -62,6 +80,11 @@ class Frame:
     header: FrameHeader
     data: np.ndarray
     t_recv_ns: int
+    lease: Any = None   # shm transport: realtime.shm.ShmLease; check .intact() after using `data`
+
+    def intact(self) -> bool:
+        """False if the shared-memory slot behind `data` was reused while the frame was in use."""
+        return self.lease is None or self.lease.intact()
 
 
 @dataclass(frozen=True)
@@ -97,13 +120,25 @@ class Forecast:
     t_recv_ns: int
 
 
-def encode_frame(header: FrameHeader, array: np.ndarray, topic: bytes = TOPIC_FRAME) -> list[Any]:
-    """Multipart message for a volume; the payload is the array's own buffer (no copy)."""
-    arr = np.ascontiguousarray(array)
+def volume_order(array: np.ndarray) -> str:
+    """"C" or "F": the memory order a volume travels in without a copy (C when both or neither)."""
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+
+
+def encode_frame(header: FrameHeader, array: np.ndarray | None, topic: bytes = TOPIC_FRAME) -> list[Any]:
+    """Multipart message for a volume; the payload is the array's own buffer (no copy when the array
+    is contiguous in `header.order`). With `header.shm` set the payload is in shared memory: pass None."""
+    packed = msgpack.packb(header.to_wire())
+    if header.shm is not None:
+        return [topic, packed, b""]
+    if header.order not in ("C", "F"):
+        raise ValueError(f"header order must be 'C' or 'F', got {header.order!r}")
+    arr = np.asarray(array)
     if tuple(arr.shape) != tuple(header.shape) or str(arr.dtype) != header.dtype:
         raise ValueError(f"array {arr.shape}/{arr.dtype} does not match header "
                          f"{header.shape}/{header.dtype}")
-    return [topic, msgpack.packb(header.to_wire()), memoryview(arr).cast("B")]
+    flat = arr.reshape(-1, order=header.order)   # a view when contiguous in that order
+    return [topic, packed, memoryview(np.ascontiguousarray(flat)).cast("B")]
 
 
 def encode_forecast(header: ForecastHeader, array: np.ndarray) -> list[Any]:
@@ -117,8 +152,9 @@ def encode_forecast(header: ForecastHeader, array: np.ndarray) -> list[Any]:
 
 
 def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None = None,
-                 expected_dtype: str | None = None) -> Frame:
-    """Validate and decode a volume message; raises WireError with a reason on any violation."""
+                 expected_dtype: str | None = None, shm: Any = None) -> Frame:
+    """Validate and decode a volume message; raises WireError with a reason on any violation.
+    `shm` (a realtime.shm.ShmReader) resolves shared-memory payloads; without it they are refused."""
     t_recv = time.time_ns()
     topic, raw_header, payload = _split(parts)
     if topic != TOPIC_FRAME:
@@ -128,15 +164,38 @@ def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None =
         seq=_get(h, "seq", int), t_src_ns=_get(h, "t_src_ns", int),
         shape=_shape(h), dtype=_dtype(h), order=_get(h, "order", str, "C"),
         rig=_get(h, "rig", str, ""), stimulus=_floats(h.get("stimulus", [])),
-        condition=_get(h, "condition", int, -1), v=h["v"], kind=_get(h, "kind", str, "volume"))
-    if header.order != "C":
-        raise WireError("bad_order", f"payload order must be 'C', got {header.order!r}")
+        condition=_get(h, "condition", int, -1), v=h["v"], kind=_get(h, "kind", str, "volume"),
+        shm=_shm_ref(h))
+    if header.order not in ("C", "F"):
+        raise WireError("bad_order", f"payload order must be 'C' or 'F', got {header.order!r}")
     if expected_shape is not None and tuple(header.shape) != tuple(expected_shape):
         raise WireError("bad_shape", f"shape {list(header.shape)} != rig shape {list(expected_shape)}")
     if expected_dtype is not None and header.dtype != expected_dtype:
         raise WireError("bad_dtype", f"dtype {header.dtype} != rig dtype {expected_dtype}")
-    data = _array(payload, header.shape, header.dtype)
-    return Frame(header=header, data=data, t_recv_ns=t_recv)
+    if header.shm is None:
+        data = _array(payload, header.shape, header.dtype, header.order)
+        return Frame(header=header, data=data, t_recv_ns=t_recv)
+    if shm is None:
+        raise WireError("shm_unsupported", "volume is in shared memory but this receiver has no shm reader")
+    if payload.nbytes:
+        raise WireError("bad_shm", f"shm frame carries a {payload.nbytes} B payload; expected none")
+    if header.shm.seq != header.seq:
+        raise WireError("bad_shm", f"shm slot holds seq {header.shm.seq}, header says {header.seq}")
+    data, lease = shm.view(header.shm, header.shape, header.dtype, header.order)
+    return Frame(header=header, data=data, t_recv_ns=t_recv, lease=lease)
+
+
+def _shm_ref(h: dict[str, Any]) -> ShmRef | None:
+    ref = h.get("shm")
+    if ref is None:
+        return None
+    if not isinstance(ref, dict):
+        raise WireError("bad_shm", f"'shm' must be a map, got {type(ref).__name__}")
+    try:
+        return ShmRef(path=_get(ref, "path", str), slot=_get(ref, "slot", int), offset=_get(ref, "offset", int),
+                      nbytes=_get(ref, "nbytes", int), seq=_get(ref, "seq", int))
+    except WireError as exc:
+        raise WireError("bad_shm", str(exc)) from None
 
 
 def decode_forecast(parts: Sequence[Part]) -> Forecast:
@@ -224,14 +283,14 @@ def _floats(values: Any) -> tuple[float, ...]:
     return tuple(float(x) for x in values)
 
 
-def _array(payload: memoryview, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+def _array(payload: memoryview, shape: tuple[int, ...], dtype: str, order: str = "C") -> np.ndarray:
     dt = np.dtype(dtype)
     expected = int(np.prod(shape)) * dt.itemsize
     if payload.nbytes < expected:
         raise WireError("truncated_payload", f"payload {payload.nbytes} B < {expected} B for {list(shape)} {dtype}")
     if payload.nbytes > expected:
         raise WireError("oversized_payload", f"payload {payload.nbytes} B > {expected} B for {list(shape)} {dtype}")
-    return np.frombuffer(payload, dtype=dt).reshape(shape)
+    return np.frombuffer(payload, dtype=dt).reshape(shape, order=order)  # type: ignore[call-overload]
 
 
 # --- MQTT payloads (JSON) -------------------------------------------------------------------------

@@ -1,27 +1,36 @@
-"""Recordings in the ZAPBench layout on zarr v3 (gs://zapbench-release/volumes/20240930/... names).
+"""Recordings in the ZAPBench layout (gs://zapbench-release/volumes/20240930/... names), read with TensorStore.
 
-    root/raw                      zarr3 uint16 (x, y, z, t), chunks (X, Y, Z, 1), dims x,y,z,t
-    root/segmentation             zarr3 uint32 (x, y, z), 0 = background, label i+1 = neuron i
-    root/traces                   zarr3 float32 (t, f) dF/F clipped to [-0.25, 1.5]
+    root/raw                      zarr3 uint16 (x, y, z, t), chunks (512, 512, 1, 1), dims x,y,z,t,
+                                  codecs transpose [3,2,1,0] + bytes + blosc zstd (also `aligned`)
+    root/df_over_f                zarr3 float32 (x, y, z, t); multiscale copies at
+                                  root/<name>_xyz_chunked/s<k> or root/<name>/s<k> (s2 = 4x smaller in x, y)
+    root/segmentation             zarr3 integer (x, y, z), 0 = background, label i+1 = neuron i
+    root/traces                   zarr3 float32 (t, f) dF/F clipped to [-0.25, 1.5], chunks (512, 512)
     root/stimuli_features         zarr2 float32 (t, 26)
     root/positions                zarr3 float32 (f, 3) x, y, z voxel centroids
-    root/ground_truth/{spikes,calcium,stimulated}  (t, f);  root/ground_truth/ensemble  (f,)
+    root/ground_truth/{spikes,calcium,stimulated}  (t, f);  ground_truth/ensemble (f,);  behaviour (t,)
     root/loopcast.json, root/synth.toml            metadata and the resolved synthesis config
-A real ZAPBench copy has no loopcast.json: the ZAPBench constants fill in offsets, names and period.
+The root is a local path, a file:// URL or a gs:// URL. A real ZAPBench copy has no loopcast.json: the
+ZAPBench constants fill in offsets, names and period, and the arrays it lacks are simply absent.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
+import tensorstore as ts
 
 from replay.fish import (CONDITION_NAMES, FRAME_PERIOD_S, N_COVARIATES,  # noqa: F401  (re-exported)
                          ZAPBENCH_CONDITION_OFFSETS)
+from replay.store import (Expect, Location, RecordingError, check, dtype_of, exists, is_remote,  # noqa: F401
+                          join, normalize, open_array, read_ahead, read_key)   # (RecordingError re-exported)
+
+if TYPE_CHECKING:
+    from replay.writer import RecordingWriter  # noqa: F401  (re-exported lazily, see __getattr__)
 
 TRAIN_CONDITIONS: tuple[int, ...] = (0, 1, 2, 4, 5, 6, 7, 8)
 HOLDOUT_CONDITIONS: tuple[int, ...] = (3,)
@@ -30,45 +39,71 @@ VERSION = 1
 META_FILE = "loopcast.json"
 CONFIG_FILE = "synth.toml"
 INCOMPLETE_MARKER = ".loopcast-incomplete"
-GROUND_TRUTH = {"spikes": ("t", "f"), "calcium": ("t", "f"), "stimulated": ("t", "f"), "ensemble": ("f",)}
-GT_DTYPES = {"spikes": "float32", "calcium": "float32", "stimulated": "bool", "ensemble": "int32"}
+GROUND_TRUTH = {"spikes": ("t", "f"), "calcium": ("t", "f"), "stimulated": ("t", "f"), "ensemble": ("f",),
+                "behaviour": ("t",)}
+GT_DTYPES = {"spikes": "float32", "calcium": "float32", "stimulated": "bool", "ensemble": "int32",
+             "behaviour": "float32"}
+VOLUME_DTYPES = {"raw": "uint16", "aligned": "uint16", "df_over_f": "float32"}
+XYZT: tuple[str, ...] = ("x", "y", "z", "t")
+MAX_LEVELS = 8
 
 
-class RecordingError(ValueError):
-    """A recording that is missing, incomplete or not in the expected layout; names the path."""
+def __getattr__(name: str) -> Any:
+    """`from replay.layout import RecordingWriter` keeps working (it lives in replay.writer)."""
+    if name == "RecordingWriter":
+        from replay.writer import RecordingWriter
+        return RecordingWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _exists(path: Path) -> bool:
-    return (path / "zarr.json").is_file() or (path / ".zarray").is_file()
+def level_candidates(name: str, level: int) -> list[str]:
+    """Array names that may hold volume `name` at multiscale `level` (ZAPBench's spelling first)."""
+    first = [name] if level == 0 else []
+    return [*first, f"{name}_xyz_chunked/s{level}", f"{name}/s{level}"]
 
 
-def _open(path: Path) -> zarr.Array:
-    if not _exists(path):
-        raise RecordingError(f"{path}: array missing (no zarr.json or .zarray)")
-    try:
-        node = zarr.open(store=str(path), mode="r")
-    except Exception as exc:  # corrupt metadata of any kind
-        raise RecordingError(f"{path}: unreadable zarr array: {exc}") from exc
-    if not isinstance(node, zarr.Array):
-        raise RecordingError(f"{path}: expected a zarr array, found a group")
-    return node
+class Volume:
+    """One (x, y, z, t) volume array of a recording (a name at one multiscale level); reads are F-ordered."""
 
+    def __init__(self, name: str, level: int, location: str, array: ts.TensorStore) -> None:
+        self.name, self.level, self.location, self.array = name, level, location, array
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in array.shape[:3])  # type: ignore[assignment]
+        self.n_frames: int = int(array.shape[3])
+        self.dtype: np.dtype = dtype_of(array)
 
-def _check(arr: zarr.Array, path: Path, shape: tuple[int | None, ...], dtype: str) -> None:
-    """Raise RecordingError unless arr has `dtype` and `shape` (None = any size on that axis)."""
-    want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
-    ok = len(arr.shape) == len(shape) and all(w is None or w == s for w, s in zip(shape, arr.shape))
-    if not ok or np.dtype(arr.dtype) != np.dtype(dtype):
-        raise RecordingError(f"{path}: expected shape {want} {dtype}, found {tuple(arr.shape)} {arr.dtype}")
+    def __repr__(self) -> str:
+        return f"Volume({self.location!r}, shape={self.shape}, dtype={self.dtype}, frames={self.n_frames})"
+
+    def _index(self, t: int) -> int:
+        if not 0 <= t < self.n_frames:
+            raise IndexError(f"frame {t} out of range [0, {self.n_frames}) of {self.location}")
+        return int(t)
+
+    def read_async(self, t: int) -> ts.Future:
+        """Start reading frame t; the future's result is the (x, y, z) volume, F-contiguous."""
+        return self.array[:, :, :, self._index(t)].read(order="F")
+
+    def read(self, t: int) -> np.ndarray:
+        """Frame t as an (x, y, z) F-contiguous array (the stored order: x fastest), bit-identical."""
+        fut = self.read_async(t)
+        try:
+            return fut.result()
+        except Exception as exc:  # missing or corrupt chunk, network
+            raise RecordingError(f"{self.location}: reading frame {t} failed: {exc}") from exc
+
+    def stream(self, frames: Iterable[int], read_ahead_frames: int = 2) -> Iterator[tuple[int, np.ndarray]]:
+        """(t, volume) for each frame in order, with up to `read_ahead_frames` reads in flight."""
+        return read_ahead(self.read_async, frames, read_ahead_frames, self.location)
 
 
 class Recording:
-    """A recording opened read-only: validated metadata plus lazy access to its arrays."""
+    """A recording opened read-only through TensorStore: validated metadata plus lazy access to its arrays."""
 
-    def __init__(self, root: Path, meta: dict[str, Any], arrays: dict[str, zarr.Array]) -> None:
+    def __init__(self, root: str, meta: dict[str, Any], arrays: dict[str, ts.TensorStore]) -> None:
         self.root = root
         self.meta = meta
         self._arrays = arrays
+        self._volumes: dict[tuple[str, int], Volume] = {}
         self.n_frames: int = int(meta["n_frames"])
         self.n_neurons: int = int(meta["n_neurons"])
         self.volume_shape: tuple[int, int, int] = tuple(meta["volume_shape"])  # type: ignore[assignment]
@@ -77,62 +112,99 @@ class Recording:
         self.condition_names: tuple[str, ...] = tuple(meta["condition_names"])
 
     @classmethod
-    def open(cls, root: str | Path) -> "Recording":
-        """Open and validate the store at `root`; any layout problem raises RecordingError naming the path."""
-        root = Path(root)
-        if not root.is_dir():
+    def open(cls, root: Location) -> "Recording":
+        """Open and validate the recording at a path or URL; any problem raises RecordingError naming it."""
+        root = normalize(root)
+        if not is_remote(root) and not Path(root).is_dir():
             raise RecordingError(f"{root}: recording directory not found")
-        if (root / INCOMPLETE_MARKER).exists():
+        if read_key(root, INCOMPLETE_MARKER) is not None:
             raise RecordingError(f"{root}: incomplete recording (writing was interrupted); synthesize it again")
         meta = _read_meta(root)
-        traces = _open(root / "traces")
-        _check(traces, root / "traces", (None, None), "float32")
-        t, n = traces.shape
-        arrays = {"traces": traces}
-        stim = _open(root / "stimuli_features")
-        _check(stim, root / "stimuli_features", (t, N_COVARIATES), "float32")
-        arrays["stimuli_features"] = stim
+        traces = open_array(join(root, "traces"), Expect((None, None), ("float32",), ("t", "f")))
+        t, n = (int(s) for s in traces.shape)
+        arrays = {"traces": traces,
+                  "stimuli_features": open_array(join(root, "stimuli_features"),
+                                                 Expect((t, N_COVARIATES), ("float32",)))}
         required = set(meta.get("arrays", ()))
         for name in ("raw", "segmentation", "positions", *(f"ground_truth/{g}" for g in GROUND_TRUTH)):
-            if name in required or _exists(root / name):
-                arrays[name] = _open(root / name)
+            if name in required or exists(join(root, name)):
+                arrays[name] = open_array(join(root, name))
         vshape = _volume_shape(arrays, meta)
         _check_optional(root, arrays, t, n, vshape)
         meta = _complete_meta(root, meta, t, n, vshape)
         return cls(root, meta, arrays)
 
-    def _get(self, name: str) -> zarr.Array:
+    def _get(self, name: str) -> ts.TensorStore:
         if name not in self._arrays:
-            raise RecordingError(f"{self.root / name}: array missing from this recording")
+            raise RecordingError(f"{join(self.root, name)}: array missing from this recording")
         return self._arrays[name]
+
+    def _read(self, name: str) -> np.ndarray:
+        try:
+            return self._get(name).read().result()
+        except RecordingError:
+            raise
+        except Exception as exc:
+            raise RecordingError(f"{join(self.root, name)}: read failed: {exc}") from exc
 
     def traces(self) -> np.ndarray:
         """(T, N) float32 dF/F."""
-        return np.asarray(self._get("traces")[...], dtype=np.float32)
+        return np.asarray(self._read("traces"), dtype=np.float32)
 
     def stimuli(self) -> np.ndarray:
         """(T, 26) float32 stimulus covariates."""
-        return np.asarray(self._get("stimuli_features")[...], dtype=np.float32)
+        return np.asarray(self._read("stimuli_features"), dtype=np.float32)
 
     def segmentation(self) -> np.ndarray:
-        """(x, y, z) uint32 label volume."""
-        return np.asarray(self._get("segmentation")[...], dtype=np.uint32)
+        """(x, y, z) uint32 label volume (C-contiguous)."""
+        return np.ascontiguousarray(self._read("segmentation"), dtype=np.uint32)
 
     def positions(self) -> np.ndarray:
         """(N, 3) float32 centroids x, y, z in voxels."""
-        return np.asarray(self._get("positions")[...], dtype=np.float32)
+        return np.asarray(self._read("positions"), dtype=np.float32)
 
-    def read_volume(self, t: int) -> np.ndarray:
-        """(x, y, z) uint16 C-contiguous raw volume at frame t."""
+    def volume(self, name: str = "raw", level: int = 0) -> Volume:
+        """Volume array `name` ('raw', 'aligned', 'df_over_f', ...) at multiscale `level` (0 = full size)."""
+        key = (name, int(level))
+        if key not in self._volumes:
+            self._volumes[key] = self._open_volume(name, int(level))
+        return self._volumes[key]
+
+    def _open_volume(self, name: str, level: int) -> Volume:
+        if name == "raw" and level == 0 and "raw" in self._arrays:
+            return Volume(name, 0, join(self.root, "raw"), self._arrays["raw"])
+        tried = level_candidates(name, level)
+        for cand in tried:
+            if exists(join(self.root, cand)):
+                dtype = VOLUME_DTYPES.get(name)
+                expect = Expect((None, None, None, self.n_frames),
+                                (dtype or "any",), XYZT)
+                return Volume(name, level, join(self.root, cand), open_array(join(self.root, cand), expect))
+        present = "; ".join(f"{v} (levels {', '.join(map(str, ls))})" for v, ls in self.volumes().items())
+        raise RecordingError(f"{self.root}: no volume {name!r} at level {level} (tried "
+                             f"{', '.join(tried)}); present: {present or 'none'}")
+
+    def volumes(self) -> dict[str, tuple[int, ...]]:
+        """The volume arrays present: name -> multiscale levels (probes the known names, a few key reads)."""
+        found: dict[str, tuple[int, ...]] = {}
+        for name in VOLUME_DTYPES:
+            levels = [k for k in range(MAX_LEVELS)
+                      if any(exists(join(self.root, c)) for c in level_candidates(name, k))]
+            if levels:
+                found[name] = tuple(levels)
+        return found
+
+    def read_volume(self, t: int, name: str = "raw", level: int = 0) -> np.ndarray:
+        """(x, y, z) volume at frame t, F-contiguous, bit-identical to what was written (raw: uint16)."""
         if not 0 <= t < self.n_frames:
             raise IndexError(f"frame {t} out of range [0, {self.n_frames})")
-        return np.ascontiguousarray(self._get("raw")[:, :, :, t])
+        return self.volume(name, level).read(t)
 
     def ground_truth(self, name: str) -> np.ndarray:
-        """Simulation ground truth: spikes/calcium/stimulated (T, N) or ensemble (N,)."""
+        """Simulation ground truth: spikes/calcium/stimulated (T, N), ensemble (N,), behaviour (T,)."""
         if name not in GROUND_TRUTH:
             raise RecordingError(f"unknown ground truth {name!r}; expected one of {sorted(GROUND_TRUTH)}")
-        return np.asarray(self._get(f"ground_truth/{name}")[...])
+        return self._read(f"ground_truth/{name}")
 
     def has(self, name: str) -> bool:
         """Whether array `name` (e.g. 'raw', 'ground_truth/spikes') is present."""
@@ -141,18 +213,19 @@ class Recording:
     def fingerprint(self) -> str:
         """Short stable hash of the metadata (minus creation time) and all array shapes and dtypes."""
         meta = {k: v for k, v in self.meta.items() if k != "created"}
-        shapes = {k: [list(a.shape), str(a.dtype)] for k, a in sorted(self._arrays.items())}
+        shapes = {k: [list(a.shape), str(dtype_of(a))] for k, a in sorted(self._arrays.items())}
         blob = json.dumps({"meta": meta, "arrays": shapes}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_meta(root: Path) -> dict[str, Any]:
-    path = root / META_FILE
-    if not path.is_file():
+def _read_meta(root: str) -> dict[str, Any]:
+    blob = read_key(root, META_FILE)
+    if blob is None:
         return {}
+    path = join(root, META_FILE)
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordingError(f"{path}: unreadable metadata: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise RecordingError(f"{path}: expected format {FORMAT!r} version {VERSION}, found "
@@ -160,35 +233,37 @@ def _read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def _volume_shape(arrays: dict[str, zarr.Array], meta: dict[str, Any]) -> tuple[int, ...]:
+def _volume_shape(arrays: dict[str, ts.TensorStore], meta: dict[str, Any]) -> tuple[int, ...]:
     if "volume_shape" in meta:
         return tuple(int(s) for s in meta["volume_shape"])
     for name, nd in (("raw", 4), ("segmentation", 3)):
         if name in arrays and len(arrays[name].shape) == nd:
-            return tuple(arrays[name].shape[:3])
+            return tuple(int(s) for s in arrays[name].shape[:3])
     return (2048, 1328, 72)
 
 
-def _check_optional(root: Path, arrays: dict[str, zarr.Array], t: int, n: int, vshape: tuple[int, ...]) -> None:
-    """Shapes and dtypes of every present array against traces (t, n) and the volume shape."""
-    expect: dict[str, tuple[tuple[int | None, ...], str]] = {
-        "raw": ((*vshape, t), "uint16"), "segmentation": (vshape, "uint32"), "positions": ((n, 3), "float32")}
+def _check_optional(root: str, arrays: dict[str, ts.TensorStore], t: int, n: int, vshape: tuple[int, ...]) -> None:
+    """Shapes, dtypes and labels of every present array against traces (t, n) and the volume shape."""
+    expect = {"raw": Expect((*vshape, t), ("uint16",), XYZT),
+              "segmentation": Expect(vshape, ("integer",), XYZT[:3]),
+              "positions": Expect((n, 3), ("float32",))}
     for g, dims in GROUND_TRUTH.items():
-        expect[f"ground_truth/{g}"] = (tuple(t if d == "t" else n for d in dims), GT_DTYPES[g])
-    for name, (shape, dtype) in expect.items():
+        expect[f"ground_truth/{g}"] = Expect(tuple(t if d == "t" else n for d in dims), (GT_DTYPES[g],), dims)
+    for name, exp in expect.items():
         if name in arrays:
-            _check(arrays[name], root / name, shape, dtype)
+            check(arrays[name], join(root, name), exp)
 
 
-def _complete_meta(root: Path, meta: dict[str, Any], t: int, n: int, vshape: tuple[int, ...]) -> dict[str, Any]:
+def _complete_meta(root: str, meta: dict[str, Any], t: int, n: int, vshape: tuple[int, ...]) -> dict[str, Any]:
     """Check loopcast.json against the arrays, or fill in ZAPBench defaults for a real ZAPBench copy."""
+    path = join(root, META_FILE)
     if meta:
         if meta.get("n_frames") != t or meta.get("n_neurons") != n:
-            raise RecordingError(f"{root / META_FILE}: says {meta.get('n_frames')} frames x "
+            raise RecordingError(f"{path}: says {meta.get('n_frames')} frames x "
                                  f"{meta.get('n_neurons')} neurons, but traces hold {t} x {n}")
         offs, names = meta.get("condition_offsets", []), meta.get("condition_names", [])
         if len(offs) != len(names) + 1 or offs[0] != 0 or offs[-1] != t or "frame_period_s" not in meta:
-            raise RecordingError(f"{root / META_FILE}: expected frame_period_s and condition_offsets from 0 to "
+            raise RecordingError(f"{path}: expected frame_period_s and condition_offsets from 0 to "
                                  f"{t} (one more than condition_names), found {offs} / {names}")
         return meta
     if ZAPBENCH_CONDITION_OFFSETS[-1] != t:
@@ -197,94 +272,3 @@ def _complete_meta(root: Path, meta: dict[str, Any], t: int, n: int, vshape: tup
     return {"format": FORMAT, "version": VERSION, "condition_offsets": list(ZAPBENCH_CONDITION_OFFSETS),
             "condition_names": list(CONDITION_NAMES), "frame_period_s": FRAME_PERIOD_S, "n_frames": t,
             "n_neurons": n, "volume_shape": list(vshape), "source": "zapbench"}
-
-
-class RecordingWriter:
-    """Writes a recording in the layout above: arrays first, metadata last (then the store is complete)."""
-
-    def __init__(self, root: str | Path, n_frames: int, n_neurons: int, volume_shape: tuple[int, int, int],
-                 write_raw: bool = True, overwrite: bool = False, block_frames: int = 16) -> None:
-        self.root = Path(root)
-        self.n_frames, self.n_neurons, self.volume_shape = n_frames, n_neurons, tuple(volume_shape)
-        _prepare_root(self.root, overwrite)
-        (self.root / INCOMPLETE_MARKER).touch()
-        self.arrays = ["traces", "stimuli_features", "segmentation", "positions"]
-        t_chunk = min(n_frames, 64)
-        self._raw: zarr.Array | None = None
-        if write_raw:
-            self._raw = self._create("raw", (*self.volume_shape, n_frames), "uint16",
-                                     (*self.volume_shape, 1), ["x", "y", "z", "t"])
-            self._buf = np.empty((*self.volume_shape, max(1, block_frames)), np.uint16)   # (x, y, z, block)
-            self._buf_start, self._buf_n = 0, 0
-        self._gt = {g: self._create(f"ground_truth/{g}", (n_frames, n_neurons), GT_DTYPES[g],
-                                    (t_chunk, min(n_neurons, 16384)), ["t", "f"])
-                    for g in ("spikes", "calcium", "stimulated")}
-
-    def _create(self, name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...],
-                dims: list[str] | None, zarr_format: int = 3) -> zarr.Array:
-        if name not in self.arrays:
-            self.arrays.append(name)
-        kw: dict[str, Any] = {"dimension_names": dims} if zarr_format == 3 else {}
-        return zarr.create_array(store=str(self.root / name), shape=shape, dtype=dtype, chunks=chunks,
-                                 zarr_format=zarr_format, **kw)
-
-    def write_volume(self, t: int, volume: np.ndarray) -> None:
-        """Frame t's (x, y, z) uint16 volume; frames must arrive in order (buffered, written in blocks)."""
-        if self._raw is None:
-            raise RecordingError(f"{self.root / 'raw'}: writer was created with write_raw=False")
-        if t != self._buf_start + self._buf_n or volume.shape != self.volume_shape:
-            raise RecordingError(f"{self.root / 'raw'}: expected frame {self._buf_start + self._buf_n} of shape "
-                                 f"{self.volume_shape}, got frame {t} of shape {volume.shape}")
-        self._buf[..., self._buf_n] = volume
-        self._buf_n += 1
-        if self._buf_n == self._buf.shape[-1]:
-            self._flush_raw()
-
-    def _flush_raw(self) -> None:
-        if self._raw is not None and self._buf_n:
-            self._raw[..., self._buf_start:self._buf_start + self._buf_n] = self._buf[..., :self._buf_n]
-            self._buf_start, self._buf_n = self._buf_start + self._buf_n, 0
-
-    def write_ground_truth_block(self, t0: int, spikes: np.ndarray, calcium: np.ndarray,
-                                 stimulated: np.ndarray) -> None:
-        """Frames t0 .. t0+B of ground truth, each (B, N)."""
-        for name, arr in (("spikes", spikes), ("calcium", calcium), ("stimulated", stimulated)):
-            self._gt[name][t0:t0 + len(arr)] = arr
-
-    def write_static(self, segmentation: np.ndarray, positions: np.ndarray, ensemble: np.ndarray,
-                     stimuli: np.ndarray) -> None:
-        """Anatomy (x, y, z) / (N, 3) / (N,) and stimulus covariates (T, 26)."""
-        self._create("segmentation", self.volume_shape, "uint32", self.volume_shape, ["x", "y", "z"])[...] = \
-            segmentation.astype(np.uint32)
-        self._create("positions", (self.n_neurons, 3), "float32", (self.n_neurons, 3), ["f", "xyz"])[...] = \
-            positions.astype(np.float32)
-        self._create("ground_truth/ensemble", (self.n_neurons,), "int32", (self.n_neurons,), ["f"])[...] = \
-            ensemble.astype(np.int32)
-        self._create("stimuli_features", (self.n_frames, N_COVARIATES), "float32",
-                     (self.n_frames, N_COVARIATES), None, zarr_format=2)[...] = stimuli.astype(np.float32)
-
-    def write_traces(self, traces: np.ndarray) -> None:
-        """(T, N) float32 dF/F."""
-        self._create("traces", (self.n_frames, self.n_neurons), "float32",
-                     (min(self.n_frames, 64), min(self.n_neurons, 16384)), ["t", "f"])[...] = traces
-
-    def finish(self, meta: dict[str, Any]) -> Recording:
-        """Flush, write loopcast.json (extra keys from `meta`), mark the store complete and reopen it."""
-        self._flush_raw()
-        full = {"format": FORMAT, "version": VERSION, "n_frames": self.n_frames, "n_neurons": self.n_neurons,
-                "volume_shape": list(self.volume_shape), "arrays": sorted(self.arrays), **meta}
-        (self.root / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
-        (self.root / INCOMPLETE_MARKER).unlink()
-        return Recording.open(self.root)
-
-
-def _prepare_root(root: Path, overwrite: bool) -> None:
-    """Create root; an existing non-empty root is replaced only with overwrite=True and only if it is ours."""
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        if not overwrite:
-            raise RecordingError(f"{root}: already exists; pass overwrite=True to replace it")
-        ours = (root / META_FILE).is_file() or (root / INCOMPLETE_MARKER).exists()
-        if not root.is_dir() or not ours:
-            raise RecordingError(f"{root}: exists and is not a loopcast recording; refusing to delete it")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)

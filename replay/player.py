@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from realtime.transport import Publisher
-from realtime.wire import FrameHeader, encode_frame
+from realtime.transport import Publisher, TransportConfig, VolumeSender
+from realtime.wire import FrameHeader, encode_frame, volume_order
 from replay.layout import Recording
 
 log = logging.getLogger(__name__)
@@ -20,9 +20,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    """`speed` 1 = the recorded rate, 2 = twice as fast, 0 = as fast as possible."""
+    """`speed` 1 = the recorded rate, 2 = twice as fast, 0 = as fast as possible. `array`/`level` pick
+    the volumes to stream: raw (level 0) as the microscope recorded them, or e.g. df_over_f at level 2."""
 
     speed: float = 1.0
+    array: str = "raw"
+    level: int = 0
     start: int = 0
     stop: int = 0              # exclusive; 0 = to the end
     sndhwm: int = 4
@@ -51,12 +54,14 @@ class Player:
     """Reads volumes ahead in a worker thread and publishes them on schedule."""
 
     def __init__(self, recording: Recording, endpoint: str, cfg: ReplayConfig, rig: str,
-                 metrics: Any) -> None:
+                 metrics: Any, transport: TransportConfig = TransportConfig()) -> None:
         self.rec = recording
         self.cfg = cfg
         self.rig = rig
         self.metrics = metrics
+        self.volumes = recording.volume(cfg.array, cfg.level)
         self.publisher = Publisher(endpoint, sndhwm=cfg.sndhwm)
+        self.sender = VolumeSender(self.publisher, transport)
         self.endpoint = self.publisher.endpoint
         self.stimuli = recording.stimuli()
         self.offsets = np.asarray(recording.condition_offsets)
@@ -79,14 +84,13 @@ class Player:
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=1) as pool, \
                 tqdm(total=len(frames), unit="vol", disable=not progress, desc="replay") as bar:
-            pending: list[Future] = [pool.submit(self.rec.read_volume, t)
-                                     for t in frames[: self.cfg.read_ahead]]
+            pending: list[Future] = [pool.submit(self.volumes.read, t) for t in frames[: self.cfg.read_ahead]]
             for k, t in enumerate(frames):
                 if self.stop_event.is_set():
                     break
                 volume = pending.pop(0).result()
                 if k + self.cfg.read_ahead < len(frames):
-                    pending.append(pool.submit(self.rec.read_volume, frames[k + self.cfg.read_ahead]))
+                    pending.append(pool.submit(self.volumes.read, frames[k + self.cfg.read_ahead]))
                 delay = t0 + k * period - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -97,22 +101,28 @@ class Player:
         return report
 
     def _send(self, t: int, volume: np.ndarray) -> None:
-        self.publisher.send(frame_message(t, volume, self.stimuli, self.offsets, self.rig))
+        self.sender.send(frame_header(t, volume, self.stimuli, self.offsets, self.rig), volume)
         self.metrics.frames_sent.inc()
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def close(self) -> None:
+        self.sender.close()
         self.publisher.close()
 
 
-def frame_message(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str) -> list[Any]:
-    """The wire message for frame t of a recording, stamped now (seq = t)."""
+def frame_header(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str) -> FrameHeader:
+    """The header of frame t of a recording, stamped now (seq = t)."""
     condition = int(np.searchsorted(offsets, t, side="right") - 1)
-    header = FrameHeader(seq=t, t_src_ns=time.time_ns(), shape=tuple(volume.shape), dtype=str(volume.dtype),
-                         rig=rig, stimulus=tuple(float(x) for x in stimuli[t]), condition=condition)
-    return encode_frame(header, volume)
+    return FrameHeader(seq=t, t_src_ns=time.time_ns(), shape=tuple(volume.shape), dtype=str(volume.dtype),
+                       order=volume_order(volume), rig=rig, stimulus=tuple(float(x) for x in stimuli[t]),
+                       condition=condition)
+
+
+def frame_message(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str) -> list[Any]:
+    """The wire message for frame t of a recording (payload in the message)."""
+    return encode_frame(frame_header(t, volume, stimuli, offsets, rig), volume)
 
 
 class RecordingSource:

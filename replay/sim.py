@@ -18,8 +18,9 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from realtime.transport import Publisher
-from realtime.wire import FrameHeader, TriggerCommand, WireError, encode_frame, mqtt_topic
+from realtime.transport import Publisher, TransportConfig, VolumeSender
+from realtime.wire import (FrameHeader, TriggerCommand, WireError, encode_frame, mqtt_topic,
+                           volume_order)
 from replay.fish import FishFrame, FishModel, stimulus_schedule
 
 log = logging.getLogger(__name__)
@@ -88,17 +89,19 @@ class LiveSim:
     """Streams the fish at `speed` x frame rate on `endpoint`; applies MQTT triggers if `mqtt` is given."""
 
     def __init__(self, fish: FishModel, cfg: SimConfig, rig: str, endpoint: str, metrics: Any,
-                 mqtt: tuple[str, int] | None = None) -> None:
+                 mqtt: tuple[str, int] | None = None, transport: TransportConfig = TransportConfig()) -> None:
         self.fish = fish
         self.cfg = cfg
         self.rig = rig
         self.metrics = metrics
         self.mqtt = mqtt
         self.publisher = Publisher(endpoint, sndhwm=cfg.sndhwm)
+        self.sender = VolumeSender(self.publisher, transport)
         self.endpoint = self.publisher.endpoint
         self.schedule = stimulus_schedule(fish.cfg, cfg.schedule_frames)
         self.tracker = ResponseTracker(fish.cfg.n_neurons)
         self.report = SimReport()
+        self.render_s: list[float] = []      # seconds per fish.step, for benchmarks
         self.mqtt_ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> SimReport:
@@ -140,12 +143,14 @@ class LiveSim:
     def _send_frame(self, seq: int) -> None:
         i = seq % self.cfg.schedule_frames
         cov = self.schedule.covariates[i]
-        frame = self.fish.step(cov)
+        t0 = time.perf_counter()
+        frame = self.fish.step(cov, out=self.sender.buffer(seq, self.fish.cfg.shape, "uint16", "F"))
+        self.render_s.append(time.perf_counter() - t0)
         header = FrameHeader(seq=seq, t_src_ns=time.time_ns(), shape=tuple(frame.volume.shape),
                              dtype=str(frame.volume.dtype), rig=self.rig,
                              stimulus=tuple(float(x) for x in cov), condition=int(self.schedule.condition[i]))
-        self.publisher.send(encode_frame(header, frame.volume))
-        self._last = (header, frame.volume)
+        self.sender.send(header, frame.volume)
+        self._last = (dataclasses.replace(header, order=volume_order(frame.volume)), frame.volume)
         self.tracker.update(frame)
         self.metrics.frames_sent.inc()
         self.report.frames += 1
@@ -158,9 +163,9 @@ class LiveSim:
         if kind == "duplicate_seq":
             parts: list[Any] = encode_frame(header, vol)
         elif kind == "malformed_header":
-            parts = [b"frame", b"\xc1 not msgpack", memoryview(vol).cast("B")]
+            parts = [b"frame", b"\xc1 not msgpack", b"\x00" * 64]
         elif kind == "truncated_payload":
-            parts = encode_frame(nxt, vol)[:2] + [vol.tobytes()[: vol.nbytes // 2]]
+            parts = encode_frame(nxt, vol)[:2] + [b"\x00" * (vol.nbytes // 2)]
         else:
             parts = encode_frame(dataclasses.replace(nxt, dtype="float32"), np.zeros(vol.shape, np.float32))
         self.publisher.send(parts)
@@ -192,4 +197,5 @@ class LiveSim:
                  targets.size, frames, cmd.trigger_id[:8], cmd.seq)
 
     def close(self) -> None:
+        self.sender.close()
         self.publisher.close()

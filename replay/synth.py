@@ -1,7 +1,9 @@
 """Synthesize a recording: run the synthetic fish through the stimulus protocol and write the ZAPBench layout.
 
 Traces are computed the way ZAPBench's come from the microscope: the mean of each neuron's segmentation
-voxels in every rendered (noisy, quantised) volume, then the centred dF/F of realtime.dff.
+voxels in every rendered (noisy, quantised) volume (realtime.traces, as the pipeline does), then the
+centred dF/F of realtime.dff. Rendering, trace extraction and compression overlap: the writer compresses
+and writes earlier volumes on TensorStore's threads while the fish renders the next one.
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from tqdm import tqdm
 
 from loopcast.config import dump_toml
 from realtime.dff import DffConfig, centered_dff
+from realtime.traces import TraceExtractor
 from replay.fish import CONDITION_NAMES, FishConfig, FishModel, stimulus_schedule
-from replay.layout import CONFIG_FILE, Recording, RecordingWriter
+from replay.layout import CONFIG_FILE, Recording
+from replay.store import ZAPBENCH_CODEC, BloscCodec
+from replay.writer import RecordingWriter
 
 GT_BLOCK = 64  # frames of ground truth buffered per write
 
@@ -32,6 +37,8 @@ class SynthConfig:
     opto_period_frames: int = 0       # > 0: a pulse every this many frames (0 = no stimulation)
     opto_n_targets: int = 20          # neurons per pulse, drawn from one random ensemble
     opto_duration_frames: int = 3
+    codec: BloscCodec = ZAPBENCH_CODEC   # raw volume compression (ZAPBench's: blosc zstd 4, byte shuffle)
+    voxel_size_nm: tuple[float, float, float] = (0.0, 0.0, 0.0)   # written as dimension units when set
 
     def __post_init__(self) -> None:
         if self.n_frames < 20 or self.baseline_stride < 1:
@@ -39,22 +46,6 @@ class SynthConfig:
                              f"{self.baseline_stride}")
         if self.opto_period_frames < 0 or self.opto_n_targets < 1 or self.opto_duration_frames < 1:
             raise ValueError("need opto_period_frames >= 0, opto_n_targets >= 1, opto_duration_frames >= 1")
-
-
-class SegmentMeans:
-    """Per-neuron mean over its segmentation voxels, vectorised with np.bincount on precomputed indices."""
-
-    def __init__(self, segmentation: np.ndarray) -> None:
-        flat = segmentation.reshape(-1)
-        self.idx = np.flatnonzero(flat)                        # (M,) segmented voxels
-        self.lab = flat[self.idx].astype(np.int64) - 1         # (M,) 0-based neuron ids
-        self.n = int(flat.max()) if flat.size else 0
-        self.count = np.maximum(np.bincount(self.lab, minlength=self.n), 1).astype(np.float64)
-
-    def __call__(self, volume: np.ndarray) -> np.ndarray:
-        """(x, y, z) volume -> (N,) float32 mean intensity per neuron."""
-        vals = volume.reshape(-1)[self.idx].astype(np.float64)
-        return (np.bincount(self.lab, weights=vals, minlength=self.n) / self.count).astype(np.float32)
 
 
 def _opto_pulse(cfg: SynthConfig, fish: FishModel, rng: np.random.Generator) -> None:
@@ -67,37 +58,57 @@ def _opto_pulse(cfg: SynthConfig, fish: FishModel, rng: np.random.Generator) -> 
 def synthesize(cfg: SynthConfig, out: str | Path, progress: bool = True, overwrite: bool = False) -> Recording:
     """Run the fish for cfg.n_frames and write a complete recording at `out`; returns it opened."""
     fc, n_t = cfg.fish, cfg.n_frames
+    t_start = time.perf_counter()
     schedule = stimulus_schedule(fc, n_t)
     fish = FishModel(fc)
-    writer = RecordingWriter(out, n_t, fc.n_neurons, fc.shape, write_raw=cfg.write_raw, overwrite=overwrite)
+    t_built = time.perf_counter()
+    voxel = cfg.voxel_size_nm if min(cfg.voxel_size_nm) > 0 else None
+    writer = RecordingWriter(out, n_t, fc.n_neurons, fc.shape, write_raw=cfg.write_raw, overwrite=overwrite,
+                             codec=cfg.codec, voxel_size_nm=voxel, frame_period_s=fc.frame_period_s)
     anat = fish.anatomy
     writer.write_static(anat.segmentation, anat.positions, anat.ensemble, schedule.covariates)
-    means = SegmentMeans(anat.segmentation)
-    f_raw = np.empty((n_t, fc.n_neurons), np.float32)                      # (T, N) segment means
-    gt = {k: np.empty((GT_BLOCK, fc.n_neurons), dt) for k, dt in
-          (("spikes", np.float32), ("calcium", np.float32), ("stimulated", bool))}
+    f_raw = _frame_loop(cfg, fish, schedule.covariates, writer, progress, str(Path(out).name))
+    t_frames = time.perf_counter()
+    writer.write_traces(centered_dff(f_raw, DffConfig(), stride=cfg.baseline_stride))
+    dump_toml(cfg, Path(out) / CONFIG_FILE)
+    timing = {"fish_build_s": t_built - t_start, "frames_s": t_frames - t_built,
+              "traces_s": time.perf_counter() - t_frames}
+    meta = {"condition_offsets": list(schedule.offsets), "condition_names": list(CONDITION_NAMES),
+            "frame_period_s": fc.frame_period_s, "seed": fc.seed, "source": "synthetic", "timing": timing,
+            "behaviour_neurons": [int(i) for i in fish.behaviour_neurons],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return writer.finish(meta)
+
+
+def _frame_loop(cfg: SynthConfig, fish: FishModel, covariates: np.ndarray, writer: RecordingWriter,
+                progress: bool, name: str) -> np.ndarray:
+    """Render every frame, write it and its ground truth; returns (T, N) float32 segment means."""
+    fc, n_t = cfg.fish, cfg.n_frames
+    means = TraceExtractor(fish.anatomy.segmentation)
+    buf = np.empty(fc.shape, np.uint16, order="F")                          # rendered into, then copied
+    f_raw = np.empty((n_t, fc.n_neurons), np.float32)                       # (T, N)
+    gt = {k: np.empty((GT_BLOCK, *shape), dt) for k, shape, dt in
+          (("spikes", (fc.n_neurons,), np.float32), ("calcium", (fc.n_neurons,), np.float32),
+           ("stimulated", (fc.n_neurons,), bool), ("behaviour", (), np.float32))}
     opto_rng = np.random.default_rng([fc.seed, 0x0970])
-    bar = tqdm(total=n_t, desc=f"synth {Path(out).name}", unit="vol", disable=not progress)
+    bar = tqdm(total=n_t, desc=f"synth {name}", unit="vol", disable=not progress)
     t_loop = time.perf_counter()
     for t in range(n_t):
         if cfg.opto_period_frames and t % cfg.opto_period_frames == cfg.opto_period_frames // 2:
             _opto_pulse(cfg, fish, opto_rng)
-        frame = fish.step(schedule.covariates[t])
+        frame = fish.step(covariates[t], out=buf)
         if cfg.write_raw:
             writer.write_volume(t, frame.volume)
-        f_raw[t] = means(frame.volume)
+        f_raw[t] = means.process(frame.volume)
         k = t % GT_BLOCK
         gt["spikes"][k], gt["calcium"][k], gt["stimulated"][k] = frame.spikes, frame.calcium, frame.stimulated
+        gt["behaviour"][k] = frame.behaviour
         if k == GT_BLOCK - 1 or t == n_t - 1:
-            writer.write_ground_truth_block(t - k, gt["spikes"][:k + 1], gt["calcium"][:k + 1],
-                                            gt["stimulated"][:k + 1])
+            writer.write_ground_truth_block(t - k, *(gt[g][:k + 1] for g in ("spikes", "calcium", "stimulated",
+                                                                             "behaviour")))
         bar.update(1)
-        if t % 20 == 19 or t == n_t - 1:
-            bar.set_postfix(vol_per_s=f"{(t + 1) / (time.perf_counter() - t_loop):.0f}")
+        if t % 10 == 9 or t == n_t - 1:
+            bar.set_postfix(vol_per_s=f"{(t + 1) / (time.perf_counter() - t_loop):.2f}")
+    writer.flush()
     bar.close()
-    writer.write_traces(centered_dff(f_raw, DffConfig(), stride=cfg.baseline_stride))
-    dump_toml(cfg, Path(out) / CONFIG_FILE)
-    meta = {"condition_offsets": list(schedule.offsets), "condition_names": list(CONDITION_NAMES),
-            "frame_period_s": fc.frame_period_s, "seed": fc.seed, "source": "synthetic",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    return writer.finish(meta)
+    return f_raw

@@ -1,4 +1,5 @@
-"""The synthetic fish: config validation, anatomy, determinism, dynamics, optogenetics."""
+"""The synthetic fish: config validation, anatomy, determinism, output buffers, coupling, optogenetics.
+Its statistics (dF/F, SNR, kernel, behaviour, bleaching, opto response size) are in test_fish_stats.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,10 @@ def _run(model: FishModel, cov: np.ndarray, n: int, stim_at: int | None = None,
     ({"shape": (48, 32)}, "shape"), ({"n_neurons": 0}, "n_neurons"), ({"n_ensembles": 151}, "n_ensembles"),
     ({"latent_decay": (0.9, 1.0)}, "latent_decay"), ({"tau_decay_s": 0.0}, "tau_decay_s"),
     ({"opto_latency_frames": -1}, "opto_latency_frames"), ({"baseline_range": (800.0, 200.0)}, "baseline_range"),
+    ({"tau_rise_s": 3.0}, "tau_rise_s"), ({"behaviour_ensembles": (0, 4)}, "behaviour_ensembles"),
+    ({"behaviour_ensembles": (1, 1)}, "behaviour_ensembles"), ({"behaviour_fraction": 0.0}, "behaviour_fraction"),
+    ({"snr": -1.0}, "snr"), ({"bleach_tau_frames": -5.0}, "bleach_tau_frames"),
+    ({"coupling_length": 0.0}, "coupling_length"),
 ])
 def test_config_validation(tiny_fish: FishConfig, change: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
@@ -45,8 +50,31 @@ def test_determinism_by_seed(tiny_fish: FishConfig) -> None:
     for fa, fb in zip(_run(a, cov, 40), _run(b, cov, 40)):
         np.testing.assert_array_equal(fa.volume, fb.volume)
         np.testing.assert_array_equal(fa.spikes, fb.spikes)
+        assert fa.behaviour == fb.behaviour
     c = FishModel(dataclasses.replace(tiny_fish, seed=tiny_fish.seed + 1))
     assert not np.array_equal(c.anatomy.segmentation, a.anatomy.segmentation)
+
+
+def test_out_buffer_is_zero_copy_and_bit_identical() -> None:
+    cfg = FishConfig(seed=2, shape=(160, 96, 40), n_neurons=600, n_ensembles=5)   # several render chunks
+    cov = stimulus_schedule(cfg, 20).covariates
+    fresh, into = FishModel(cfg), FishModel(cfg)
+    buf = np.full(cfg.shape, 7, np.uint16, order="F")
+    for t in range(3):
+        a, b = fresh.step(cov[t]), into.step(cov[t], out=buf)
+        assert b.volume is buf and a.volume.flags.f_contiguous and a.volume is not buf
+        assert a.volume.tobytes(order="F") == buf.tobytes(order="F")
+    with pytest.raises(ValueError, match="Fortran"):
+        into.step(cov[3], out=np.zeros(cfg.shape, np.uint16))                    # C order
+    with pytest.raises(ValueError, match="uint16"):
+        into.step(cov[3], out=np.zeros(cfg.shape, np.float32, order="F"))
+    with pytest.raises(ValueError, match="uint16"):
+        into.step(cov[3], out=np.zeros((160, 96, 39), np.uint16, order="F"))
+    ro = np.zeros(cfg.shape, np.uint16, order="F")
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        into.step(cov[3], out=ro)
+    assert into.t == 3                                                         # a rejected call advances nothing
 
 
 def test_anatomy(tiny_fish: FishConfig) -> None:
@@ -70,6 +98,37 @@ def test_anatomy(tiny_fish: FishConfig) -> None:
     assert dist[same].mean() < 0.7 * dist[~same].mean()            # spatially clustered
 
 
+def _ensemble_spike_corr(cfg: FishConfig, n: int) -> tuple[FishModel, np.ndarray, np.ndarray]:
+    """Run without stimulus -> (fish, (E, E) correlation of ensemble spike counts, (E, E) centroid distance)."""
+    fish = FishModel(cfg)
+    ens, e = fish.anatomy.ensemble, cfg.n_ensembles
+    counts = np.array([np.bincount(ens, fish.step(np.zeros(N_COVARIATES)).spikes, e) for _ in range(n)])
+    pos = fish.anatomy.positions / np.array(cfg.nucleus_radius_vox)
+    cen = np.stack([pos[ens == k].mean(0) for k in range(e)])
+    return fish, np.corrcoef(counts.T), np.linalg.norm(cen[:, None] - cen[None], axis=-1)
+
+
+def test_coupled_ensembles_stable_oscillatory_and_local() -> None:
+    cfg = FishConfig(seed=4, shape=(96, 64, 12), n_neurons=800, n_ensembles=16, coupling=0.2, stim_gain=0.0,
+                     stim_to_latent=0.0)
+    fish, c, d = _ensemble_spike_corr(cfg, 1500)
+    eig = np.linalg.eigvals(fish.dynamics)
+    assert np.abs(eig).max() <= cfg.latent_decay[1] + 1e-9                   # stable
+    assert (np.abs(eig.imag) > 1e-3).all()                                     # oscillating
+    w, e = fish.coupling, cfg.n_ensembles
+    assert w.shape == (e, e) and (np.diag(w) == 0).all()
+    nearest = np.argsort(d, axis=1)[:, 1]
+    unlinked = (d > np.median(d[~np.eye(e, dtype=bool)])) & (np.abs(w) < 1e-3) & (np.abs(w.T) < 1e-3)
+    near_w = w[np.arange(e), nearest]
+    assert (near_w > 0).all() and near_w.mean() > 5 * np.abs(w[unlinked]).mean()   # decays with distance
+    far = d > np.median(d[~np.eye(e, dtype=bool)])
+    assert 0 < (far & (np.abs(w) > 0.3 * near_w.mean())).sum() <= e                # a few long-range links
+    near_c, far_c = c[np.arange(e), nearest].mean(), c[unlinked].mean()
+    assert near_c > far_c + 0.15, (near_c, far_c)                                  # neighbours co-fluctuate
+    free, c0, _ = _ensemble_spike_corr(dataclasses.replace(cfg, coupling=0.0), 1500)
+    assert (free.coupling == 0).all() and abs(c0[np.arange(e), nearest].mean() - c0[unlinked].mean()) < 0.08
+
+
 def test_schedule(tiny_fish: FishConfig) -> None:
     s = stimulus_schedule(tiny_fish, 200)
     assert s.covariates.shape == (200, N_COVARIATES) and s.covariates.dtype == np.float32
@@ -86,7 +145,8 @@ def test_schedule(tiny_fish: FishConfig) -> None:
 def test_step_outputs(tiny_fish: FishConfig) -> None:
     m = FishModel(tiny_fish)
     f = m.step(np.zeros(N_COVARIATES, np.float32))
-    assert f.volume.shape == tiny_fish.shape and f.volume.dtype == np.uint16 and f.volume.flags.c_contiguous
+    assert f.volume.shape == tiny_fish.shape and f.volume.dtype == np.uint16 and f.volume.flags.f_contiguous
+    assert isinstance(f.behaviour, float) and f.behaviour >= 0
     for arr, dt in ((f.spikes, np.float32), (f.calcium, np.float32), (f.fluorescence, np.float32),
                     (f.stimulated, np.bool_)):
         assert arr.shape == (tiny_fish.n_neurons,) and arr.dtype == dt

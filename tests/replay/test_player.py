@@ -40,7 +40,8 @@ def replay_into_ingest(rec: Recording, cfg: ReplayConfig) -> tuple[list, float]:
 
 
 def test_replay_is_bit_identical_with_stimuli_and_conditions(tiny_recording: Recording) -> None:
-    frames, _ = replay_into_ingest(tiny_recording, ReplayConfig(speed=0, start=10, stop=40))
+    # speed 0 outruns the receiver by design (newest wins at the HWM): a deep queue keeps every frame here
+    frames, _ = replay_into_ingest(tiny_recording, ReplayConfig(speed=0, start=10, stop=40, sndhwm=100))
     assert [f.header.seq for f in frames] == list(range(10, 40))
     stimuli = tiny_recording.stimuli()
     offsets = tiny_recording.condition_offsets

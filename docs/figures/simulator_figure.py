@@ -1,0 +1,99 @@
+"""The simulator at a glance: raster of dF/F over the 9 ZAPBench conditions, stimulus covariates,
+behaviour readout, and a max-projection of one volume. Writes docs/figures/simulator.png.
+
+    .venv/bin/python docs/figures/simulator_figure.py [--recording data/figure-ds4]
+(without --recording, synthesizes a 4x-downsampled ZAPBench-scale fish first: configs/zapbench-ds4.toml)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from loopcast.settings import DEFAULT_CONFIG, load_settings  # noqa: E402
+from replay.layout import Recording  # noqa: E402
+from replay.synth import synthesize  # noqa: E402
+
+
+def recording(path: str | None, frames: int) -> Recording:
+    if path and Path(path).exists():
+        return Recording.open(path)
+    out = path or str(ROOT / "data" / "figure-ds4")
+    cfg = load_settings([DEFAULT_CONFIG, ROOT / "configs" / "zapbench-ds4.toml"],
+                        [f"synth.n_frames={frames}", "synth.write_raw=true"])
+    return synthesize(cfg.synth, out, progress=True, overwrite=True)
+
+
+def raster(ax: plt.Axes, rec: Recording, n_show: int) -> None:
+    traces = rec.traces()                                         # (T, N)
+    ens = rec.ground_truth("ensemble") if rec.has("ground_truth/ensemble") else np.zeros(rec.n_neurons, int)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(rec.n_neurons, size=min(n_show, rec.n_neurons), replace=False))
+    pick = pick[np.argsort(ens[pick], kind="stable")]             # grouped by functional ensemble
+    ax.imshow(traces[:, pick].T, aspect="auto", cmap="magma", vmin=-0.1, vmax=0.8, interpolation="nearest")
+    for o in rec.condition_offsets[1:-1]:
+        ax.axvline(o - 0.5, color="w", lw=0.6)
+    mids = [(a + b) / 2 for a, b in zip(rec.condition_offsets, rec.condition_offsets[1:])]
+    for m, name in zip(mids, rec.condition_names):
+        ax.text(m, -n_show * 0.02, name, ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel(f"{len(pick)} of {rec.n_neurons} neurons\n(sorted by ensemble)")
+    ax.set_xticks([])
+
+
+def covariates(ax: plt.Axes, rec: Recording) -> None:
+    stim = rec.stimuli()                                          # (T, 26)
+    ax.imshow(stim.T, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_ylabel("26 stimulus\ncovariates")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def behaviour(ax: plt.Axes, rec: Recording) -> None:
+    if rec.has("ground_truth/behaviour"):
+        ax.plot(rec.ground_truth("behaviour"), lw=0.6, color="tab:blue")
+    ax.set_xlim(0, rec.n_frames - 1)
+    ax.set_ylabel("swim vigor")
+    ax.set_xlabel(f"frame ({rec.frame_period_s:.4f} s per volume)")
+
+
+def projection(ax: plt.Axes, rec: Recording, t: int) -> None:
+    vol = rec.read_volume(t).astype(np.float32)                   # (x, y, z)
+    mip = vol.max(axis=2).T                                       # (y, x)
+    lo, hi = np.percentile(mip, [1, 99.7])
+    ax.imshow(mip, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    ax.set_title(f"max projection over z, frame {t} ({'x'.join(map(str, rec.volume_shape))} raw counts)",
+                 fontsize=8)
+    ax.set_axis_off()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recording", default=None)
+    ap.add_argument("--frames", type=int, default=1200)
+    ap.add_argument("--neurons", type=int, default=600, help="rows in the raster")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("simulator.png")))
+    args = ap.parse_args()
+    rec = recording(args.recording, args.frames)
+    fig = plt.figure(figsize=(11, 9), constrained_layout=True)
+    gs = fig.add_gridspec(4, 2, height_ratios=[5, 1.1, 1, 4.5], width_ratios=[1, 1])
+    raster(fig.add_subplot(gs[0, :]), rec, args.neurons)
+    covariates(fig.add_subplot(gs[1, :]), rec)
+    behaviour(fig.add_subplot(gs[2, :]), rec)
+    projection(fig.add_subplot(gs[3, :]), rec, t=rec.n_frames // 2)
+    fig.suptitle(f"loopcast synthetic fish: {rec.n_neurons} neurons, {rec.n_frames} frames, 9 ZAPBench conditions")
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
