@@ -35,8 +35,14 @@ def cmd_synth(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> i
 
 
 def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from replay.layout import RecordingError
     from replay.player import Player
     rec = app.open_recording(cfg, args.recording)
+    try:
+        volumes = rec.volume(cfg.replay.array, cfg.replay.level)
+    except RecordingError as exc:
+        raise app.UserError(str(exc)) from exc
+    _check_rig(cfg, volumes.shape, str(volumes.dtype))
     metrics = app.process_metrics(cfg, "replay")
     player = Player(rec, cfg.endpoints.frames, cfg.replay, cfg.rig.name, metrics, cfg.transport)
     log.info("replaying %s on %s at speed %s (0 = as fast as possible)", args.recording or cfg.paths.recording,
@@ -49,6 +55,17 @@ def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
         metrics.close()
     log.info("sent %d volumes in %.1f s (%.2f volumes/s)", report.frames, report.seconds, report.volumes_per_s)
     return 0
+
+
+def _check_rig(cfg: LoopcastConfig, shape: tuple[int, ...], dtype: str) -> None:
+    """The pipeline rejects volumes that are not [rig] shape/dtype: say so before streaming any."""
+    if tuple(shape) == tuple(cfg.rig.shape) and dtype == cfg.rig.dtype:
+        return
+    scale = " (-c configs/loopcast.toml -c configs/zapbench-scale.toml for ZAPBench's)" \
+        if tuple(shape) == (2048, 1328, 72) else ""
+    raise app.UserError(f"the recording's {cfg.replay.array} volumes (level {cfg.replay.level}) are "
+                        f"{list(shape)} {dtype} but [rig] says {list(cfg.rig.shape)} {cfg.rig.dtype}: "
+                        f"set rig.shape/rig.dtype to match{scale}")
 
 
 def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
@@ -161,8 +178,12 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "replay":
         p.add_argument("--recording", help="store path (default: paths.recording)")
         p.add_argument("--speed", type=float, help="1 = recorded rate, 0 = as fast as possible")
+        p.add_argument("--array", help="volumes to stream: raw, aligned or df_over_f (default: replay.array)")
+        p.add_argument("--level", type=int, help="multiscale level, 2 = 4x downsampled xy (default: replay.level)")
+        p.add_argument("--transport", choices=("zmq", "shm"), help="payload in the message or in shared memory")
     elif name == "sim":
         p.add_argument("--no-mqtt", action="store_true", help="do not listen for triggers")
+        p.add_argument("--transport", choices=("zmq", "shm"), help="payload in the message or in shared memory")
         p.add_argument("--speed", type=float, help="1 = the rig's frame rate, 0 = as fast as possible")
         p.add_argument("--frames", type=int, help="stop after this many frames")
     elif name == "run":
@@ -181,7 +202,9 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
 
 # Convenience flags that are just overrides of one config key.
 SHORTCUTS = {("replay", "speed"): "replay.speed", ("sim", "speed"): "sim.speed",
-             ("sim", "frames"): "sim.n_frames", ("run", "frames"): "pipeline.max_frames"}
+             ("sim", "frames"): "sim.n_frames", ("run", "frames"): "pipeline.max_frames",
+             ("replay", "level"): "replay.level", ("replay", "array"): 'replay.array="{}"',
+             ("replay", "transport"): 'transport.kind="{}"', ("sim", "transport"): 'transport.kind="{}"'}
 
 
 def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
@@ -189,7 +212,7 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
     for (cmd, flag), key in SHORTCUTS.items():
         value = getattr(args, flag, None)
         if args.command == cmd and value is not None:
-            out.append(f"{key}={value}")
+            out.append(key.format(value) if "{}" in key else f"{key}={value}")
     return out
 
 

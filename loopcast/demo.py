@@ -210,7 +210,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _labelled(counters: dict[str, float], name: str) -> dict[str, float]:
-    return {k.split("=", 1)[1].rstrip("}"): v for k, v in counters.items() if k.startswith(name + "{")}
+    return {k.split("=", 1)[1].rstrip("}"): v for k, v in counters.items() if k.startswith(name + "{") and v}
 
 
 def _print_report(cfg: LoopcastConfig, s: dict[str, Any], run_dir: Path) -> None:

@@ -52,6 +52,7 @@ class ShmRing:
             self._mm = mmap.mmap(fd, self.slot_bytes * slots)
         finally:
             os.close(fd)
+        np.frombuffer(self._mm, np.uint8)[:] = 0   # fault every page in now, not during the first frames
         self._guards = [np.ndarray((2,), np.int64, self._mm, k * self.slot_bytes) for k in range(slots)]
         for g in self._guards:
             g[:] = -1

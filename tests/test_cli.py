@@ -67,3 +67,15 @@ def test_control_command_drives_a_running_controller(loop_setup, mqtt_broker) ->
         return seen
 
     assert asyncio.run(session()) == [(True, False), (False, True), (False, True), (False, False), (True, False)]
+
+
+def test_replay_refuses_volumes_that_are_not_the_rig_shape_or_missing(tmp_path: Path, loop_setup,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Streaming volumes the pipeline would reject one by one is refused up front, naming both shapes;
+    a volume array the recording lacks is named with what it does have."""
+    base = [*(a for s in loop_setup[1] for a in ("-s", s)), "-s", f'paths.runs="{tmp_path}/runs"',
+            "-s", "metrics.replay=0"]
+    assert main(["replay", *base, "-s", "rig.shape=[64, 32, 8]"]) == 2
+    assert "volumes (level 0) are [48, 32, 8] uint16 but [rig] says [64, 32, 8]" in capsys.readouterr().err
+    assert main(["replay", *base, "--array", "df_over_f", "--level", "2"]) == 2
+    assert "df_over_f" in capsys.readouterr().err

@@ -18,11 +18,11 @@ from loopcast.settings import LoopcastConfig, load_settings
 N_FRAMES = 80
 
 
-def loop_config(loop_setup: tuple[Path, list[str]], broker: Any) -> LoopcastConfig:
+def loop_config(loop_setup: tuple[Path, list[str]], broker: Any, transport: list[str] | None = None) -> LoopcastConfig:
     _, overrides = loop_setup
+    frames = [f'endpoints.frames="tcp://127.0.0.1:{free_port()}"'] if transport is None else transport
     return load_settings(overrides=[
-        *overrides, f"mqtt.port={broker.port}", f'mqtt.host="{broker.host}"',
-        f'endpoints.frames="tcp://127.0.0.1:{free_port()}"',
+        *overrides, f"mqtt.port={broker.port}", f'mqtt.host="{broker.host}"', *frames,
         f'endpoints.forecasts="tcp://127.0.0.1:{free_port()}"',
         f"sim.n_frames={N_FRAMES}", "sim.speed=25", "sim.fault_every=20",
         "pipeline.forecast.wait_subscribers=2", "pipeline.forecast.wait_timeout_s=20",
@@ -34,9 +34,14 @@ def loop_config(loop_setup: tuple[Path, list[str]], broker: Any) -> LoopcastConf
 
 
 @pytest.mark.timeout(180)
-def test_closed_loop_end_to_end(loop_setup: tuple[Path, list[str]], mqtt_broker: Any) -> None:
-    cfg = loop_config(loop_setup, mqtt_broker)
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_closed_loop_end_to_end(loop_setup: tuple[Path, list[str]], mqtt_broker: Any, transport: str,
+                                tmp_path: Path) -> None:
+    shm = [f'endpoints.frames="ipc://{tmp_path}/frames.sock"', 'transport.kind="shm"',
+           f'transport.shm_dir="{tmp_path}"']
+    cfg = loop_config(loop_setup, mqtt_broker, shm if transport == "shm" else None)
     out = run_loop(cfg, timeout_s=60)
+    assert not list(tmp_path.glob("loopcast-*")), "the simulator removed its shared-memory ring"
     sim, pipe, fc = out.sim, out.pipeline, out.forecasts
 
     # every good frame reached the pipeline; every injected fault was counted, none crashed it

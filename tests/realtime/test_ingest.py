@@ -21,16 +21,6 @@ CASES = sorted(BROKEN.glob("*.json"))
 RIG = RigConfig(name="test", shape=(12, 10, 4), dtype="uint16")
 
 
-@pytest.fixture()
-def link():
-    pub = Publisher("tcp://127.0.0.1:*", sndhwm=100)
-    sub = Subscriber(pub.endpoint, topics=(b"frame",), rcvhwm=100)
-    assert pub.wait_for_subscribers(1, 5.0)
-    yield pub, sub
-    sub.close()
-    pub.close()
-
-
 def good(seq: int, rng: np.random.Generator) -> tuple[FrameHeader, np.ndarray]:
     vol = rng.integers(0, 4000, size=RIG.shape, dtype=np.uint16)
     return FrameHeader(seq=seq, t_src_ns=time.time_ns(), shape=RIG.shape, dtype="uint16", rig="test"), vol

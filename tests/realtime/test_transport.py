@@ -22,16 +22,6 @@ RIG = RigConfig(name="test", shape=(12, 10, 4), dtype="uint16")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture()
-def link():
-    pub = Publisher("tcp://127.0.0.1:*", sndhwm=100)
-    sub = Subscriber(pub.endpoint, topics=(b"frame",), rcvhwm=100)
-    assert pub.wait_for_subscribers(1, 5.0)
-    yield pub, sub
-    sub.close()
-    pub.close()
-
-
 def volume(seq: int) -> np.ndarray:
     """(x, y, z) uint16 in Fortran order, distinct per seq."""
     v = np.random.default_rng(seq).integers(0, 4000, size=RIG.shape, dtype=np.uint16)
