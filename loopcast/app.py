@@ -36,12 +36,15 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def process_metrics(cfg: LoopcastConfig, process: str) -> Metrics:
-    """The one Metrics of this process, serving /metrics on the port configured for it."""
+def process_metrics(cfg: LoopcastConfig, process: str, run_dir: Path | None = None) -> Metrics:
+    """The one Metrics of this process, serving /metrics on the port configured for it (0 = any free
+    port); the bound port is also written to <run_dir>/<process>.metrics-port for tools to find."""
     port = getattr(cfg.metrics, process)
     m = Metrics(process, MetricsConfig(host=cfg.metrics.host, port=port))
     m.serve()
     log.info("%s metrics on http://%s:%s/metrics", process, cfg.metrics.host, m.port)
+    if run_dir is not None:
+        (run_dir / f"{process}.metrics-port").write_text(f"{m.port}\n")
     return m
 
 

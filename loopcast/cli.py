@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from loopcast import app
 from loopcast.config import ConfigError
@@ -43,7 +43,7 @@ def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
     except RecordingError as exc:
         raise app.UserError(str(exc)) from exc
     _check_rig(cfg, volumes.shape, str(volumes.dtype))
-    metrics = app.process_metrics(cfg, "replay")
+    metrics = app.process_metrics(cfg, "replay", run_dir)
     player = Player(rec, cfg.endpoints.frames, cfg.replay, cfg.rig.name, metrics, cfg.transport)
     log.info("replaying %s on %s at speed %s (0 = as fast as possible)", args.recording or cfg.paths.recording,
              player.endpoint, cfg.replay.speed)
@@ -69,7 +69,7 @@ def _check_rig(cfg: LoopcastConfig, shape: tuple[int, ...], dtype: str) -> None:
 
 
 def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
-    metrics = app.process_metrics(cfg, "sim")
+    metrics = app.process_metrics(cfg, "sim", run_dir)
     sim = app.build_sim(cfg, metrics, mqtt=not args.no_mqtt)
     log.info("live simulated fish on %s: %d neurons, %s voxels, speed %sx", sim.endpoint,
              cfg.synth.fish.n_neurons, "x".join(map(str, cfg.rig.shape)), cfg.sim.speed)
@@ -86,7 +86,7 @@ def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
 
 def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     rec = app.open_recording(cfg)
-    metrics = app.process_metrics(cfg, "run")
+    metrics = app.process_metrics(cfg, "run", run_dir)
     pipeline = app.build_pipeline(cfg, metrics, rec.segmentation())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: pipeline.stop())
@@ -103,7 +103,7 @@ def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
 
 def cmd_controller(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     rec = app.open_recording(cfg)
-    metrics = app.process_metrics(cfg, "controller")
+    metrics = app.process_metrics(cfg, "controller", run_dir)
     controller = app.build_controller(cfg, metrics, rec)
     log.info("controller for rig %s: forecasts from %s, MQTT %s:%d, %s", cfg.rig.name,
              cfg.endpoints.forecasts, cfg.mqtt.host, cfg.mqtt.port,

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +26,7 @@ import aiomqtt
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from loopcast.broker import Broker, EmbeddedBroker, MosquittoBroker, free_port
+from loopcast.broker import Broker, EmbeddedBroker, MosquittoBroker
 from loopcast.settings import LoopcastConfig, new_run_dir, with_overrides
 from loopcast.workflows import ensure_engine, ensure_recording, export_checkpoint, synth_recording, \
     train_on_recording
@@ -41,14 +42,15 @@ def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> in
     engine = _prepare_offline(cfg, run_dir, fresh=getattr(args, "fresh", False))
     broker = _start_broker(cfg)
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    sockets = tempfile.TemporaryDirectory(prefix="loopcast-demo-")   # short ipc:// paths
     try:
-        cfg = _demo_config(cfg, broker.port if broker else cfg.mqtt.port)
+        cfg = _demo_config(cfg, broker.port if broker else cfg.mqtt.port, Path(sockets.name))
         new_run_dir(cfg, "demo", str(run_dir))  # the resolved config every process reads
         procs["controller"] = _spawn("controller", run_dir)
         asyncio.run(_arm(cfg, cfg.demo.startup_timeout_s, procs["controller"]))
         procs["run"] = _spawn("run", run_dir)
         procs["sim"] = _spawn("sim", run_dir)
-        _follow(cfg, procs)
+        _follow(cfg, procs, run_dir)
         ok = _shutdown(cfg, procs)
     finally:
         for p in procs.values():
@@ -56,6 +58,7 @@ def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> in
                 p.kill()
         if broker:
             broker.stop()
+        sockets.cleanup()
     summary = _collect(run_dir, engine, time.monotonic() - t0)
     _print_report(cfg, summary, run_dir)
     healthy = ok and summary["forecasts"] > 0
@@ -84,13 +87,13 @@ def _start_broker(cfg: LoopcastConfig) -> Broker | None:
     return broker
 
 
-def _demo_config(cfg: LoopcastConfig, mqtt_port: int) -> LoopcastConfig:
-    """Free ports for everything, the demo's pacing, and the pipeline waiting for its controller."""
+def _demo_config(cfg: LoopcastConfig, mqtt_port: int, sockets: Path) -> LoopcastConfig:
+    """Private ipc:// endpoints and any free metrics ports (no port can be taken between choosing and
+    binding it), the demo's pacing, and the pipeline waiting for its controller."""
     d = cfg.demo
     return with_overrides(cfg, [
-        f"mqtt.port={mqtt_port}", f'endpoints.frames="tcp://127.0.0.1:{free_port()}"',
-        f'endpoints.forecasts="tcp://127.0.0.1:{free_port()}"',
-        *(f"metrics.{p}={free_port()}" for p in PROCESSES),
+        f"mqtt.port={mqtt_port}", f'endpoints.frames="ipc://{sockets}/frames"',
+        f'endpoints.forecasts="ipc://{sockets}/forecasts"', *(f"metrics.{p}=0" for p in PROCESSES),
         f"sim.n_frames={d.frames}", f"sim.speed={d.speed}", f"sim.fault_every={d.fault_every}",
         f"sim.wait_timeout_s={d.startup_timeout_s}", "pipeline.forecast.wait_subscribers=1",
         f"pipeline.forecast.wait_timeout_s={d.startup_timeout_s}", "pipeline.idle_timeout_s=3.0"])
@@ -129,7 +132,12 @@ async def _arm_when_online(cfg: LoopcastConfig, proc: subprocess.Popen[bytes]) -
                 raise RuntimeError("the controller exited; see controller.log")
 
 
-def _scrape(port: int) -> dict[str, float]:
+def _scrape(run_dir: Path, process: str) -> dict[str, float]:
+    """Counters (*_total) from a process's /metrics, found through the port file it wrote."""
+    try:
+        port = int((run_dir / f"{process}.metrics-port").read_text())
+    except (OSError, ValueError):
+        return {}
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
     except OSError:
@@ -142,13 +150,13 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
-def _follow(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+def _follow(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]], run_dir: Path) -> None:
     """A progress bar over the fish's frames, with forecasts and triggers from the other processes."""
     budget = cfg.demo.frames * cfg.rig.frame_period_s / cfg.demo.speed + 2 * cfg.demo.startup_timeout_s
     deadline = time.monotonic() + budget
     with tqdm(total=cfg.demo.frames, unit="frame", desc="closed loop") as bar:
         while procs["sim"].poll() is None and time.monotonic() < deadline:
-            sim, run, ctl = (_scrape(getattr(cfg.metrics, p)) for p in ("sim", "run", "controller"))
+            sim, run, ctl = (_scrape(run_dir, p) for p in ("sim", "run", "controller"))
             bar.n = int(sim.get("loopcast_frames_sent_total", bar.n))
             bar.set_postfix(forecasts=int(run.get("loopcast_forecasts_published_total", 0)),
                             triggers=int(ctl.get("loopcast_triggers_sent_total", 0)))

@@ -13,7 +13,7 @@ import pytest
 
 from realtime.ingest import Ingest, RigConfig
 from realtime.metrics import Metrics
-from realtime.transport import Publisher, Subscriber
+from realtime.transport import Subscriber
 from realtime.wire import FrameHeader, encode_frame
 
 BROKEN = Path(__file__).resolve().parents[1] / "broken" / "messages"

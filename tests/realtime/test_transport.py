@@ -15,7 +15,7 @@ from realtime.ingest import Ingest, RigConfig
 from realtime.metrics import Metrics
 from realtime.preprocess import Preprocess, PreprocessConfig
 from realtime.shm import ShmReader, ShmRing
-from realtime.transport import Publisher, Subscriber, TransportConfig, VolumeSender
+from realtime.transport import Subscriber, TransportConfig, VolumeSender
 from realtime.wire import FrameHeader, WireError, decode_frame, encode_frame
 
 RIG = RigConfig(name="test", shape=(12, 10, 4), dtype="uint16")

@@ -5,7 +5,6 @@ import asyncio
 from typing import Any
 
 import aiomqtt
-import numpy as np
 import pytest
 
 from realtime.ingest import Ingest, RigConfig
