@@ -16,6 +16,27 @@ from realtime.shm import ShmReader
 from realtime.wire import Frame, WireError, decode_frame
 
 log = logging.getLogger(__name__)
+LOG_INTERVAL_S = 5.0   # per kind of problem: log the first at once, then at most one line per interval
+
+
+class LogThrottle:
+    """Log the first occurrence of each kind of problem at once, later ones at most once per interval,
+    with how many were not logged in between (the metrics count every one)."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -float("inf")) < self.interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        suffix = f" (+{held} more like it in the last {self.interval_s:.0f} s, counted)" if held else ""
+        log.warning(msg + suffix, *args)
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class Ingest:
         self.rig = rig
         self.metrics = metrics
         self.shm = ShmReader(shm_dir)   # volumes sent through the shm transport are viewed in place
+        self.throttle = LogThrottle()
         self.last_seq: int | None = None
         self._latency = metrics.latency("ingest")
 
@@ -55,7 +77,7 @@ class Ingest:
             self._check_seq(frame.header.seq)
         except WireError as exc:
             self.metrics.frames_invalid.labels(reason=exc.reason).inc()
-            log.warning("dropped invalid frame (last good seq %s): %s", self.last_seq, exc)
+            self.throttle.warning(exc.reason, "dropped invalid frame (last good seq %s): %s", self.last_seq, exc)
             return None
         self.metrics.frames_received.inc()
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
@@ -79,5 +101,6 @@ class Ingest:
             if seq > last + 1:
                 lost = seq - last - 1
                 self.metrics.frames_dropped.labels(reason="seq_gap").inc(lost)
-                log.warning("seq gap: %d frame(s) lost upstream between %d and %d", lost, last, seq)
+                self.throttle.warning("seq_gap", "seq gap: %d frame(s) lost upstream between %d and %d",
+                                      lost, last, seq)
         self.last_seq = seq

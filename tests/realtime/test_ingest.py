@@ -89,3 +89,19 @@ def test_ingest_latency_is_recorded() -> None:
     ingest.process(encode_frame(*good(0, np.random.default_rng(2))))
     s = metrics.latency("ingest").summary()
     assert s["count"] == 1 and 0 <= s["p50_ms"] < 1000
+
+
+def test_a_flood_of_bad_frames_is_all_counted_but_logged_once(caplog) -> None:
+    """At full scale a falling-behind consumer sees a problem every frame: one log line, every one counted."""
+    rng = np.random.default_rng(3)
+    metrics = Metrics("test")
+    ingest = Ingest(RIG, metrics)
+    header, vol = good(0, rng)
+    assert ingest.process(encode_frame(header, vol)) is not None
+    for _ in range(50):
+        assert ingest.process(encode_frame(header, vol)) is None          # duplicate seq, 50 times
+    assert metrics.count("loopcast_frames_invalid_total", reason="duplicate_seq") == 50
+    assert caplog.text.count("duplicate_seq") == 1
+    ingest.throttle._last["duplicate_seq"] -= ingest.throttle.interval_s   # the interval has passed
+    ingest.process(encode_frame(header, vol))
+    assert caplog.text.count("duplicate_seq") == 2 and "+49 more like it" in caplog.text
