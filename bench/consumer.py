@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 
 @dataclass
 class ConsumerResult:
@@ -86,11 +84,3 @@ class Consumer:
         self.proc.join(10)
         return res
 
-
-def latency_quantiles(samples: list[float]) -> dict[str, float]:
-    """p50/p99/max ms of source -> ingest latency."""
-    if not samples:
-        return {"n": 0}
-    a = np.asarray(samples)
-    p50, p99 = np.percentile(a, [50, 99]) * 1e3
-    return {"n": int(a.size), "p50_ms": float(p50), "p99_ms": float(p99), "max_ms": float(a.max() * 1e3)}

@@ -20,8 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_result  # noqa: E402
-from consumer import Consumer, latency_quantiles  # noqa: E402
+from common import quantiles, write_result  # noqa: E402
+from consumer import Consumer  # noqa: E402
 
 from loopcast.broker import free_port  # noqa: E402
 from realtime.metrics import Metrics  # noqa: E402
@@ -44,8 +44,7 @@ def store_read_rate(rec: Recording, frames: int) -> dict[str, float]:
         vol.read(k % rec.n_frames)
         t.append(time.perf_counter() - t0)
     a = np.asarray(t)
-    return {"volumes_per_s": float(1 / a.mean()), "p50_ms": float(np.median(a) * 1e3),
-            "p99_ms": float(np.percentile(a, 99) * 1e3)}
+    return {"volumes_per_s": float(1 / a.mean()), **quantiles(a)}
 
 
 def run_transport(rec: Recording, transport: str, frames: int, work: Path, read_ahead: int,
@@ -64,7 +63,7 @@ def run_transport(rec: Recording, transport: str, frames: int, work: Path, read_
         player.close()
     return {"transport": transport, "sent": report.frames, "seconds": report.seconds,
             "volumes_per_s": report.volumes_per_s, "received": res.received, "seq_gaps": res.seq_gaps,
-            "invalid": res.invalid, "latency": latency_quantiles(res.latency_s)}
+            "invalid": res.invalid, "latency": quantiles(np.asarray(res.latency_s))}
 
 
 def main() -> int:

@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_result  # noqa: E402
-from consumer import Consumer, latency_quantiles  # noqa: E402
+from common import quantiles, write_result  # noqa: E402
+from consumer import Consumer  # noqa: E402
 
 from loopcast.broker import free_port  # noqa: E402
 from loopcast.config import to_dict  # noqa: E402
@@ -53,7 +53,7 @@ def run_transport(fish: FishModel, transport: str, frames: int, work: Path) -> d
             "volumes_per_s": sim.report.frames / seconds,
             "render_p50_ms": float(np.median(render) * 1e3), "render_p99_ms": float(np.percentile(render, 99) * 1e3),
             "received": res.received, "seq_gaps": res.seq_gaps, "invalid": res.invalid,
-            "latency": latency_quantiles(res.latency_s)}
+            "latency": quantiles(np.asarray(res.latency_s))}
 
 
 def main() -> int:

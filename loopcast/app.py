@@ -20,6 +20,7 @@ from realtime.policy import resolve_neuron_set
 from realtime.transport import Publisher, Subscriber
 from replay.fish import FishModel
 from replay.layout import Recording, RecordingError
+from replay.store import is_remote
 from replay.sim import LiveSim
 
 log = logging.getLogger("loopcast")
@@ -46,6 +47,11 @@ def process_metrics(cfg: LoopcastConfig, process: str, run_dir: Path | None = No
     if run_dir is not None:
         (run_dir / f"{process}.metrics-port").write_text(f"{m.port}\n")
     return m
+
+
+def recording_present(location: str) -> bool:
+    """Whether there is something to open at `location` (a gs:// URL is checked when opened)."""
+    return is_remote(location) or Path(location).exists()
 
 
 def open_recording(cfg: LoopcastConfig, path: str | None = None) -> Recording:

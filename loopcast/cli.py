@@ -19,7 +19,6 @@ from loopcast import app
 from loopcast.config import ConfigError
 from loopcast.settings import LoopcastConfig, load_settings, new_run_dir
 from realtime.engine import EngineError
-from replay.store import is_remote
 
 log = logging.getLogger("loopcast")
 
@@ -127,7 +126,7 @@ def cmd_train(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> i
 
 def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import export_checkpoint
-    rec = app.open_recording(cfg) if is_remote(cfg.paths.recording) or Path(cfg.paths.recording).exists() else None
+    rec = app.open_recording(cfg) if app.recording_present(cfg.paths.recording) else None
     export_checkpoint(cfg, Path(args.checkpoint), rec)
     return 0
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopcast.app import UserError, engine_path
+from loopcast.app import UserError, engine_path, recording_present
 from loopcast.config import from_dict, to_dict
 from loopcast.settings import LoopcastConfig
 from models.registry import build_model
@@ -19,7 +19,6 @@ from offline_training.export import export_engine
 from offline_training.train import TrainConfig, TrainResult, data_fingerprint, first_window, train
 from realtime.engine import EngineError, resolve_engine
 from replay.layout import Recording
-from replay.store import is_remote
 from replay.synth import synthesize
 
 log = logging.getLogger("loopcast")
@@ -39,7 +38,7 @@ def synth_recording(cfg: LoopcastConfig, out: str | None = None, overwrite: bool
 def ensure_recording(cfg: LoopcastConfig, progress: bool = True) -> Recording:
     """The configured recording, synthesized first if it does not exist yet."""
     path = cfg.paths.recording
-    if is_remote(path) or Path(path).exists():
+    if recording_present(path):
         return Recording.open(path)
     log.info("no recording at %s yet: synthesizing the simulated fish", path)
     return synth_recording(cfg, progress=progress)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from realtime.wire import volume_order
+
 
 class TraceExtractor:
     """Mean intensity of each labelled neuron (labels 1..N; 0 is background), no loop over neurons."""
@@ -36,7 +38,7 @@ class TraceExtractor:
         """volume (x, y, z), C- or F-contiguous -> (N,) float32 mean over each neuron's voxels."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} != segmentation shape {self.shape}")
-        order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
+        order = volume_order(volume)
         values = volume.reshape(-1, order=order)[self._indices(order)]   # labels stay in C-index order
         sums = np.bincount(self._labels, weights=values, minlength=self.n_neurons)
         return (sums * self._inv_counts).astype(np.float32)

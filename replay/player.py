@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,15 +81,12 @@ class Player:
         period = self.rec.frame_period_s / self.cfg.speed if self.cfg.speed > 0 else 0.0
         report = ReplayReport()
         t0 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=1) as pool, \
-                tqdm(total=len(frames), unit="vol", disable=not progress, desc="replay") as bar:
-            pending: list[Future] = [pool.submit(self.volumes.read, t) for t in frames[: self.cfg.read_ahead]]
-            for k, t in enumerate(frames):
+        # frame k is sent while frames k+1 .. k+read_ahead are being read (TensorStore futures)
+        stream = self.volumes.stream(frames, read_ahead_frames=self.cfg.read_ahead + 1)
+        with tqdm(total=len(frames), unit="vol", disable=not progress, desc="replay") as bar:
+            for k, (t, volume) in enumerate(stream):
                 if self.stop_event.is_set():
                     break
-                volume = pending.pop(0).result()
-                if k + self.cfg.read_ahead < len(frames):
-                    pending.append(pool.submit(self.volumes.read, frames[k + self.cfg.read_ahead]))
                 delay = t0 + k * period - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)

@@ -147,10 +147,10 @@ class LiveSim:
         frame = self.fish.step(cov, out=self.sender.buffer(seq, self.fish.cfg.shape, "uint16", "F"))
         self.render_s.append(time.perf_counter() - t0)
         header = FrameHeader(seq=seq, t_src_ns=time.time_ns(), shape=tuple(frame.volume.shape),
-                             dtype=str(frame.volume.dtype), rig=self.rig,
+                             dtype=str(frame.volume.dtype), order=volume_order(frame.volume), rig=self.rig,
                              stimulus=tuple(float(x) for x in cov), condition=int(self.schedule.condition[i]))
         self.sender.send(header, frame.volume)
-        self._last = (dataclasses.replace(header, order=volume_order(frame.volume)), frame.volume)
+        self._last = (header, frame.volume)
         self.tracker.update(frame)
         self.metrics.frames_sent.inc()
         self.report.frames += 1

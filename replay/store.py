@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from realtime.wire import volume_order
+
 Location = str | Path
 ZARR3, ZARR2 = "zarr3", "zarr"
 # Public-bucket reads retry transient failures a few times (TensorStore's default, 32 retries with up to 32 s
@@ -310,8 +312,7 @@ class BufferPool:
 
     @staticmethod
     def _key(arr: np.ndarray) -> tuple[Any, ...]:
-        order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        return arr.shape, arr.dtype.str, order
+        return arr.shape, arr.dtype.str, volume_order(arr)
 
     def copy(self, arr: np.ndarray) -> np.ndarray:
         """A copy of `arr` in the same memory order, in a recycled buffer when one is free."""
