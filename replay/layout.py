@@ -6,6 +6,8 @@
                                   root/<name>_xyz_chunked/s<k> or root/<name>/s<k> (s2 = 4x smaller in x, y)
     root/segmentation             zarr3 integer (x, y, z), 0 = background, label i+1 = neuron i
     root/traces                   zarr3 float32 (t, f) dF/F clipped to [-0.25, 1.5], chunks (512, 512)
+    root/traces_raw               zarr3 float32 (t, f) segment means before dF/F (synthetic recordings only:
+                                  what the online pipeline sees, so causal dF/F can be recomputed)
     root/stimuli_features         zarr2 float32 (t, 26)
     root/positions                zarr3 float32 (f, 3) x, y, z voxel centroids
     root/ground_truth/{spikes,calcium,stimulated}  (t, f);  ground_truth/ensemble (f,);  behaviour (t,)
@@ -126,7 +128,8 @@ class Recording:
                   "stimuli_features": open_array(join(root, "stimuli_features"),
                                                  Expect((t, N_COVARIATES), ("float32",)))}
         required = set(meta.get("arrays", ()))
-        for name in ("raw", "segmentation", "positions", *(f"ground_truth/{g}" for g in GROUND_TRUTH)):
+        for name in ("raw", "traces_raw", "segmentation", "positions",
+                     *(f"ground_truth/{g}" for g in GROUND_TRUTH)):
             if name in required or exists(join(root, name)):
                 arrays[name] = open_array(join(root, name))
         vshape = _volume_shape(arrays, meta)
@@ -150,6 +153,10 @@ class Recording:
     def traces(self) -> np.ndarray:
         """(T, N) float32 dF/F."""
         return np.asarray(self._read("traces"), dtype=np.float32)
+
+    def raw_traces(self) -> np.ndarray:
+        """(T, N) float32 segment means before dF/F (synthetic recordings; RecordingError if absent)."""
+        return np.asarray(self._read("traces_raw"), dtype=np.float32)
 
     def stimuli(self) -> np.ndarray:
         """(T, 26) float32 stimulus covariates."""
@@ -245,6 +252,7 @@ def _volume_shape(arrays: dict[str, ts.TensorStore], meta: dict[str, Any]) -> tu
 def _check_optional(root: str, arrays: dict[str, ts.TensorStore], t: int, n: int, vshape: tuple[int, ...]) -> None:
     """Shapes, dtypes and labels of every present array against traces (t, n) and the volume shape."""
     expect = {"raw": Expect((*vshape, t), ("uint16",), XYZT),
+              "traces_raw": Expect((t, n), ("float32",), ("t", "f")),
               "segmentation": Expect(vshape, ("integer",), XYZT[:3]),
               "positions": Expect((n, 3), ("float32",))}
     for g, dims in GROUND_TRUTH.items():

@@ -69,7 +69,7 @@ def synthesize(cfg: SynthConfig, out: str | Path, progress: bool = True, overwri
     writer.write_static(anat.segmentation, anat.positions, anat.ensemble, schedule.covariates)
     f_raw = _frame_loop(cfg, fish, schedule.covariates, writer, progress, str(Path(out).name))
     t_frames = time.perf_counter()
-    writer.write_traces(centered_dff(f_raw, DffConfig(), stride=cfg.baseline_stride))
+    writer.write_traces(centered_dff(f_raw, DffConfig(), stride=cfg.baseline_stride), raw=f_raw)
     dump_toml(cfg, Path(out) / CONFIG_FILE)
     timing = {"fish_build_s": t_built - t_start, "frames_s": t_frames - t_built,
               "traces_s": time.perf_counter() - t_frames}

@@ -118,11 +118,15 @@ class RecordingWriter:
                             (self.n_frames, N_COVARIATES), None, zarr_format=2)
         self._submit(stim, stimuli, "float32", "stimuli_features")
 
-    def write_traces(self, traces: np.ndarray) -> None:
-        """(T, N) float32 dF/F, chunks (512, 512), plain bytes codec as in ZAPBench."""
-        arr = self._create("traces", (self.n_frames, self.n_neurons), "float32", TRACE_CHUNKS, ("t", "f"),
-                           codec=None)
-        self._submit(arr, traces, "float32", "traces")
+    def write_traces(self, traces: np.ndarray, raw: np.ndarray | None = None) -> None:
+        """(T, N) float32 dF/F, chunks (512, 512), plain bytes codec as in ZAPBench; optionally the
+        (T, N) segment means before dF/F as `traces_raw` (same layout)."""
+        for name, data in (("traces", traces), ("traces_raw", raw)):
+            if data is None:
+                continue
+            arr = self._create(name, (self.n_frames, self.n_neurons), "float32", TRACE_CHUNKS, ("t", "f"),
+                               codec=None)
+            self._submit(arr, data, "float32", name)
 
     def flush(self) -> None:
         """Wait for every pending write; raises RecordingError for the first that failed."""
