@@ -1,0 +1,303 @@
+"""Streaming OASIS: thresholded AR(1) deconvolution of causal dF/F, per frame, for every neuron.
+
+Model (Friedrich, Zhou & Paninski 2017): y_t = b + c_t + noise, c_t = g c_{t-1} + s_t, and each s_t is
+0 or >= s_min. OASIS solves min 1/2 |c - (y - b)|^2 with a stack of pools (runs of frames on which c
+decays freely from one value): every frame is pushed as a new pool, and while the newest pool's start
+would need a jump below s_min (m_prev g^l_prev + s_min > m_new) it is merged into the one before it.
+A pool is kept as (v, w, h, start): value sum v = sum_k g^k y_k, weight w = sum_k g^2k, h = g^length and
+its first frame; its value (c at its start) is m = v / w. s at a pool's start is m - m_prev h_prev.
+
+Conventions, the same as the oasis-deconv reference `oasisAR1(y - b, g, lam=0, s_min)`: the first
+frame is initial calcium (s = 0 there, its pool free of the s_min rule); when building c, the first
+pool's value is clipped at 0 and any later pool's value below s_min is set to 0.
+
+Streaming: at most `max_pools` pools are held per neuron (the newest in a hot row, the others in a
+ring). When a new pool starts with all of them held, the oldest becomes final: its decayed end is kept
+as a frozen predecessor (merging never reaches past it, and a spike at the oldest held pool's start
+counts only if it clears s_min above it). The output at frame t is s at frame t - lag from the pools
+after frame t; with max_pools >= T it equals `oasis_offline(y[:t+1])[1][t - lag]` exactly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from realtime.oasis_params import OasisConfig, OasisParams, estimate_params  # noqa: F401  (re-exported)
+
+
+
+# ---------------------------------------------------------------- compiled pool kernels (numba)
+# State of neuron i: hot[i] = the newest pool (v, w, h, start) and its predecessor's decayed end, raw
+# (m h, for merging) and as built into c (for s) -- one cache line, enough for most frames; ring[i] =
+# the older held pools, newest in slot meta[i, RT]; meta[i, CNT] = pools held (newest included);
+# meta[i, FROZEN] = 1 once a pool was final, prev[i] = that predecessor's decayed end as built.
+V, W, H, START, END, CEND = 0, 1, 2, 3, 4, 5
+RT, CNT, FROZEN = 0, 1, 2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _value(m, free, smin):  # pragma: no cover (compiled)
+    """A pool's value as built into c: the first pool (free) clipped at 0, others below smin set to 0."""
+    if free:
+        return m if m >= 0.0 else 0.0
+    return m if m >= smin else 0.0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _record(hot, ring, meta, i, j):  # pragma: no cover (compiled)
+    """(v, w, h, start) of held pool j of neuron i, counted from the newest (0)."""
+    if j == 0:
+        return hot[i, V], hot[i, W], hot[i, H], hot[i, START]
+    k = meta[i, RT] - (j - 1)
+    k = k + ring.shape[1] if k < 0 else k
+    return ring[i, k, V], ring[i, k, W], ring[i, k, H], ring[i, k, START]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _set_end(hot, ring, meta, i, smin):  # pragma: no cover (compiled)
+    """Cache the decayed end of the pool below the newest one (raw and as built)."""
+    if meta[i, CNT] > 1:
+        k = meta[i, RT]
+        m, h = ring[i, k, V] / ring[i, k, W], ring[i, k, H]
+        hot[i, END] = m * h
+        hot[i, CEND] = _value(m, meta[i, CNT] == 2 and meta[i, FROZEN] == 0, smin) * h
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _push(hot, ring, meta, prev, i, x, g, smin, t):  # pragma: no cover (compiled)
+    """Frame t starts a new pool: the newest moves to the ring (the oldest becomes final if full)."""
+    r, cnt = ring.shape[1], meta[i, CNT]
+    k = meta[i, RT] + 1 if meta[i, RT] + 1 < r else 0
+    if cnt - 1 == r:
+        prev[i] = _value(ring[i, k, V] / ring[i, k, W], meta[i, FROZEN] == 0, smin) * ring[i, k, H]
+        meta[i, FROZEN] = 1
+        cnt -= 1
+    ring[i, k, V], ring[i, k, W], ring[i, k, H], ring[i, k, START] = hot[i, V], hot[i, W], hot[i, H], hot[i, START]
+    hot[i, V], hot[i, W], hot[i, H], hot[i, START] = x, 1.0, g, t
+    meta[i, RT], meta[i, CNT] = k, cnt + 1
+    _set_end(hot, ring, meta, i, smin)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _merge_down(hot, ring, meta, i, smin):  # pragma: no cover (compiled)
+    """Merge the newest pool into the one below it (taken back from the ring)."""
+    k = meta[i, RT]
+    hb = ring[i, k, H]
+    hot[i, V] = ring[i, k, V] + hot[i, V] * hb
+    hot[i, W] = ring[i, k, W] + hot[i, W] * hb * hb
+    hot[i, H] = hb * hot[i, H]
+    hot[i, START] = ring[i, k, START]
+    meta[i, RT] = k - 1 if k > 0 else ring.shape[1] - 1
+    meta[i, CNT] -= 1
+    _set_end(hot, ring, meta, i, smin)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _add(hot, ring, meta, prev, i, x, g, smin, t):  # pragma: no cover (compiled)
+    """Frame t (baseline-free value x) for neuron i: a new pool, merged back while s_min is violated."""
+    if meta[i, CNT] == 0:
+        hot[i, V], hot[i, W], hot[i, H], hot[i, START] = x, 1.0, g, t
+        meta[i, CNT] = 1
+        return
+    h = hot[i, H]
+    if hot[i, V] / hot[i, W] * h + smin <= x:
+        _push(hot, ring, meta, prev, i, x, g, smin, t)
+        return
+    hot[i, V] += x * h                            # merge frame t into the newest pool
+    hot[i, W] += h * h
+    hot[i, H] = h * g
+    while meta[i, CNT] > 1 and hot[i, END] + smin > hot[i, V] / hot[i, W]:
+        _merge_down(hot, ring, meta, i, smin)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _jump(hot, ring, meta, prev, i, j, smin):  # pragma: no cover (compiled)
+    """s at the start of held pool j (0 = newest) of neuron i."""
+    cnt, frozen = meta[i, CNT], meta[i, FROZEN] == 1
+    if j == cnt - 1 and not frozen:
+        return 0.0                                # the very first frame: initial calcium, not a spike
+    v, w, _, _ = _record(hot, ring, meta, i, j)
+    m = _value(v / w, False, smin)
+    if j == cnt - 1:                              # predecessor final: s_min was not enforced against it
+        s = m - prev[i]
+        return s if s >= smin else 0.0
+    if j == 0:
+        return m - hot[i, CEND]
+    vb, wb, hb, _ = _record(hot, ring, meta, i, j + 1)
+    return m - _value(vb / wb, j + 1 == cnt - 1 and not frozen, smin) * hb
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _spike_at(hot, ring, meta, prev, i, f, smin):  # pragma: no cover (compiled)
+    """s at frame f (held, e.g. t - lag) for neuron i."""
+    for j in range(meta[i, CNT]):
+        start = _record(hot, ring, meta, i, j)[3]
+        if start <= f:
+            return _jump(hot, ring, meta, prev, i, j, smin) if start == f else 0.0
+    return 0.0
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _stream_step(y, b, g, smin, hot, ring, meta, prev, t, lag, out):  # pragma: no cover (compiled)
+    for i in numba.prange(y.shape[0]):
+        _add(hot, ring, meta, prev, i, np.float64(y[i]) - b[i], g[i], smin[i], t)
+        out[i] = _spike_at(hot, ring, meta, prev, i, t - lag, smin[i]) if t >= lag else 0.0
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _run_block(ys, b, g, smin, hot, ring, meta, prev, t0):  # pragma: no cover (compiled)
+    for i in numba.prange(ys.shape[1]):
+        for k in range(ys.shape[0]):
+            _add(hot, ring, meta, prev, i, ys[k, i] - b[i], g[i], smin[i], t0 + k)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _build(hot, ring, meta, prev, g, smin, t_end, c, s):  # pragma: no cover (compiled)
+    """c and s of frames t_end - len(c) + 1 .. t_end from the held pools (NaN where not held)."""
+    f0 = t_end - c.shape[0] + 1
+    for i in numba.prange(c.shape[1]):
+        c[:, i] = np.nan
+        s[:, i] = np.nan
+        cnt, end = meta[i, CNT], t_end + 1
+        for j in range(cnt):                      # newest to oldest
+            v, w, _, st = _record(hot, ring, meta, i, j)
+            start = np.int64(st)
+            val = _value(v / w, j == cnt - 1 and meta[i, FROZEN] == 0, smin[i])
+            for f in range(start, end):
+                if f >= f0:
+                    c[f - f0, i] = val
+                    s[f - f0, i] = _jump(hot, ring, meta, prev, i, j, smin[i]) if f == start else 0.0
+                val *= g[i]
+            end = start
+
+
+class _PoolState:
+    """The per-neuron pools of the numba kernels."""
+
+    def __init__(self, n: int, max_pools: int) -> None:
+        self.hot = np.zeros((n, 8), dtype=np.float64)
+        self.ring = np.zeros((n, max_pools - 1, 4), dtype=np.float64)
+        self.meta = np.zeros((n, 3), dtype=np.int64)
+        self.meta[:, RT] = max_pools - 2             # empty: the first pool pushed down lands in slot 0
+        self.prev = np.zeros(n, dtype=np.float64)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.hot, self.ring, self.meta, self.prev
+
+    def oldest_start(self) -> int:
+        """First frame any neuron still holds."""
+        n, r = self.meta.shape[0], self.ring.shape[1]
+        cnt, rt = self.meta[:, CNT], self.meta[:, RT]
+        slot = (rt - (cnt - 2)) % r
+        starts = np.where(cnt > 1, self.ring[np.arange(n), slot, START], self.hot[:, START])
+        return int(starts.min())
+
+    def build(self, g: np.ndarray, smin: np.ndarray, t_end: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.meta.shape[0]
+        c, s = np.empty((n_frames, n)), np.empty((n_frames, n))
+        _build(*self.arrays, g, smin, t_end, c, s)
+        return c, s
+
+
+def _per_neuron(a: Any, n: int) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.float64), (n,)))
+
+
+def oasis_offline(y: np.ndarray, g: Any, smin: Any, baseline: Any = 0.0,
+                  chunk_bytes: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:
+    """Non-causal thresholded OASIS of whole traces: y (T,) or (T, N); g, smin, baseline scalars or (N,)
+    -> (c, s) float64 like y, c the denoised y - baseline. Same problem and conventions as oasis-deconv's
+    `oasisAR1(y - baseline, g, lam=0, s_min=smin)`. Neurons run in chunks of ~chunk_bytes of pools."""
+    ys = np.asarray(y, dtype=np.float64)
+    one = ys.ndim == 1
+    ys = ys[:, None] if one else ys
+    if ys.ndim != 2 or ys.shape[0] < 1:
+        raise ValueError(f"y must be (T,) or (T, N) with T >= 1, got shape {np.shape(y)}")
+    t, n = ys.shape
+    g, smin, b = (_per_neuron(a, n) for a in (g, smin, baseline))
+    if not (np.all(g > 0) and np.all(g < 1) and np.all(smin >= 0)):
+        raise ValueError("need 0 < g < 1 and smin >= 0")
+    c, s = np.empty((t, n)), np.empty((t, n))
+    step = max(1, chunk_bytes // (32 * t))
+    for lo in range(0, n, step):
+        sl = slice(lo, min(n, lo + step))
+        state = _PoolState(sl.stop - sl.start, t)
+        _run_block(np.ascontiguousarray(ys[:, sl]), b[sl], g[sl], smin[sl], *state.arrays, 0)
+        c[:, sl], s[:, sl] = state.build(g[sl], smin[sl], t - 1, t)
+    return (c[:, 0], s[:, 0]) if one else (c, s)
+
+
+class _Warmup:
+    """Shared warm-up bookkeeping: buffer `cfg.warmup` frames when no parameters are given."""
+
+    def _init_warmup(self, n: int, params: OasisParams | None, cfg: OasisConfig, frame_period_s: float) -> None:
+        if params is not None and params.g.shape != (n,):
+            raise ValueError(f"params are for {params.g.shape[0]} neurons, expected {n}")
+        self.n, self.cfg, self.frame_period_s = n, cfg, frame_period_s
+        self.params, self.n_fallback, self.frames = params, 0, 0
+        self._warm = None if params is not None else np.zeros((cfg.warmup, n), dtype=np.float32)
+
+    @property
+    def ready(self) -> bool:
+        """True once parameters are set (given, or estimated at the end of warm-up)."""
+        return self.params is not None
+
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != (self.n,):
+            raise ValueError(f"expected dF/F of shape ({self.n},), got {tuple(shape)}")
+
+    def _warm_frame(self, dff: np.ndarray) -> bool:
+        """Buffer one warm-up frame; True when that completed the warm-up (parameters now set)."""
+        self._warm[self.frames] = dff
+        self.frames += 1
+        if self.frames < self.cfg.warmup:
+            return False
+        self.params, self.n_fallback = estimate_params(self._warm, self.frame_period_s, self.cfg)
+        return True
+
+
+class StreamingOasis(_Warmup):
+    """Per-frame thresholded OASIS over N neurons (numba, parallel over neurons).
+
+    With `params` None the first `cfg.warmup` frames are buffered (output zeros), the parameters are
+    estimated on them and they are replayed into the pools. `process` returns s for frame t - lag.
+    """
+
+    def __init__(self, n_neurons: int, params: OasisParams | None = None, cfg: OasisConfig = OasisConfig(),
+                 frame_period_s: float = 0.9141) -> None:
+        self._init_warmup(n_neurons, params, cfg, frame_period_s)
+        self._state = _PoolState(n_neurons, cfg.max_pools)
+        self._out = np.zeros(n_neurons, dtype=np.float32)
+        if params is not None:
+            self._set_params(params)
+
+    def _set_params(self, p: OasisParams) -> None:
+        self._b, self._g, self._smin = (np.asarray(a, dtype=np.float64) for a in (p.baseline, p.g, p.smin))
+
+    def process(self, dff: np.ndarray) -> np.ndarray:
+        """dff (N,) -> (N,) float32 spike amount (dF/F) at frame t - lag; zeros in warm-up and while t < lag."""
+        self._check(np.shape(dff))
+        if self.params is None:
+            if self._warm_frame(dff):
+                self._set_params(self.params)
+                st = self._state
+                _run_block(self._warm.astype(np.float64), self._b, self._g, self._smin, *st.arrays, 0)
+                self._warm = None
+            return np.zeros(self.n, dtype=np.float32)
+        st = self._state
+        _stream_step(np.ascontiguousarray(dff, dtype=np.float32), self._b, self._g, self._smin, *st.arrays,
+                     self.frames, self.cfg.lag, self._out)
+        self.frames += 1
+        return self._out.copy()
+
+    def held(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """The current deconvolution of the frames still held -> (first frame, c, s), c and s (F, N) float64
+        for frames first .. frames - 1; NaN for frames a neuron no longer holds. c excludes the baseline."""
+        if self.params is None or self.frames == 0:
+            return self.frames, np.zeros((0, self.n)), np.zeros((0, self.n))
+        first = self._state.oldest_start()
+        c, s = self._state.build(self._g, self._smin, self.frames - 1, self.frames - first)
+        return first, c, s
