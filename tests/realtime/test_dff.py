@@ -1,10 +1,12 @@
-"""Online causal dF/F against the offline causal reference, warm-up, and bad values."""
+"""Online causal dF/F against the offline causal reference, warm-up, bad values, and the fast paths."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from realtime.dff import CausalDff, DffConfig, causal_dff_reference, centered_dff
+from realtime.dff import CausalDff, DffConfig, causal_dff, causal_dff_reference, centered_dff
 
 
 @pytest.fixture()
@@ -93,3 +95,51 @@ def test_saturated_values_are_clipped() -> None:
 def test_wrong_shape_is_an_error() -> None:
     with pytest.raises(ValueError, match="expected fluorescence of shape"):
         CausalDff(3, DffConfig()).process(np.zeros(4, np.float32))
+
+
+def test_running_and_naive_methods_are_identical(fluorescence: np.ndarray) -> None:
+    f = fluorescence.copy()
+    f[[3, 50, 51, 400], [0, 5, 5, 39]] = [np.nan, np.inf, -np.inf, np.nan]   # repaired the same way
+    cfg = DffConfig(window=150, percentile=8.0, warmup=10)
+    running, naive = CausalDff(f.shape[1], cfg), CausalDff(f.shape[1], replace(cfg, method="naive"))
+    for row in f:
+        (a, sa), (b, sb) = running.process(row), naive.process(row)
+        np.testing.assert_array_equal(a, b)
+        assert sa == sb
+    assert running.ready and running.frames == naive.frames == len(f)
+
+
+def test_unknown_method_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown dF/F method"):
+        DffConfig(method="sorted")
+
+
+def test_causal_dff_equals_reference_beyond_the_window() -> None:
+    rng = np.random.default_rng(4)
+    t, n = 1500, 30
+    drift = 1 + 0.3 * np.sin(np.linspace(0, 6, t))[:, None]
+    f = (rng.uniform(200, 800, n) * drift + rng.normal(0, 10, (t, n))).astype(np.float32)
+    f[:, :4] = np.round(f[:, :4] / 25) * 25                 # quantised: many ties
+    cfg = DffConfig()                                        # W = 400 < T = 1500
+    np.testing.assert_array_equal(causal_dff(f, cfg), causal_dff_reference(f, cfg))
+
+
+def test_causal_dff_repairs_like_the_online_path(fluorescence: np.ndarray) -> None:
+    f = fluorescence[:120].copy()
+    f[10, 3] = np.nan
+    cfg = DffConfig(window=50)
+    np.testing.assert_array_equal(causal_dff(f, cfg), run_online(f, cfg))
+
+
+def test_centered_running_equals_direct_percentiles() -> None:
+    rng = np.random.default_rng(5)
+    drift = 50 * np.sin(np.linspace(0, 5, 90))[:, None]
+    f = (500 + drift + rng.normal(0, 5, (90, 7))).astype(np.float32)
+    cfg = DffConfig(window=20)
+    for n_t in (90, 41, 15):                                 # T > 2W+1, T = 2W+1, T < W
+        g = f[:n_t]
+        f0 = np.stack([np.percentile(g[max(0, t - 20):t + 21], 8.0, axis=0) for t in range(n_t)])
+        expect = np.clip((g - f0) / np.maximum(f0, 1.0), cfg.clip_min, cfg.clip_max)
+        np.testing.assert_allclose(centered_dff(g, cfg), expect, rtol=1e-6, atol=1e-7)
+    f[4, 2] = np.nan                                         # falls back to np.percentile (propagates)
+    assert np.isnan(centered_dff(f, cfg)[:25, 2]).all()
