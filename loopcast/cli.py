@@ -124,6 +124,16 @@ def cmd_train(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> i
     return 0
 
 
+def cmd_train_spikes(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import train_spikes
+    path, metrics = train_spikes(cfg, run_dir, args.work_dir)
+    print(f"engine {path}")
+    for label, row in [("val", metrics.get("val", {})), *sorted(metrics.get("heldout", {}).items())]:
+        print(f"{label:>8}: spike correlation (median over neurons) {row.get('corr_median', float('nan')):.3f}, "
+              f"first-difference baseline {row.get('baseline_corr_median', float('nan')):.3f}")
+    return 0
+
+
 def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import export_checkpoint
     rec = app.open_recording(cfg) if app.recording_present(cfg.paths.recording) else None
@@ -151,6 +161,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "controller": (cmd_controller, "forecasts -> trigger policy -> interlocks -> MQTT"),
     "train": (cmd_train, "train the trace forecaster on a recording's train split"),
     "export": (cmd_export, "export a checkpoint to an ONNX engine with its manifest"),
+    "train-spikes": (cmd_train_spikes, "train the causal spike-inference net on simulated fish; export it"),
     "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
     "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
 }
@@ -190,6 +201,8 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "train":
         p.add_argument("--data", help="recording to train on (default: paths.recording)")
         p.add_argument("--export", action="store_true", help="export the engine right after training")
+    elif name == "train-spikes":
+        p.add_argument("--work-dir", help="cache of simulated recordings (default: <paths.recording>/../spike-train)")
     elif name == "export":
         p.add_argument("--checkpoint", required=True, help="model.pt written by `loopcast train`")
     elif name == "control":

@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 
 from loopcast.config import (ConfigError, apply_overrides, dump_toml, from_dict, load_toml, merge_dicts,
                              to_dict)
+from offline_training.spike_train import SpikeTrainConfig
 from offline_training.train import TrainConfig
 from realtime.controller import ControllerConfig
 from realtime.ingest import RigConfig
@@ -88,6 +89,7 @@ class LoopcastConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    train_spikes: SpikeTrainConfig = field(default_factory=SpikeTrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
@@ -102,7 +104,8 @@ class LoopcastConfig:
 
 # Keys derived from the shared tables; setting them by hand is an error (they would be overwritten).
 _DERIVED = {("synth", "fish", "shape"), ("synth", "fish", "frame_period_s"), ("controller", "forecasts"),
-            ("controller", "mqtt", "host"), ("controller", "mqtt", "port"), ("controller", "mqtt", "rig")}
+            ("controller", "mqtt", "host"), ("controller", "mqtt", "port"), ("controller", "mqtt", "rig"),
+            ("train_spikes", "fish", "frame_period_s"), ("train_spikes", "dff")}
 
 
 def load_settings(paths: str | Path | Sequence[str | Path] | None = None,
@@ -129,7 +132,8 @@ def resolve(data: dict[str, Any]) -> LoopcastConfig:
     data = apply_overrides(data, ())  # private copy
     for keys in _DERIVED:
         if _has(data, keys):
-            raise ConfigError(f"'{'.'.join(keys)}' is derived; set it through [rig], [endpoints] or [mqtt]")
+            raise ConfigError(f"'{'.'.join(keys)}' is derived; set it through [rig], [endpoints], [mqtt] "
+                              f"or [pipeline.preprocess.dff]")
     rig = from_dict(RigConfig, data.get("rig", {}), "rig")
     endpoints = from_dict(EndpointsConfig, data.get("endpoints", {}), "endpoints")
     mqtt = from_dict(MqttSettings, data.get("mqtt", {}), "mqtt")
@@ -139,6 +143,9 @@ def resolve(data: dict[str, Any]) -> LoopcastConfig:
     _put(data, ("controller", "mqtt", "host"), mqtt.host)
     _put(data, ("controller", "mqtt", "port"), mqtt.port)
     _put(data, ("controller", "mqtt", "rig"), rig.name)
+    # the spike net learns the pipeline's own dF/F at the rig's frame rate
+    _put(data, ("train_spikes", "fish", "frame_period_s"), rig.frame_period_s)
+    _put(data, ("train_spikes", "dff"), _table(data, ("pipeline", "preprocess", "dff")))
     return from_dict(LoopcastConfig, data)
 
 
@@ -168,6 +175,16 @@ def _has(data: dict[str, Any], keys: tuple[str, ...]) -> bool:
             return False
         node = node[k]
     return True
+
+
+def _table(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """A copy of the table at `keys` ({} if absent; a non-table is returned as is for from_dict to reject)."""
+    node: Any = data
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            return {}
+        node = node[k]
+    return dict(node) if isinstance(node, dict) else node
 
 
 def _put(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

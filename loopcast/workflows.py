@@ -1,5 +1,5 @@
 """Offline workflows: synthesize a recording, train, export an engine (what `synth`, `train`,
-`export` and the demo's first run do). The only app module that imports offline_training."""
+`export`, `train-spikes` and the demo's first run do). The only app module that imports offline_training."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,9 @@ from loopcast.config import from_dict, to_dict
 from loopcast.settings import LoopcastConfig
 from models.registry import build_model
 from offline_training.export import export_engine
+from offline_training.spike_train import train_spike_net
 from offline_training.train import TrainConfig, TrainResult, data_fingerprint, first_window, train
-from realtime.engine import EngineError, resolve_engine
+from realtime.engine import EngineError, EngineManifest, resolve_engine
 from replay.layout import Recording
 from replay.synth import synthesize
 
@@ -88,6 +89,21 @@ def ensure_engine(cfg: LoopcastConfig, run_dir: Path, progress: bool = True) -> 
     rec = ensure_recording(cfg, progress)
     _, ckpt = train_on_recording(cfg, rec, run_dir, progress)
     return export_checkpoint(cfg, ckpt, rec)
+
+
+def train_spikes(cfg: LoopcastConfig, run_dir: Path, work_dir: str | Path | None = None,
+                 progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Train [train_spikes] on simulated fish (cached in work_dir), export a 'spikes' engine to
+    paths.engines; returns (engine dir, its metrics), also written to run_dir/metrics.json."""
+    work = Path(work_dir) if work_dir is not None else Path(cfg.paths.recording).parent / "spike-train"
+    sc = cfg.train_spikes
+    log.info("training %s (C=%d) on simulated fish: snrs %s x seeds %s, %d frames x %d neurons; cache %s",
+             sc.model, sc.context, list(sc.snrs), list(sc.seeds), sc.n_frames, sc.fish.n_neurons, work)
+    path = train_spike_net(sc, cfg.paths.engines, work, progress=progress)
+    metrics = EngineManifest.load(path).metrics or {}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_plain))
+    log.info("exported spikes engine %s", path)
+    return path, metrics
 
 
 def _mae_line(metrics: dict[str, Any]) -> str:

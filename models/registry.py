@@ -1,4 +1,8 @@
-"""Model registry: name -> (config dataclass, module class), and a strict builder."""
+"""Model registry: name -> (config dataclass, module class), and a strict builder.
+
+MODELS holds the trace forecasters (what `[train] model` may name); SPIKE_MODELS the causal spike
+inference networks (offline_training.spike_train). `build_model` builds either.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -8,22 +12,27 @@ from torch import nn
 from loopcast.config import from_dict
 from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
 from models.linear import NLinear, NLinearConfig
+from models.spikenet import SpikeNet, SpikeNetConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "nlinear": (NLinearConfig, NLinear),
     "mean": (MeanBaselineConfig, MeanBaseline),
     "last": (LastValueConfig, LastValue),
 }
+SPIKE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "spikenet": (SpikeNetConfig, SpikeNet),
+}
+_ALL = {**MODELS, **SPIKE_MODELS}
 
 
 def model_config(name: str, config: dict[str, Any]) -> Any:
     """Build the typed config of model `name` strictly (unknown keys and wrong types raise)."""
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    return from_dict(MODELS[name][0], dict(config), where=f"model.{name}")
+    if name not in _ALL:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(_ALL)}")
+    return from_dict(_ALL[name][0], dict(config), where=f"model.{name}")
 
 
 def build_model(name: str, config: dict[str, Any]) -> nn.Module:
     """Instantiate model `name` from a plain mapping of its config fields."""
     cfg = model_config(name, config)
-    return MODELS[name][1](cfg)
+    return _ALL[name][1](cfg)

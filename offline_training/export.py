@@ -1,6 +1,8 @@
 """Export a trained model to an engine: ONNX graph + manifest.json + config.toml, checked for parity.
 
 The real-time side loads only these files (realtime/engine.py); nothing here is imported there.
+Two tasks share the format: "forecast" (trace forecasters, lead times 1..H, output 'forecast') and
+"spikes" (causal spike inference, H = 1 at lead time 0: the current frame, output 'spikes').
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +31,8 @@ FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
 INPUT_NAME = "context"
 OUTPUT_NAME = "forecast"
+TASKS = ("forecast", "spikes")
+OUTPUT_NAMES = {"forecast": OUTPUT_NAME, "spikes": "spikes"}
 ONNX_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 MANIFEST_FILE = "manifest.json"
@@ -39,22 +43,45 @@ class ExportError(RuntimeError):
     """The model could not be exported, or the exported graph disagrees with torch."""
 
 
-def export_engine(model: nn.Module, train_cfg: TrainConfig, registry_dir: str | Path, n_neurons: int,
-                  metrics: dict[str, Any], data_fingerprint: str, data_source: str,
+class ExportConfig(Protocol):
+    """What the exporter reads from a training config (TrainConfig, SpikeTrainConfig); the whole
+    dataclass is saved as config.toml."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def context(self) -> int: ...
+
+    @property
+    def horizon(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+
+def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, registry_dir: str | Path,
+                  n_neurons: int, metrics: dict[str, Any], data_fingerprint: str, data_source: str,
                   parity_input: np.ndarray | None = None, name: str | None = None,
-                  tolerance: float = PARITY_TOLERANCE) -> Path:
+                  tolerance: float = PARITY_TOLERANCE, task: str = "forecast") -> Path:
     """Write a new engine version under `<registry_dir>/<name>/` and return its directory."""
+    if task not in TASKS:
+        raise ExportError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if task == "spikes" and train_cfg.horizon != 1:
+        raise ExportError(f"a spikes engine estimates the current frame only: horizon must be 1, "
+                          f"got {train_cfg.horizon}")
     name = name or engine_name(train_cfg.model, train_cfg.context, train_cfg.horizon)
     model = model.eval()
+    output = OUTPUT_NAMES[task]
     staged = staging_dir(registry_dir, name)
     try:
-        dynamic_n = export_onnx(model, staged / ONNX_FILE, train_cfg.context, n_neurons)
+        dynamic_n = export_onnx(model, staged / ONNX_FILE, train_cfg.context, n_neurons, output)
         inputs = parity_inputs(train_cfg.context, n_neurons, train_cfg.seed, parity_input)
-        max_diff = check_parity(staged / ONNX_FILE, model, inputs, tolerance)
+        max_diff = check_parity(staged / ONNX_FILE, model, inputs, tolerance, output)
         dump_toml(train_cfg, staged / CONFIG_FILE)
         fields = dict(name=name, model=model, cfg=train_cfg, n_neurons=n_neurons, dynamic_n=dynamic_n,
                       metrics=metrics, max_diff=max_diff, tolerance=tolerance,
-                      data={"fingerprint": data_fingerprint, "source": data_source})
+                      data={"fingerprint": data_fingerprint, "source": data_source}, task=task)
 
         def finalize(staged_dir: Path, version: str) -> None:
             manifest = build_manifest(version=version, **fields)
@@ -68,7 +95,8 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig, registry_dir: str | 
     return path
 
 
-def export_onnx(model: nn.Module, path: Path, context: int, n_neurons: int) -> bool:
+def export_onnx(model: nn.Module, path: Path, context: int, n_neurons: int,
+                output_name: str = OUTPUT_NAME) -> bool:
     """Export with the dynamo exporter; dynamic batch and neurons if possible. Returns dynamic-N."""
     batch = torch.export.Dim("batch")
     attempts = [(True, 7, {0: batch, 2: torch.export.Dim("neurons")}), (False, n_neurons, {0: batch})]
@@ -78,7 +106,7 @@ def export_onnx(model: nn.Module, path: Path, context: int, n_neurons: int) -> b
         try:
             with _quiet_exporter():
                 torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], dynamic_shapes=(dims,), dynamo=True,
+                                  output_names=[output_name], dynamic_shapes=(dims,), dynamo=True,
                                   external_data=False, verbose=False)
             return dynamic_n
         except Exception as exc:  # the exporter raises many types; keep the reasons
@@ -101,14 +129,14 @@ def parity_inputs(context: int, n_neurons: int, seed: int,
 
 @torch.no_grad()
 def check_parity(onnx_path: Path, model: nn.Module, inputs: list[np.ndarray],
-                 tolerance: float = PARITY_TOLERANCE) -> float:
+                 tolerance: float = PARITY_TOLERANCE, output_name: str = OUTPUT_NAME) -> float:
     """Max abs difference between ONNX Runtime (CPU) and torch over `inputs`; raises past tolerance."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(torch.get_num_threads(), 1)
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     max_diff = 0.0
     for x in inputs:
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        got = session.run([output_name], {INPUT_NAME: x})[0]
         want = model(torch.from_numpy(x)).numpy()
         if got.shape != want.shape:
             raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape} for input {x.shape}")
@@ -118,20 +146,24 @@ def check_parity(onnx_path: Path, model: nn.Module, inputs: list[np.ndarray],
     return max_diff
 
 
-def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig, n_neurons: int,
-                   dynamic_n: bool, metrics: dict[str, Any], max_diff: float, tolerance: float,
-                   data: dict[str, str]) -> dict[str, Any]:
+def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig | ExportConfig,
+                   n_neurons: int, dynamic_n: bool, metrics: dict[str, Any], max_diff: float,
+                   tolerance: float, data: dict[str, str], task: str = "forecast") -> dict[str, Any]:
     """The manifest.json mapping (format_version 1) that realtime.engine.EngineManifest reads."""
     mcfg = getattr(model, "config", None)
-    model_config = dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else cfg.model_config()
+    if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type):
+        model_config = dataclasses.asdict(mcfg)
+    else:
+        model_config = cfg.model_config()  # type: ignore[union-attr]
     neurons: str | int = "neurons" if dynamic_n else n_neurons
+    lead_times = [0] if task == "spikes" else list(range(1, cfg.horizon + 1))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
-        "model": cfg.model, "model_config": model_config,
+        "task": task, "model": cfg.model, "model_config": model_config,
         "context": cfg.context, "horizon": cfg.horizon,
-        "lead_times": list(range(1, cfg.horizon + 1)), "n_neurons": int(n_neurons),
+        "lead_times": lead_times, "n_neurons": int(n_neurons),
         "inputs": [{"name": INPUT_NAME, "shape": ["batch", cfg.context, neurons], "dtype": "float32"}],
-        "outputs": [{"name": OUTPUT_NAME, "shape": ["batch", cfg.horizon, neurons], "dtype": "float32"}],
+        "outputs": [{"name": OUTPUT_NAMES[task], "shape": ["batch", cfg.horizon, neurons], "dtype": "float32"}],
         "normalisation": None, "metrics": metrics,
         "parity": {"max_abs_diff": max_diff, "tolerance": tolerance, "runtime": "onnxruntime-cpu"},
         "data": data, "code_version": code_version(),

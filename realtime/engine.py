@@ -5,6 +5,10 @@ imports torch, `models` or `offline_training`: the real-time side depends only o
 Every runtime offers the same narrow interface (`Engine`): `manifest`, `version`,
 `check_neurons(n)`, `run(context (C, N)) -> forecast (H, N)`, so a TensorRT or torch runtime can
 sit beside `OnnxEngine` later.
+
+The manifest's optional `task` says what the output means: "forecast" (the default, and what manifests
+without the field are: dF/F at lead times 1..H) or "spikes" (the expected spike count of the current
+frame: H = 1, lead time 0).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
+TASKS = ("forecast", "spikes")
 
 
 class EngineError(RuntimeError):
@@ -52,6 +57,7 @@ class EngineManifest:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     files: dict[str, str]
+    task: str = "forecast"
     normalisation: Any = None
     metrics: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
@@ -96,6 +102,7 @@ def _parse_manifest(p: Path, raw: Any) -> EngineManifest:
         model_config=get("model_config", dict), context=get("context", int), horizon=get("horizon", int),
         lead_times=tuple(get("lead_times", list)), n_neurons=get("n_neurons", int),
         inputs=get.specs("inputs"), outputs=get.specs("outputs"), files=get("files", dict),
+        task=get.optional("task", str, "forecast"),
         normalisation=raw.get("normalisation"), metrics=raw.get("metrics"), parity=raw.get("parity"),
         data=raw.get("data"), code_version=str(raw.get("code_version", "")),
         created=str(raw.get("created", "")))
@@ -117,6 +124,10 @@ class _Getter:
             raise EngineError(f"{self.path}: field '{key}' must be {tp.__name__}, got {value!r}")
         return value
 
+    def optional(self, key: str, tp: type, default: Any) -> Any:
+        """Like calling the getter, but `default` when the field is absent."""
+        return self(key, tp) if key in self.raw else default
+
     def specs(self, key: str) -> tuple[TensorSpec, ...]:
         items = self(key, list)
         out = []
@@ -134,6 +145,11 @@ def _validate(m: EngineManifest) -> None:
     def bad(msg: str) -> EngineError:
         return EngineError(f"{m.path}: {msg}")
 
+    if m.task not in TASKS:
+        raise bad(f"field 'task' must be one of {list(TASKS)}, got {m.task!r}")
+    if m.task == "spikes" and (m.horizon != 1 or m.lead_times != (0,)):
+        raise bad(f"a 'spikes' engine estimates the current frame: horizon must be 1 and lead_times [0], "
+                  f"got {m.horizon} and {list(m.lead_times)}")
     if m.context < 1 or m.horizon < 1 or m.n_neurons < 1:
         raise bad(f"context, horizon and n_neurons must be >= 1 ({m.context}, {m.horizon}, {m.n_neurons})")
     if len(m.lead_times) != m.horizon or not all(isinstance(t, int) for t in m.lead_times):
@@ -180,7 +196,8 @@ def resolve_engine(path: str | Path) -> Path:
 
 
 class OnnxEngine:
-    """ONNX Runtime engine: (C, N) float32 context in, (H, N) float32 forecast out."""
+    """ONNX Runtime engine: (C, N) float32 context in, (H, N) float32 out (a forecast, or for a
+    'spikes' engine the current frame's expected spike counts, H = 1)."""
 
     def __init__(self, path: str | Path, threads: int = 1,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
@@ -215,7 +232,7 @@ class OnnxEngine:
                               f"the pipeline has {n}")
 
     def run(self, context: np.ndarray) -> np.ndarray:
-        """Forecast (H, N) float32 from context (C, N) float32."""
+        """(H, N) float32 output (forecast or spike counts, see `manifest.task`) from context (C, N) float32."""
         m = self.manifest
         if not isinstance(context, np.ndarray) or context.dtype != np.float32:
             raise EngineError(f"engine {self.version}: context must be a float32 ndarray, got "

@@ -1,0 +1,424 @@
+"""Train the causal spike-inference network (models/spikenet.py) on the simulator's ground truth; export it.
+
+Data: one synthetic recording per (snr, seed) at the rig's frame period (cached under work_dir), its raw
+segment means turned into the pipeline's causal dF/F (realtime.dff), and the true spike counts per frame.
+Recordings are stacked along the neuron axis (the network is per neuron). Each target frame t gets the
+past-only window t-C+1 .. t; targets start once every frame of the window is past the dF/F warm-up.
+Train/val split by time: train targets t < split, val targets t >= split + C - 1 (val windows hold only
+val frames).
+
+Loss: Poisson NLL of the true count given the predicted expected count (default). The targets are counts
+with a heavy tail (bursts of 10-40 spikes per frame); the Poisson likelihood is the proper scoring rule
+for an expected count, is well defined at rate -> 0 with the softplus output, and weighs a burst's error
+by its own variance, where MSE lets the rare bursts dominate the gradient. `loss = "mse"` is available.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import realtime.dff as dff_module
+from loopcast.config import to_dict
+from models.registry import SPIKE_MODELS, build_model
+from models.spikenet import causal_windows, gather_windows
+from offline_training.export import export_engine
+from realtime.dff import CausalDff, DffConfig
+from realtime.engine import Engine, load_engine
+from replay.fish import FishConfig
+from replay.layout import Recording, RecordingError
+from replay.synth import SynthConfig, synthesize
+
+Predict = Callable[[np.ndarray], np.ndarray]   # windows (B, C, N) -> expected counts (B, N)
+
+
+@dataclass(frozen=True)
+class SpikeTrainConfig:
+    """Everything that determines a spike-net training run (saved beside the engine as config.toml).
+    `fish` is the simulated fish; its `snr` and `seed` are replaced by each (snr, seed) pair."""
+
+    model: str = "spikenet"
+    context: int = 32
+    hidden: tuple[int, ...] = (64, 32)
+    noise_input: bool = True
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    snrs: tuple[float, ...] = (2.0, 4.0, 8.0)
+    seeds: tuple[int, ...] = (0, 1)
+    eval_seeds: tuple[int, ...] = (1000,)     # held-out fish per SNR, evaluated after training
+    n_frames: int = 1200
+    fish: FishConfig = field(default_factory=FishConfig)
+    dff: DffConfig = field(default_factory=DffConfig)
+    loss: Literal["poisson", "mse"] = "poisson"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 4096                    # (neuron, frame) windows per step
+    steps_per_epoch: int = 500
+    max_epochs: int = 40
+    patience: int = 5
+    val_frac: float = 0.15
+    val_samples: int = 262144                 # random val windows for the per-epoch val loss (early stopping)
+    seed: int = 0
+    threads: int = 1                          # 2 is no faster for this small MLP and much slower on a busy host
+    engine_neurons: int = 0                   # N the engine declares (the pipeline's); 0 = fish.n_neurons
+
+    def __post_init__(self) -> None:
+        if self.model not in SPIKE_MODELS:
+            raise ValueError(f"model must be one of {sorted(SPIKE_MODELS)}, got {self.model!r}")
+        if not self.snrs or min(self.snrs) <= 0 or not self.seeds:
+            raise ValueError(f"need one or more snrs > 0 and seeds, got {self.snrs}, {self.seeds}")
+        if set(self.seeds) & set(self.eval_seeds):
+            raise ValueError(f"eval_seeds {self.eval_seeds} must differ from the training seeds {self.seeds}")
+        for name in ("batch_size", "steps_per_epoch", "max_epochs", "patience", "val_samples", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.val_frac < 1.0 or self.lr <= 0 or self.weight_decay < 0 or self.engine_neurons < 0:
+            raise ValueError("need 0 < val_frac < 1, lr > 0, weight_decay >= 0 and engine_neurons >= 0")
+        need = self.first_frame + 2 * self.context + 2   # some train targets, then val windows of val frames
+        if self.n_frames < need:
+            raise ValueError(f"n_frames={self.n_frames} is too short for context {self.context} after the "
+                             f"dF/F warm-up ({self.dff.warmup} frames): need >= {need}")
+        build_model(self.model, self.model_config())  # the model's own validation
+
+    @property
+    def horizon(self) -> int:
+        """Always 1: the net estimates the current frame (the exporter reads this)."""
+        return 1
+
+    @property
+    def first_frame(self) -> int:
+        """The first target frame whose whole window lies past the dF/F warm-up."""
+        return self.dff.warmup + self.context - 1
+
+    def model_config(self) -> dict[str, Any]:
+        """The SpikeNetConfig mapping for models.registry.build_model."""
+        return {"context": self.context, "hidden": list(self.hidden), "noise_input": self.noise_input,
+                "activation": self.activation}
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SpikeData:
+    """Causal dF/F and true spike counts, recordings stacked along neurons: both (T, M) float32."""
+
+    dff: np.ndarray
+    spikes: np.ndarray
+    first: int          # first target frame
+    split: int          # train targets [first, split), val targets [split + C - 1, T)
+    context: int
+
+    @property
+    def val_frames(self) -> np.ndarray:
+        return np.arange(self.split + self.context - 1, self.dff.shape[0])
+
+    def fingerprint(self) -> str:
+        """sha256 over shapes and bytes of both arrays."""
+        h = hashlib.sha256(f"{self.dff.shape}|{self.first}|{self.split}".encode())
+        for a in (self.dff, self.spikes):
+            h.update(np.ascontiguousarray(a).data)
+        return "sha256:" + h.hexdigest()
+
+
+def recording_dir(cfg: SpikeTrainConfig, work_dir: str | Path, snr: float, seed: int) -> Path:
+    """Cache directory of the (snr, seed) recording, named by a hash of everything that shapes it."""
+    fish = replace(cfg.fish, snr=float(snr), seed=int(seed))
+    key = json.dumps({"fish": to_dict(fish), "n_frames": cfg.n_frames}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(work_dir) / "recordings" / f"snr{snr:g}-seed{seed}-{digest}"
+
+
+def open_or_synthesize(cfg: SpikeTrainConfig, work_dir: str | Path, snr: float, seed: int,
+                       progress: bool = False) -> Recording:
+    """The cached (snr, seed) recording, synthesized (without raw volumes) if absent or unreadable."""
+    path = recording_dir(cfg, work_dir, snr, seed)
+    if path.exists():
+        try:
+            return Recording.open(str(path))
+        except RecordingError:
+            pass  # a half-written cache entry: make it again
+    synth = SynthConfig(fish=replace(cfg.fish, snr=float(snr), seed=int(seed)), n_frames=cfg.n_frames,
+                        write_raw=False)
+    return synthesize(synth, path, progress=progress, overwrite=True)
+
+
+def causal_dff_traces(f: np.ndarray, cfg: DffConfig, progress: bool = False) -> np.ndarray:
+    """The pipeline's online causal dF/F of raw segment means f (T, N) -> (T, N) float32."""
+    fast = getattr(dff_module, "causal_dff", None)
+    if fast is not None:
+        return np.asarray(fast(f, cfg), dtype=np.float32)
+    online = CausalDff(f.shape[1], cfg)
+    out = np.empty(f.shape, dtype=np.float32)
+    for t in tqdm(range(f.shape[0]), desc="causal dF/F", unit="frame", leave=False, disable=not progress):
+        out[t] = online.process(f[t])[0]
+    return out
+
+
+def recording_arrays(cfg: SpikeTrainConfig, work_dir: str | Path, snr: float, seed: int,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(causal dF/F, true spike counts), both (T, N) float32; the dF/F is cached beside the recording."""
+    rec = open_or_synthesize(cfg, work_dir, snr, seed, progress)
+    if abs(rec.frame_period_s - cfg.fish.frame_period_s) > 1e-9:
+        raise ValueError(f"{rec.root}: frame period {rec.frame_period_s} s != {cfg.fish.frame_period_s} s")
+    digest = hashlib.sha256(json.dumps(to_dict(cfg.dff), sort_keys=True).encode()).hexdigest()[:10]
+    cache = recording_dir(cfg, work_dir, snr, seed) / f"causal_dff-{digest}.npy"
+    if cache.is_file():
+        dff = np.load(cache)
+    else:
+        dff = causal_dff_traces(rec.raw_traces(), cfg.dff, progress)
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, dff)
+        os.replace(tmp, cache)
+    return dff, np.asarray(rec.ground_truth("spikes"), dtype=np.float32)
+
+
+def build_data(cfg: SpikeTrainConfig, work_dir: str | Path, progress: bool = True) -> SpikeData:
+    """Every training (snr, seed) recording, stacked along neurons and split by time."""
+    pairs = [(snr, seed) for snr in cfg.snrs for seed in cfg.seeds]
+    arrays = [recording_arrays(cfg, work_dir, snr, seed, progress)
+              for snr, seed in tqdm(pairs, desc="spike data", unit="rec", disable=not progress)]
+    n_t = min(d.shape[0] for d, _ in arrays)
+    dff = np.ascontiguousarray(np.concatenate([d[:n_t] for d, _ in arrays], axis=1))
+    spikes = np.ascontiguousarray(np.concatenate([s[:n_t] for _, s in arrays], axis=1))
+    first = cfg.first_frame
+    split = first + int(round((1.0 - cfg.val_frac) * (n_t - first)))
+    if split <= first or split + cfg.context - 1 >= n_t:
+        raise ValueError(f"{n_t} frames leave no train or no val targets (first {first}, split {split})")
+    return SpikeData(dff, spikes, first, split, cfg.context)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class SpikeTrainResult:
+    """The best model (by val loss), per-epoch history, val metrics and the training data's fingerprint."""
+
+    model: nn.Module
+    history: tuple[dict[str, float], ...]
+    metrics: dict[str, Any]
+    data_fingerprint: str
+    parity_window: np.ndarray        # a real val window (C, N_fish) for the export's parity check
+    best_epoch: int = 0
+
+
+def spike_loss(rate: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean Poisson NLL (without the log y! term) or MSE of expected counts vs true counts."""
+    if kind == "poisson":
+        return nn.functional.poisson_nll_loss(rate, target, log_input=False, full=False, eps=1e-6)
+    return nn.functional.mse_loss(rate, target)
+
+
+def sample_batch(data: SpikeData, rng: np.random.Generator, batch: int,
+                 split: Literal["train", "val"] = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (frame, neuron) targets of `split`: windows (1, C, B) and true counts (1, 1, B)."""
+    lo, hi = (data.first, data.split) if split == "train" else (int(data.val_frames[0]), data.dff.shape[0])
+    frames = rng.integers(lo, hi, size=batch)
+    neurons = rng.integers(0, data.dff.shape[1], size=batch)
+    x = gather_windows(data.dff, frames, neurons, data.context)          # (1, C, B)
+    y = data.spikes[frames, neurons][None, None]                         # (1, 1, B)
+    return torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def fit_spike_net(cfg: SpikeTrainConfig, data: SpikeData, progress: bool = True) -> SpikeTrainResult:
+    """Train with AdamW on random windows; early-stop on the val loss; keep the best epoch's weights."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.model_config())
+    history, best_epoch = _fit(model, data, cfg, progress)
+    t = int(data.val_frames[0])
+    window = np.ascontiguousarray(data.dff[t - cfg.context + 1:t + 1, :cfg.fish.n_neurons])   # (C, N_fish)
+    return SpikeTrainResult(model.eval(), tuple(history), {"val": validate(model, data, cfg)},
+                            data.fingerprint(), window, best_epoch)
+
+
+def _fit(model: nn.Module, data: SpikeData, cfg: SpikeTrainConfig,
+         progress: bool) -> tuple[list[dict[str, float]], int]:
+    """The epoch loop; leaves the best weights in `model`; returns (history, best epoch)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    history: list[dict[str, float]] = []
+    val_x, val_y = sample_batch(data, np.random.default_rng([cfg.seed, 2]), cfg.val_samples, "val")
+    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"train {cfg.model}", disable=not progress)
+    for epoch in bar:
+        train_loss = _train_epoch(model, opt, data, cfg, epoch)
+        with torch.no_grad():
+            val_loss = float(spike_loss(model.eval()(val_x), val_y, cfg.loss))
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best[1])
+        if epoch - best[1] >= cfg.patience:
+            break
+    model.load_state_dict(best[2])
+    return history, best[1]
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: SpikeData, cfg: SpikeTrainConfig,
+                 epoch: int) -> float:
+    model.train()
+    rng = np.random.default_rng([cfg.seed, 1, epoch])          # ([seed, 2] drew the val sample)
+    total = 0.0
+    for _ in range(cfg.steps_per_epoch):
+        x, y = sample_batch(data, rng, cfg.batch_size)
+        loss = spike_loss(model(x), y, cfg.loss)                          # model(x): (1, 1, B)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / cfg.steps_per_epoch
+
+
+def validate(model: nn.Module, data: SpikeData, cfg: SpikeTrainConfig) -> dict[str, Any]:
+    """Loss over every val (frame, neuron) and the median per-neuron correlations with the true spikes
+    of the model and of the first-difference baseline."""
+    frames = data.val_frames
+    pred = predict_frames(torch_predictor(model), data.dff, frames, cfg.context)    # (F, M)
+    truth = data.spikes[frames]
+    loss = float(spike_loss(torch.from_numpy(pred), torch.from_numpy(truth), cfg.loss))
+    corr = correlation_summary(pred, first_difference(data.dff)[frames], truth)
+    return {"loss": loss, "loss_kind": cfg.loss, "frames": int(len(frames)), **corr}
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def torch_predictor(model: nn.Module) -> Predict:
+    """A torch SpikeNet as a batch predictor (B, C, N) -> (B, N)."""
+    model.eval()
+
+    def predict(windows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)))[:, 0].numpy()
+    return predict
+
+
+def engine_predictor(engine: Engine) -> Predict:
+    """A 'spikes' engine as a batch predictor, one `run((C, N))` per window, as the pipeline calls it."""
+    if engine.manifest.task != "spikes":
+        raise ValueError(f"engine {engine.version} is a {engine.manifest.task!r} engine, not 'spikes'")
+
+    def predict(windows: np.ndarray) -> np.ndarray:
+        return np.stack([engine.run(np.ascontiguousarray(w, dtype=np.float32))[0] for w in windows])
+    return predict
+
+
+def as_predictor(obj: nn.Module | Engine | str | Path) -> tuple[Predict, int]:
+    """(predictor, context C) of a torch model, a loaded engine, or an engine directory."""
+    if isinstance(obj, (str, Path)):
+        obj = load_engine(obj)
+    if isinstance(obj, nn.Module):
+        return torch_predictor(obj), int(obj.config.context)  # type: ignore[union-attr]
+    if hasattr(obj, "manifest") and hasattr(obj, "run"):
+        return engine_predictor(obj), obj.manifest.context
+    raise TypeError(f"expected a torch model, an engine or an engine path, got {type(obj).__name__}")
+
+
+def predict_frames(predict: Predict, dff: np.ndarray, frames: np.ndarray, context: int,
+                   chunk: int = 16) -> np.ndarray:
+    """Expected counts (F, N) at target `frames` from their past-only windows of dff (T, N)."""
+    windows = causal_windows(dff, context)                  # (T - C + 1, C, N), window i ends at i + C - 1
+    out = np.empty((len(frames), dff.shape[1]), dtype=np.float32)
+    for i in range(0, len(frames), chunk):
+        out[i:i + chunk] = predict(windows[frames[i:i + chunk] - context + 1])   # (b, C, N) -> (b, N)
+    return out
+
+
+def first_difference(dff: np.ndarray) -> np.ndarray:
+    """The naive causal baseline: max(dff_t - dff_{t-1}, 0), (T, N); 0 at t = 0."""
+    return np.maximum(np.diff(dff, axis=0, prepend=dff[:1]), 0.0).astype(np.float32)
+
+
+def pearson_per_neuron(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Pearson r over time for each neuron, (N,); NaN where either series is constant."""
+    p = pred - pred.mean(axis=0)
+    q = truth - truth.mean(axis=0)
+    denom = np.sqrt((p * p).sum(axis=0) * (q * q).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (p * q).sum(axis=0) / denom, np.nan)
+
+
+def correlation_summary(pred: np.ndarray, baseline: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Median over neurons of the per-neuron correlation with true spikes: model and baseline."""
+    r_model, r_base = pearson_per_neuron(pred, truth), pearson_per_neuron(baseline, truth)
+    ok = np.isfinite(r_model) & np.isfinite(r_base)
+    if not ok.any():
+        raise ValueError("no neuron has both a non-constant prediction and spikes in these frames")
+    return {"corr_median": float(np.median(r_model[ok])), "baseline_corr_median": float(np.median(r_base[ok])),
+            "neurons": int(ok.sum())}
+
+
+def evaluate_spikes(predictor: nn.Module | Engine | str | Path, dff: np.ndarray, spikes: np.ndarray,
+                    first: int) -> dict[str, Any]:
+    """Correlation of a model or engine with true spikes vs the first-difference baseline, frames >= first."""
+    predict, context = as_predictor(predictor)
+    frames = np.arange(max(first, context - 1), dff.shape[0])
+    pred = predict_frames(predict, dff, frames, context)
+    return correlation_summary(pred, first_difference(dff)[frames], spikes[frames])
+
+
+def evaluate_recording(predictor: nn.Module | Engine | str | Path, recording: Recording | str | Path,
+                       dff_cfg: DffConfig = DffConfig(), progress: bool = False) -> dict[str, Any]:
+    """evaluate_spikes on a recording with ground truth: causal dF/F of its raw traces, as the pipeline."""
+    rec = recording if isinstance(recording, Recording) else Recording.open(str(recording))
+    dff = causal_dff_traces(rec.raw_traces(), dff_cfg, progress)
+    _, context = as_predictor(predictor)
+    return evaluate_spikes(predictor, dff, rec.ground_truth("spikes"), dff_cfg.warmup + context - 1)
+
+
+def evaluate_heldout(model: nn.Module, cfg: SpikeTrainConfig, work_dir: str | Path,
+                     seeds: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Per SNR: correlations on the held-out fish (`eval_seeds`), neurons of all seeds pooled."""
+    out = {}
+    for snr in tqdm(cfg.snrs, desc="held-out eval", unit="snr", disable=not progress):
+        preds, bases, truths = [], [], []
+        for seed in cfg.eval_seeds if seeds is None else seeds:
+            dff, spikes = recording_arrays(cfg, work_dir, snr, seed, progress)
+            frames = np.arange(cfg.first_frame, dff.shape[0])
+            preds.append(predict_frames(torch_predictor(model), dff, frames, cfg.context))
+            bases.append(first_difference(dff)[frames])
+            truths.append(spikes[frames])
+        out[f"snr{snr:g}"] = correlation_summary(*(np.concatenate(a, axis=1) for a in (preds, bases, truths)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def export_spike_net(result: SpikeTrainResult, cfg: SpikeTrainConfig, registry_dir: str | Path) -> Path:
+    """Export as a 'spikes' engine (H = 1, lead time 0), parity-checked on a real val window."""
+    n = cfg.engine_neurons or cfg.fish.n_neurons
+    window = result.parity_window
+    reps = -(-n // window.shape[1])
+    window = np.ascontiguousarray(np.tile(window, (1, reps))[:, :n])     # (C, n): tiled if n > N_fish
+    source = f"synthetic: snrs={list(cfg.snrs)} seeds={list(cfg.seeds)} n_frames={cfg.n_frames}"
+    return export_engine(result.model, cfg, registry_dir, n, result.metrics, result.data_fingerprint, source,
+                         parity_input=window, task="spikes")
+
+
+def train_spike_net(cfg: SpikeTrainConfig, registry_dir: str | Path, work_dir: str | Path,
+                    progress: bool = True) -> Path:
+    """Build the data, train, evaluate on held-out fish, export; returns the engine version directory."""
+    t0 = time.monotonic()
+    data = build_data(cfg, work_dir, progress)
+    t_data = time.monotonic()
+    result = fit_spike_net(cfg, data, progress)
+    metrics = dict(result.metrics)
+    metrics["train"] = {"best_epoch": result.best_epoch, "epochs": len(result.history),
+                        "data_s": round(t_data - t0, 1), "fit_s": round(time.monotonic() - t_data, 1),
+                        "targets": int((data.split - data.first) * data.dff.shape[1]),
+                        "history": list(result.history)}
+    if cfg.eval_seeds:
+        metrics["heldout"] = evaluate_heldout(result.model, cfg, work_dir, progress=progress)
+    return export_spike_net(replace(result, metrics=metrics), cfg, registry_dir)
