@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 import numpy as np
 
-from realtime.engine import Engine
+from realtime.engine import Engine, EngineError
 from realtime.metrics import Metrics
 from realtime.transport import Publisher
 from realtime.wire import FrameHeader, ForecastHeader, encode_forecast
@@ -27,6 +27,9 @@ class ForecastStage:
     """Stage 3. One forecast per call, stamped with the producing frame's seq and t_src_ns."""
 
     def __init__(self, engine: Engine, publisher: Publisher, metrics: Metrics) -> None:
+        if engine.manifest.task != "forecast":
+            raise EngineError(f"{engine.manifest.path}: a {engine.manifest.task!r} engine cannot run as the "
+                              f"forecaster; point [pipeline.forecast] engine at a forecast engine")
         self.engine = engine
         self.publisher = publisher
         self.metrics = metrics

@@ -1,72 +1,185 @@
-"""Preprocess stage: volume -> traces -> causal dF/F -> causal spike estimates, per frame."""
+"""Preprocess stage: volume -> traces -> causal dF/F -> causal spike estimates (+ per-voxel dF/F), per frame.
+
+Two backends behind one stage. "numpy" (the default, any machine): compiled CPU kernels. "torch": traces,
+dF/F and streaming OASIS on a torch device (CUDA on GPU machines), results brought back as numpy.
+Nothing here is fatal to the loop: non-finite samples, floored baselines and saturated voxels are repaired
+or kept as documented and counted in `loopcast_values_invalid_total{kind=...}`.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from realtime.dff import CausalDff, DffConfig
+from realtime.dff import CausalDff, DffConfig, DffStats
 from realtime.metrics import Metrics
-from realtime.spikes import CausalSpikes, SpikeConfig, SpikeEstimate
-from realtime.traces import TraceExtractor
+from realtime.spikes import OasisSpikes, SpikeConfig, SpikeEstimate, make_spike_estimator
+from realtime.traces import METHODS as TRACE_METHODS
+from realtime.traces import TraceExtractor, TraceStats
+from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
 from realtime.wire import Frame
+
+BACKENDS = ("numpy", "torch")
+
+
+@dataclass(frozen=True)
+class VoxelStageConfig:
+    """Per-voxel causal dF/F of the 4x-downsampled volume (the video forecaster's input); off by default."""
+
+    enabled: bool = False
+    factor: int = 4
+    dff: VoxelDffConfig = field(default_factory=VoxelDffConfig)
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Online dF/F and spike inference settings."""
+    """Online traces, dF/F and spike inference settings."""
 
+    backend: str = "numpy"       # "torch": traces, dF/F and OASIS on `device`
+    device: str = "cpu"          # torch backend only, e.g. "cuda"
+    traces: str = "csr"          # numpy backend: "csr" or the naive "bincount"
     dff: DffConfig = field(default_factory=DffConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    voxels: VoxelStageConfig = field(default_factory=VoxelStageConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown preprocess backend {self.backend!r}; available: {list(BACKENDS)}")
+        if self.traces not in TRACE_METHODS:
+            raise ValueError(f"unknown trace extraction method {self.traces!r}; available: {list(TRACE_METHODS)}")
+        if self.backend == "torch" and self.spikes.method == "ar1_threshold":
+            raise ValueError("the torch backend runs spike methods 'oasis' or 'engine', not 'ar1_threshold'")
 
 
 @dataclass(frozen=True)
 class Preprocessed:
-    """Per-neuron results for one frame (arrays (N,) float32)."""
+    """Per-neuron results for one frame (arrays (N,) float32); voxel_dff (X/f, Y/f, Z) when enabled."""
 
     seq: int
     fluorescence: np.ndarray
     dff: np.ndarray
     spikes: SpikeEstimate
     ready: bool
+    voxel_dff: np.ndarray | None = None
+
+
+class _NumpyPath:
+    """Traces and dF/F on the CPU (compiled kernels)."""
+
+    def __init__(self, segmentation: np.ndarray, cfg: PreprocessConfig) -> None:
+        self.traces = TraceExtractor(segmentation, cfg.traces)
+        self.n_neurons = self.traces.n_neurons
+        self.reset(cfg)
+
+    def reset(self, cfg: PreprocessConfig) -> None:
+        self.dff = CausalDff(self.n_neurons, cfg.dff)
+
+    def process(self, volume: np.ndarray) -> tuple[np.ndarray, TraceStats]:
+        return self.traces.process_with_stats(volume)
+
+    def dff_step(self, f: np.ndarray) -> tuple[np.ndarray, DffStats]:
+        return self.dff.process(f)
+
+
+class _TorchPath:
+    """Traces and dF/F on a torch device; the dF/F tensor stays there for the torch OASIS."""
+
+    def __init__(self, segmentation: np.ndarray, cfg: PreprocessConfig) -> None:
+        from realtime.traces_torch import TorchTraceExtractor
+        self.traces = TorchTraceExtractor(segmentation, cfg.device)
+        self.n_neurons = self.traces.n_neurons
+        self.reset(cfg)
+
+    def reset(self, cfg: PreprocessConfig) -> None:
+        from realtime.dff_torch import TorchCausalDff
+        self.dff = TorchCausalDff(self.n_neurons, cfg.dff, cfg.device)
+        self.dff_device: Any = None
+
+    def process(self, volume: np.ndarray) -> tuple[Any, TraceStats]:
+        return self.traces.process_with_stats(volume)
+
+    def dff_step(self, f: Any) -> tuple[np.ndarray, DffStats]:
+        self.dff_device, stats = self.dff.process(f)
+        return self.dff_device.cpu().numpy(), stats
 
 
 class Preprocess:
-    """Stage 2. Non-finite samples and floored baselines are repaired and counted, never fatal."""
+    """Stage 2: setup / process / close."""
 
     def __init__(self, segmentation: np.ndarray, cfg: PreprocessConfig, frame_period_s: float,
                  metrics: Metrics) -> None:
         self.cfg = cfg
         self.frame_period_s = frame_period_s
         self.metrics = metrics
-        self.traces = TraceExtractor(segmentation)
-        self.n_neurons = self.traces.n_neurons
+        self.path = _TorchPath(segmentation, cfg) if cfg.backend == "torch" else _NumpyPath(segmentation, cfg)
+        self.n_neurons = self.path.n_neurons
+        self.volume_shape = tuple(segmentation.shape)
         self._latency = metrics.latency("preprocess")
-        self._nonfinite = metrics.values_invalid.labels(kind="nonfinite_fluorescence")
-        self._floored = metrics.values_invalid.labels(kind="floored_baseline")
+        invalid = metrics.values_invalid
+        self._count = {k: invalid.labels(kind=k) for k in
+                       ("nonfinite_fluorescence", "floored_baseline", "saturated_neuron", "nonfinite_voxel",
+                        "floored_voxel_baseline")}
         self._overrun = metrics.frames_invalid.labels(reason="shm_overrun")
         self.setup()
 
     def setup(self) -> None:
-        self.dff = CausalDff(self.n_neurons, self.cfg.dff)
-        self.spikes = CausalSpikes(self.n_neurons, self.cfg.spikes, self.frame_period_s)
+        """Fresh online state (dF/F windows, spike estimator, voxel baselines)."""
+        seg_shape = self.volume_shape
+        self.path.reset(self.cfg)
+        self.spikes = self._make_spikes()
+        self.voxels: VoxelDff | None = None
+        if self.cfg.voxels.enabled:
+            f = self.cfg.voxels.factor
+            self.voxels = VoxelDff((seg_shape[0] // f, seg_shape[1] // f, seg_shape[2]), self.cfg.voxels.dff)
+            self._ds = np.empty(self.voxels.shape, np.float32)
+
+    def _make_spikes(self) -> Any:
+        if self.cfg.backend == "torch" and self.cfg.spikes.method == "oasis":
+            from realtime.oasis_torch import TorchStreamingOasis
+            est = OasisSpikes(self.n_neurons, self.cfg.spikes, self.frame_period_s)
+            est.oasis = TorchStreamingOasis(self.n_neurons, None, self.cfg.spikes.oasis, self.frame_period_s,
+                                            device=self.cfg.device)
+            return est
+        return make_spike_estimator(self.n_neurons, self.cfg.spikes, self.frame_period_s)
 
     def process(self, frame: Frame) -> Preprocessed | None:
         """One frame -> per-neuron results; None (counted) if its shared-memory slot was reused while
-        the traces were extracted, before any state was touched."""
-        f = self.traces.process(frame.data)
+        it was read, before any state was touched."""
+        f, tstats = self.path.process(frame.data)
+        voxel_in = self._downsample(frame.data)
         if not frame.intact():
             self._overrun.inc()
             return None
-        dff, stats = self.dff.process(f)
-        if stats.nonfinite:
-            self._nonfinite.inc(stats.nonfinite)
-        if stats.floored:
-            self._floored.inc(stats.floored)
-        spikes = self.spikes.process(dff)
+        self._inc("saturated_neuron", tstats.saturated_neurons)
+        dff, stats = self.path.dff_step(f)
+        self._inc("nonfinite_fluorescence", stats.nonfinite)
+        self._inc("floored_baseline", stats.floored)
+        dev = getattr(self.path, "dff_device", None)
+        spikes = self.spikes.process(dff if dev is None or self.cfg.spikes.method != "oasis" else dev)
+        voxel_dff = self._voxel_dff(voxel_in)
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
-        return Preprocessed(frame.header.seq, f, dff, spikes, ready=self.dff.ready)
+        f_np = f if isinstance(f, np.ndarray) else f.cpu().numpy()
+        return Preprocessed(frame.header.seq, f_np, dff, spikes, self.path.dff.ready, voxel_dff)
+
+    def _downsample(self, volume: np.ndarray) -> np.ndarray | None:
+        if self.voxels is None:
+            return None
+        return downsample_xy(volume, self.cfg.voxels.factor, out=self._ds)
+
+    def _voxel_dff(self, ds: np.ndarray | None) -> np.ndarray | None:
+        if ds is None or self.voxels is None:
+            return None
+        out, stats = self.voxels.process(ds)
+        self._inc("nonfinite_voxel", stats.nonfinite)
+        self._inc("floored_voxel_baseline", stats.floored)
+        return out
+
+    def _inc(self, kind: str, n: int) -> None:
+        if n:
+            self._count[kind].inc(n)
 
     def close(self) -> None:
         pass
+

@@ -1,37 +1,53 @@
-"""Causal spike inference, first method: thresholded AR(1) inversion of dF/F.
+"""Causal spike inference from dF/F, one frame at a time, by one of three methods behind one interface.
 
-Calcium follows c_t = g * c_{t-1} + s_t, and dF/F ~ a * c. Inverting one step gives
-s_t ~ (dff_t - g * dff_{t-1}) / a, which sees only the current and the previous frame. The per-neuron
-decay g and noise level sigma are estimated on the first `warmup` frames (g from the ratio of
-lag-2 to lag-1 autocovariance unless `tau_decay_s` fixes it; sigma from the median absolute first difference);
-residuals below `threshold_sigma * sigma` count as no spike. Outputs an expected spike count per frame,
-the rate (count / dt) and the probability of at least one spike, 1 - exp(-rate * dt).
+  oasis          streaming thresholded AR(1) deconvolution (realtime.oasis), parameters per neuron from
+                 the first `oasis.warmup` frames (the default)
+  engine         the learned causal spike net, an exported engine with task "spikes" (ONNX Runtime),
+                 fed the last C frames of dF/F
+  ar1_threshold  one-step AR(1) inversion with a noise threshold (the walking skeleton's method)
+
+Every method outputs, per neuron and frame, the expected spike count, the rate (count / dt) and the
+probability of at least one spike, 1 - exp(-rate * dt): what the Sparse Brain Model consumes.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+
+from realtime.engine import EngineError, load_engine
+from realtime.oasis import OasisConfig, StreamingOasis
+
+METHODS = ("oasis", "engine", "ar1_threshold")
 
 
 @dataclass(frozen=True)
 class SpikeConfig:
-    """Parameters of the causal AR(1) spike estimator."""
+    """Which estimator, and its parameters."""
 
-    method: str = "ar1_threshold"
+    method: str = "oasis"
+    dff_per_spike: float = 0.2        # a: dF/F of one spike; converts deconvolved amounts to counts
+    oasis: OasisConfig = field(default_factory=OasisConfig)
+    engine: str = ""                  # method "engine": engine version dir or registry name dir
+    engine_threads: int = 1
+    # ar1_threshold only
     warmup: int = 30
     tau_decay_s: float = 0.0          # 0 = estimate the decay per neuron on warm-up data
-    dff_per_spike: float = 0.2        # a: dF/F jump of one spike, converts residuals to counts
     threshold_sigma: float = 2.0
     min_decay: float = 0.05
     max_decay: float = 0.98
 
     def __post_init__(self) -> None:
-        if self.method != "ar1_threshold":
-            raise ValueError(f"unknown spike inference method {self.method!r} (available: ar1_threshold)")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown spike inference method {self.method!r} (available: {', '.join(METHODS)})")
         if self.warmup < 3 or self.dff_per_spike <= 0 or self.threshold_sigma < 0:
             raise ValueError("warmup must be >= 3, dff_per_spike > 0, threshold_sigma >= 0")
+        if self.method == "engine" and not self.engine:
+            raise ValueError("spike method 'engine' needs `engine` = an exported spike engine directory")
+        if self.engine_threads < 1:
+            raise ValueError(f"engine_threads must be >= 1, got {self.engine_threads}")
 
 
 @dataclass(frozen=True)
@@ -42,9 +58,84 @@ class SpikeEstimate:
     rate_hz: np.ndarray
     prob: np.ndarray
 
+    @classmethod
+    def from_count(cls, count: np.ndarray, dt: float) -> "SpikeEstimate":
+        """Counts per frame (clipped at 0) -> count, rate = count / dt, prob = 1 - exp(-rate * dt)."""
+        count = np.maximum(count, 0.0).astype(np.float32, copy=False)
+        return cls(count, count / np.float32(dt), (-np.expm1(-count)).astype(np.float32))
+
+
+class SpikeEstimator(Protocol):
+    """What the preprocess stage needs from a method."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def process(self, dff: np.ndarray) -> SpikeEstimate: ...
+
+
+def make_spike_estimator(n_neurons: int, cfg: SpikeConfig, frame_period_s: float) -> SpikeEstimator:
+    """The configured method for n_neurons at the rig's frame period."""
+    if cfg.method == "oasis":
+        return OasisSpikes(n_neurons, cfg, frame_period_s)
+    if cfg.method == "engine":
+        return EngineSpikes(n_neurons, cfg, frame_period_s)
+    return CausalSpikes(n_neurons, cfg, frame_period_s)
+
+
+class OasisSpikes:
+    """Streaming OASIS; counts = deconvolved amount / dff_per_spike, for frame t - oasis.lag."""
+
+    def __init__(self, n_neurons: int, cfg: SpikeConfig, frame_period_s: float) -> None:
+        self.cfg, self.dt = cfg, frame_period_s
+        self.oasis = StreamingOasis(n_neurons, None, cfg.oasis, frame_period_s)
+        self._zero = SpikeEstimate.from_count(np.zeros(n_neurons, np.float32), frame_period_s)
+
+    @property
+    def ready(self) -> bool:
+        return self.oasis.ready and self.oasis.frames > self.cfg.oasis.lag
+
+    def process(self, dff: np.ndarray) -> SpikeEstimate:
+        s = self.oasis.process(dff)
+        if not isinstance(s, np.ndarray):                     # TorchStreamingOasis: a tensor on its device
+            s = s.cpu().numpy()
+        if not self.ready:
+            return self._zero
+        return SpikeEstimate.from_count(s / np.float32(self.cfg.dff_per_spike), self.dt)
+
+
+class EngineSpikes:
+    """The learned causal net: a ring of the last C dF/F frames -> engine -> counts of the current frame."""
+
+    def __init__(self, n_neurons: int, cfg: SpikeConfig, frame_period_s: float) -> None:
+        self.engine = load_engine(cfg.engine, threads=cfg.engine_threads)
+        m = self.engine.manifest
+        if m.task != "spikes":
+            raise EngineError(f"{m.path}: spike method 'engine' needs a task 'spikes' engine, this one is "
+                              f"{m.task!r}")
+        self.engine.check_neurons(n_neurons)
+        self.dt, self.frames = frame_period_s, 0
+        self._ring = np.zeros((2 * m.context, n_neurons), np.float32)   # doubled: each window is one slice
+        self._zero = SpikeEstimate.from_count(np.zeros(n_neurons, np.float32), frame_period_s)
+
+    @property
+    def ready(self) -> bool:
+        return self.frames >= self.engine.manifest.context
+
+    def process(self, dff: np.ndarray) -> SpikeEstimate:
+        c = self.engine.manifest.context
+        i = self.frames % c
+        self._ring[i] = self._ring[i + c] = dff
+        self.frames += 1
+        if not self.ready:
+            return self._zero
+        window = self._ring[i + 1:i + 1 + c]                             # (C, N), oldest first
+        return SpikeEstimate.from_count(self.engine.run(window)[0], self.dt)
+
 
 class CausalSpikes:
-    """Streaming spike estimates from dF/F; zeros (and `ready` False) during warm-up."""
+    """One-step AR(1) inversion: s_t ~ (dff_t - g dff_{t-1}) / a above `threshold_sigma` noise; g and sigma
+    per neuron from the first `warmup` frames (g = acov(2)/acov(1), unbiased by white noise)."""
 
     def __init__(self, n_neurons: int, config: SpikeConfig, frame_period_s: float) -> None:
         self.cfg = config
@@ -61,29 +152,25 @@ class CausalSpikes:
         return self.frames >= self.cfg.warmup
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
-        """dff (N,) -> spike estimate for this frame."""
+        """dff (N,) -> spike estimate for this frame (zeros in warm-up)."""
         if not self.ready:
             self._warm[self.frames] = dff
             self.frames += 1
             if self.ready:
                 self._estimate(self._warm)
             self._prev = dff.astype(np.float32, copy=True)
-            zero = np.zeros(self.n, dtype=np.float32)
-            return SpikeEstimate(zero, zero, zero)
+            return SpikeEstimate.from_count(np.zeros(self.n, np.float32), self.dt)
         self.frames += 1
         resid = dff - self.decay * self._prev
         self._prev = dff.astype(np.float32, copy=True)
         count = np.where(resid > self.cfg.threshold_sigma * self.sigma, resid / self.cfg.dff_per_spike, 0.0)
-        count = count.astype(np.float32)
-        return SpikeEstimate(count, count / np.float32(self.dt), (1.0 - np.exp(-count)).astype(np.float32))
+        return SpikeEstimate.from_count(count, self.dt)
 
     def _estimate(self, x: np.ndarray) -> None:
         """Per-neuron decay and noise from warm-up data x (W, N)."""
         if self.cfg.tau_decay_s > 0:
             g = np.full(self.n, math.exp(-self.dt / self.cfg.tau_decay_s), dtype=np.float32)
         else:
-            # AR(1) + white noise: autocovariance(k) ~ g**k for k >= 1, so g = acov(2) / acov(1)
-            # is not biased by the noise variance (which only enters acov(0)).
             xc = x - x.mean(axis=0)
             acov1 = (xc[1:] * xc[:-1]).mean(axis=0)
             acov2 = (xc[2:] * xc[:-2]).mean(axis=0)
