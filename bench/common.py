@@ -52,10 +52,10 @@ def quantiles(seconds: np.ndarray) -> dict[str, float]:
 
 
 def print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
-    print(f"\n{title}\n{'stage':<12}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'n':>8}")
+    print(f"\n{title}\n{'stage':<18}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'n':>8}")
     for name, q in rows.items():
         if q.get("n"):
-            print(f"{name:<12}{q['p50_ms']:>10.2f}{q['p99_ms']:>10.2f}{q['max_ms']:>10.2f}{q['n']:>8}")
+            print(f"{name:<18}{q['p50_ms']:>10.2f}{q['p99_ms']:>10.2f}{q['max_ms']:>10.2f}{q['n']:>8}")
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
