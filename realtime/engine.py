@@ -219,6 +219,14 @@ class OnnxEngine:
         if self._in not in names[0] or self._out not in names[1]:
             raise EngineError(f"{onnx_path}: graph IO {names} does not match the manifest "
                               f"({self._in!r} -> {self._out!r})")
+        self.n_neurons = self.manifest.n_neurons
+
+    @property
+    def any_neurons(self) -> bool:
+        """True for a 'spikes' engine with a symbolic neuron axis: the same per-neuron weights serve any
+        N (a forecaster's weights or normalisation may be per neuron, so its N must match)."""
+        m = self.manifest
+        return m.task == "spikes" and isinstance(m.inputs[0].shape[2], str)
 
     @property
     def version(self) -> str:
@@ -226,7 +234,11 @@ class OnnxEngine:
         return f"{self.manifest.name}/{self.manifest.version}"
 
     def check_neurons(self, n: int) -> None:
-        """Raise EngineError unless the pipeline's neuron count matches the engine's."""
+        """Raise EngineError unless the pipeline's neuron count matches the engine's; an engine that
+        serves any N (see `any_neurons`) takes the pipeline's."""
+        if self.any_neurons and n >= 1:
+            self.n_neurons = n
+            return
         if n != self.manifest.n_neurons:
             raise EngineError(f"engine {self.version} was trained on {self.manifest.n_neurons} neurons, "
                               f"the pipeline has {n}")
@@ -237,12 +249,12 @@ class OnnxEngine:
         if not isinstance(context, np.ndarray) or context.dtype != np.float32:
             raise EngineError(f"engine {self.version}: context must be a float32 ndarray, got "
                               f"{getattr(context, 'dtype', type(context).__name__)}")
-        if context.shape != (m.context, m.n_neurons):
+        if context.shape != (m.context, self.n_neurons):
             raise EngineError(f"engine {self.version}: context shape {context.shape} != "
-                              f"(C, N) = {(m.context, m.n_neurons)}")
+                              f"(C, N) = {(m.context, self.n_neurons)}")
         x = np.ascontiguousarray(context)[None]  # (1, C, N)
         y = self.session.run([self._out], {self._in: x})[0]
-        if y.shape != (1, m.horizon, m.n_neurons):
+        if y.shape != (1, m.horizon, self.n_neurons):
             raise EngineError(f"engine {self.version}: output shape {y.shape} != (1, H, N)")
         return y[0]  # (H, N)
 

@@ -198,3 +198,19 @@ def test_pipeline_stages_take_only_their_own_task(spikes_engine: Path) -> None:
     assert not outs[m.context - 2].count.any() and est.ready
     window = np.ascontiguousarray(frames[-m.context:])
     np.testing.assert_allclose(outs[-1].count, np.maximum(engine.run(window)[0], 0), rtol=1e-6)
+
+
+def test_a_spikes_engine_serves_any_neuron_count(spikes_engine: Path) -> None:
+    """Per-neuron weights: the engine declared for the training fish runs at another N (e.g. a rig's)."""
+    engine = load_engine(spikes_engine)
+    m = engine.manifest
+    n = m.n_neurons + 17
+    engine.check_neurons(n)
+    ctx = np.random.default_rng(1).normal(0.0, 0.05, (m.context, n)).astype(np.float32)
+    out = engine.run(ctx)
+    assert out.shape == (1, n)
+    declared = load_engine(spikes_engine)                    # still at the manifest's N
+    np.testing.assert_allclose(out[0, :m.n_neurons], declared.run(ctx[:, :m.n_neurons].copy())[0],
+                               rtol=1e-5, atol=1e-7)   # each neuron sees only its own window
+    with pytest.raises(EngineError, match="context shape"):
+        engine.run(ctx[:, :m.n_neurons].copy())
