@@ -2,6 +2,8 @@
 through the real stages, forecasts stamped with their frame, engine errors escalated, bad engines refused."""
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 from typing import Callable
 
@@ -43,12 +45,12 @@ def test_pipeline_on_a_recording_matches_the_offline_reference(loop_setup: tuple
     dffs: list[np.ndarray] = []
     pipe.preprocess.process = _capturing_dff(pipe.preprocess.process, dffs)
     report = pipe.run()
-    forecasts = [decode_forecast(m) for m in sub.recv_all(500, limit=1000)]
+    first = max(cfg.pipeline.preprocess.dff.warmup, cfg.train.context) - 1
+    forecasts = [decode_forecast(m) for m in receive(sub, FRAMES - first)]
     pipe.close()
     sub.close()
 
     assert report.frames == FRAMES
-    first = max(cfg.pipeline.preprocess.dff.warmup, cfg.train.context) - 1
     assert [f.header.seq for f in forecasts] == list(range(first, FRAMES))
     assert all(f.header.frame["stimulus"] == pytest.approx(rec.stimuli()[f.header.seq].tolist())
                for f in forecasts)
@@ -56,6 +58,15 @@ def test_pipeline_on_a_recording_matches_the_offline_reference(loop_setup: tuple
     f_ref = np.stack([extractor.process(rec.read_volume(t)) for t in range(FRAMES)])
     ref = causal_dff_reference(f_ref, cfg.pipeline.preprocess.dff)
     np.testing.assert_allclose(np.stack(dffs), ref, atol=1e-6)
+
+
+def receive(sub: Subscriber, n: int, timeout_s: float = 10.0) -> list:
+    """Up to n messages: the last forecasts may still be in flight on TCP when the pipeline returns."""
+    msgs: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(msgs) < n and time.monotonic() < deadline:
+        msgs += sub.recv_all(200, limit=1000)
+    return msgs
 
 
 def _capturing_dff(process: Callable[[Frame], Preprocessed], sink: list[np.ndarray]) -> Callable[[Frame], Preprocessed]:
