@@ -69,7 +69,7 @@ def export_checkpoint(cfg: LoopcastConfig, ckpt: Path, rec: Recording | None = N
         raise UserError(f"no checkpoint at {ckpt}; run `loopcast train` first")
     saved: dict[str, Any] = torch.load(ckpt, map_location="cpu", weights_only=False)
     tcfg = from_dict(TrainConfig, saved["train"], "train")
-    model = build_model(tcfg.model, tcfg.model_config())
+    model = build_model(tcfg.model, tcfg.model_config(n_neurons=saved["n_neurons"]))
     model.load_state_dict(saved["state_dict"])
     window = None
     if rec is not None:

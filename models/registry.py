@@ -5,6 +5,7 @@ inference networks (offline_training.spike_train). `build_model` builds either.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -13,16 +14,26 @@ from loopcast.config import from_dict
 from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
 from models.linear import NLinear, NLinearConfig
 from models.spikenet import SpikeNet, SpikeNetConfig
+from models.tsmixer import TimeMix, TimeMixConfig, TSMixer, TSMixerConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "nlinear": (NLinearConfig, NLinear),
     "mean": (MeanBaselineConfig, MeanBaseline),
     "last": (LastValueConfig, LastValue),
+    "tsmixer": (TSMixerConfig, TSMixer),
+    "timemix": (TimeMixConfig, TimeMix),
 }
 SPIKE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "spikenet": (SpikeNetConfig, SpikeNet),
 }
 _ALL = {**MODELS, **SPIKE_MODELS}
+
+
+def config_fields(name: str) -> set[str]:
+    """The field names of model `name`'s config dataclass."""
+    if name not in _ALL:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(_ALL)}")
+    return {f.name for f in dataclasses.fields(_ALL[name][0])}
 
 
 def model_config(name: str, config: dict[str, Any]) -> Any:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from loopcast.config import from_dict, to_dict
 from models.baselines import MeanBaseline, MeanBaselineConfig
-from models.registry import MODELS, build_model
+from models.registry import MODELS, build_model, config_fields
 from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
 
 
@@ -51,9 +51,13 @@ class TrainConfig:
         if self.patience < 1 or self.steps_per_epoch < 0:
             raise ValueError("patience must be >= 1 and steps_per_epoch >= 0")
 
-    def model_config(self) -> dict[str, Any]:
-        """The model's own config mapping (for models.registry.build_model)."""
-        return {"context": self.context, "horizon": self.horizon}
+    def model_config(self, n_neurons: int | None = None) -> dict[str, Any]:
+        """The model's own config mapping (for models.registry.build_model); models that mix neurons
+        (e.g. TSMixer) also get the data's neuron count."""
+        out: dict[str, Any] = {"context": self.context, "horizon": self.horizon}
+        if n_neurons is not None and "n_neurons" in config_fields(self.model):
+            out["n_neurons"] = n_neurons
+        return out
 
     def splits(self, offsets: Sequence[int]) -> list[ConditionSplit]:
         """ZAPBench condition splits for this context length."""
@@ -107,7 +111,7 @@ def train(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig = TrainCo
     val_starts = split_windows(splits, "val", cfg.context, cfg.horizon)
     if len(train_starts) == 0 or not any(len(v) for v in val_starts.values()):
         raise ValueError("traces too short: no train or no val windows for this context/horizon")
-    model = build_model(cfg.model, cfg.model_config())
+    model = build_model(cfg.model, cfg.model_config(n_neurons=traces.shape[1]))
     params = [p for p in model.parameters() if p.requires_grad]
     state = _TrainState(best_state=copy.deepcopy(model.state_dict()))
     if params:

@@ -126,3 +126,21 @@ def test_failed_export_leaves_no_version(tmp_path: Path, trained: TrainResult) -
                       parity_input=np.zeros((3, 64), dtype=np.float32))
     assert list_engines(tmp_path) == {}
     assert list((tmp_path / "nlinear-c4-h8").iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["tsmixer", "timemix"])
+def test_mixer_models_train_export_and_run_in_the_engine_runtime(model: str, tmp_path: Path, traces: np.ndarray,
+                                                                 offsets: tuple[int, ...]) -> None:
+    """TSMixer gets the data's neuron count from training; both export with parity and run in ORT."""
+    cfg = dataclasses.replace(CFG, model=model, max_epochs=2)
+    result = train(traces, offsets, cfg, progress=False)
+    n = traces.shape[1]
+    assert getattr(result.model.config, "n_neurons", n) == n
+    path = export_engine(result.model, cfg, tmp_path, n, result.metrics, data_fingerprint(traces, offsets),
+                         "synthetic:test", parity_input=first_window(traces, offsets, cfg))
+    engine = OnnxEngine(path)
+    assert engine.manifest.model == model
+    window = first_window(traces, offsets, cfg)
+    with torch.no_grad():
+        expected = result.model(torch.from_numpy(window)[None])[0].numpy()
+    np.testing.assert_allclose(engine.run(window), expected, atol=1e-5)
