@@ -15,7 +15,7 @@ import numpy as np
 
 from realtime.dff import CausalDff, DffConfig, DffStats
 from realtime.metrics import Metrics
-from realtime.spikes import OasisSpikes, SpikeConfig, SpikeEstimate, make_spike_estimator
+from realtime.spikes import SpikeConfig, SpikeEstimate, make_spike_estimator
 from realtime.traces import METHODS as TRACE_METHODS
 from realtime.traces import TraceExtractor, TraceStats
 from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
@@ -79,8 +79,10 @@ class _NumpyPath:
     def process(self, volume: np.ndarray) -> tuple[np.ndarray, TraceStats]:
         return self.traces.process_with_stats(volume)
 
-    def dff_step(self, f: np.ndarray) -> tuple[np.ndarray, DffStats]:
-        return self.dff.process(f)
+    def dff_step(self, f: np.ndarray) -> tuple[np.ndarray, DffStats, np.ndarray]:
+        """f -> (dF/F, repair stats, the spike estimator's input: the same dF/F)."""
+        dff, stats = self.dff.process(f)
+        return dff, stats, dff
 
 
 class _TorchPath:
@@ -95,14 +97,17 @@ class _TorchPath:
     def reset(self, cfg: PreprocessConfig) -> None:
         from realtime.dff_torch import TorchCausalDff
         self.dff = TorchCausalDff(self.n_neurons, cfg.dff, cfg.device)
-        self.dff_device: Any = None
+        self._spikes_on_device = cfg.spikes.method == "oasis"
 
     def process(self, volume: np.ndarray) -> tuple[Any, TraceStats]:
         return self.traces.process_with_stats(volume)
 
-    def dff_step(self, f: Any) -> tuple[np.ndarray, DffStats]:
-        self.dff_device, stats = self.dff.process(f)
-        return self.dff_device.cpu().numpy(), stats
+    def dff_step(self, f: Any) -> tuple[np.ndarray, DffStats, Any]:
+        """f -> (dF/F as numpy, repair stats, the spike estimator's input: the device tensor for the
+        torch OASIS, else the numpy copy)."""
+        on_device, stats = self.dff.process(f)
+        dff = on_device.cpu().numpy()
+        return dff, stats, on_device if self._spikes_on_device else dff
 
 
 class Preprocess:
@@ -126,23 +131,15 @@ class Preprocess:
 
     def setup(self) -> None:
         """Fresh online state (dF/F windows, spike estimator, voxel baselines)."""
-        seg_shape = self.volume_shape
         self.path.reset(self.cfg)
-        self.spikes = self._make_spikes()
+        device = self.cfg.device if self.cfg.backend == "torch" else None
+        self.spikes = make_spike_estimator(self.n_neurons, self.cfg.spikes, self.frame_period_s, device)
         self.voxels: VoxelDff | None = None
         if self.cfg.voxels.enabled:
+            x, y, z = self.volume_shape
             f = self.cfg.voxels.factor
-            self.voxels = VoxelDff((seg_shape[0] // f, seg_shape[1] // f, seg_shape[2]), self.cfg.voxels.dff)
+            self.voxels = VoxelDff((x // f, y // f, z), self.cfg.voxels.dff)
             self._ds = np.empty(self.voxels.shape, np.float32)
-
-    def _make_spikes(self) -> Any:
-        if self.cfg.backend == "torch" and self.cfg.spikes.method == "oasis":
-            from realtime.oasis_torch import TorchStreamingOasis
-            est = OasisSpikes(self.n_neurons, self.cfg.spikes, self.frame_period_s)
-            est.oasis = TorchStreamingOasis(self.n_neurons, None, self.cfg.spikes.oasis, self.frame_period_s,
-                                            device=self.cfg.device)
-            return est
-        return make_spike_estimator(self.n_neurons, self.cfg.spikes, self.frame_period_s)
 
     def process(self, frame: Frame) -> Preprocessed | None:
         """One frame -> per-neuron results; None (counted) if its shared-memory slot was reused while
@@ -153,11 +150,10 @@ class Preprocess:
             self._overrun.inc()
             return None
         self._inc("saturated_neuron", tstats.saturated_neurons)
-        dff, stats = self.path.dff_step(f)
+        dff, stats, spike_in = self.path.dff_step(f)
         self._inc("nonfinite_fluorescence", stats.nonfinite)
         self._inc("floored_baseline", stats.floored)
-        dev = getattr(self.path, "dff_device", None)
-        spikes = self.spikes.process(dff if dev is None or self.cfg.spikes.method != "oasis" else dev)
+        spikes = self.spikes.process(spike_in)
         voxel_dff = self._voxel_dff(voxel_in)
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
         f_np = f if isinstance(f, np.ndarray) else f.cpu().numpy()

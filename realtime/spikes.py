@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -74,10 +74,12 @@ class SpikeEstimator(Protocol):
     def process(self, dff: np.ndarray) -> SpikeEstimate: ...
 
 
-def make_spike_estimator(n_neurons: int, cfg: SpikeConfig, frame_period_s: float) -> SpikeEstimator:
-    """The configured method for n_neurons at the rig's frame period."""
+def make_spike_estimator(n_neurons: int, cfg: SpikeConfig, frame_period_s: float,
+                         device: str | None = None) -> SpikeEstimator:
+    """The configured method for n_neurons at the rig's frame period; `device` (torch backend) runs
+    OASIS there and takes its dF/F as a tensor on that device."""
     if cfg.method == "oasis":
-        return OasisSpikes(n_neurons, cfg, frame_period_s)
+        return OasisSpikes(n_neurons, cfg, frame_period_s, device)
     if cfg.method == "engine":
         return EngineSpikes(n_neurons, cfg, frame_period_s)
     return CausalSpikes(n_neurons, cfg, frame_period_s)
@@ -86,9 +88,14 @@ def make_spike_estimator(n_neurons: int, cfg: SpikeConfig, frame_period_s: float
 class OasisSpikes:
     """Streaming OASIS; counts = deconvolved amount / dff_per_spike, for frame t - oasis.lag."""
 
-    def __init__(self, n_neurons: int, cfg: SpikeConfig, frame_period_s: float) -> None:
+    def __init__(self, n_neurons: int, cfg: SpikeConfig, frame_period_s: float,
+                 device: str | None = None) -> None:
         self.cfg, self.dt = cfg, frame_period_s
-        self.oasis = StreamingOasis(n_neurons, None, cfg.oasis, frame_period_s)
+        if device is None:
+            self.oasis: Any = StreamingOasis(n_neurons, None, cfg.oasis, frame_period_s)
+        else:
+            from realtime.oasis_torch import TorchStreamingOasis
+            self.oasis = TorchStreamingOasis(n_neurons, None, cfg.oasis, frame_period_s, device=device)
         self._zero = SpikeEstimate.from_count(np.zeros(n_neurons, np.float32), frame_period_s)
 
     @property
