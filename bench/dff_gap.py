@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_result  # noqa: E402
+from common import column_r, write_result  # noqa: E402
 
 from loopcast.config import to_dict  # noqa: E402
 
@@ -33,11 +33,8 @@ FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dff_gap.png
 
 
 def rowwise_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r per column of two (T, N) arrays (0 where either column is constant)."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    return np.divide((a * b).sum(0), den, out=np.zeros(a.shape[1]), where=den > 0)
+    """Pearson r per column (0 where either column is constant)."""
+    return column_r(a, b, fill=0.0)
 
 
 def measure(raw: np.ndarray, truth: np.ndarray, cfg: DffConfig) -> tuple[dict, dict]:

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_result  # noqa: E402
+from common import column_r, write_result  # noqa: E402
 
 from realtime.dff import DffConfig, causal_dff  # noqa: E402
 from realtime.oasis import OasisConfig, StreamingOasis, estimate_params, oasis_offline  # noqa: E402
@@ -35,14 +35,6 @@ from replay.synth import SynthConfig, synthesize  # noqa: E402
 
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "spike_accuracy.png"
 HELD_OUT_SEED = 9000           # training (offline_training/spike_train.py) uses small seeds
-
-
-def columns_r(est: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per-neuron Pearson r of (T, N) arrays; NaN where either column is constant."""
-    a, b = est - est.mean(0), true - true.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(0) / den, np.nan)
 
 
 def smooth(x: np.ndarray) -> np.ndarray:
@@ -97,8 +89,8 @@ def evaluate(snr: float, args: argparse.Namespace, work: Path) -> tuple[dict, di
     active = true[start:].sum(0) > 0
     scores = {}
     for name, e in est.items():
-        r = columns_r(e[start:], true[start:])[active]
-        rs = columns_r(smooth(e[start:]), smooth(true[start:]))[active]
+        r = column_r(e[start:], true[start:])[active]
+        rs = column_r(smooth(e[start:]), smooth(true[start:]))[active]
         scores[name] = {"median_r": float(np.nanmedian(r)), "q25_r": float(np.nanpercentile(r, 25)),
                         "q75_r": float(np.nanpercentile(r, 75)), "median_r_smoothed": float(np.nanmedian(rs))}
     return scores, {"neurons_scored": int(active.sum()), "frames_scored": int(args.frames - start)}
