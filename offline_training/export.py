@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import shutil
@@ -30,13 +31,16 @@ from offline_training.train import TrainConfig
 FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
 INPUT_NAME = "context"
+COVARIATES_NAME = "covariates"
 OUTPUT_NAME = "forecast"
 TASKS = ("forecast", "spikes")
 OUTPUT_NAMES = {"forecast": OUTPUT_NAME, "spikes": "spikes"}
 ONNX_FILE = "model.onnx"
+TORCH_FILE = "model.pt2"
 CONFIG_FILE = "config.toml"
 MANIFEST_FILE = "manifest.json"
 PARITY_TOLERANCE = 1e-5
+log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
@@ -62,7 +66,8 @@ class ExportConfig(Protocol):
 
 def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, registry_dir: str | Path,
                   n_neurons: int, metrics: dict[str, Any], data_fingerprint: str, data_source: str,
-                  parity_input: np.ndarray | None = None, name: str | None = None,
+                  parity_input: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
+                  name: str | None = None,
                   tolerance: float = PARITY_TOLERANCE, task: str = "forecast") -> Path:
     """Write a new engine version under `<registry_dir>/<name>/` and return its directory."""
     if task not in TASKS:
@@ -73,15 +78,22 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
     name = name or engine_name(train_cfg.model, train_cfg.context, train_cfg.horizon)
     model = model.eval()
     output = OUTPUT_NAMES[task]
+    k = n_covariates(model)
     staged = staging_dir(registry_dir, name)
     try:
-        dynamic_n = export_onnx(model, staged / ONNX_FILE, train_cfg.context, n_neurons, output)
-        inputs = parity_inputs(train_cfg.context, n_neurons, train_cfg.seed, parity_input)
+        dynamic_n = export_onnx(model, staged / ONNX_FILE, train_cfg.context, n_neurons, output,
+                                horizon=train_cfg.horizon, covariates=k)
+        inputs = parity_inputs(train_cfg.context, n_neurons, train_cfg.seed, parity_input,
+                               horizon=train_cfg.horizon, covariates=k)
         max_diff = check_parity(staged / ONNX_FILE, model, inputs, tolerance, output)
+        files = {"onnx": ONNX_FILE, "config": CONFIG_FILE}
+        if export_program(model, staged / TORCH_FILE, inputs[0], dynamic_n):
+            files["torch"] = TORCH_FILE
         dump_toml(train_cfg, staged / CONFIG_FILE)
         fields = dict(name=name, model=model, cfg=train_cfg, n_neurons=n_neurons, dynamic_n=dynamic_n,
                       metrics=metrics, max_diff=max_diff, tolerance=tolerance,
-                      data={"fingerprint": data_fingerprint, "source": data_source}, task=task)
+                      data={"fingerprint": data_fingerprint, "source": data_source}, task=task,
+                      n_covariates=k, files=files)
 
         def finalize(staged_dir: Path, version: str) -> None:
             manifest = build_manifest(version=version, **fields)
@@ -92,54 +104,114 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    prebuild_tensorrt(path)
     return path
 
 
+def prebuild_tensorrt(path: Path) -> str:
+    """Where TensorRT and CUDA exist, build the engine's fp16 plan now (cached beside the ONNX file,
+    parity-checked against ONNX Runtime, see realtime.engine_trt) so the rig never waits for a build.
+    Returns what happened; a failed build raises (an engine that cannot run on the rig is an error)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "skipped: tensorrt is not installed"
+    if not torch.cuda.is_available():
+        return "skipped: no CUDA device"
+    from realtime.engine_trt import TensorRTEngine
+    engine = TensorRTEngine(path)
+    engine.close()
+    log.info("built the TensorRT plan of %s (parity %s)", path, getattr(engine, "parity", None))
+    return "built"
+
+
+def n_covariates(model: nn.Module) -> int:
+    """K for a model that takes stimulus covariates (`uses_covariates`, config.n_covariates), else 0."""
+    if not getattr(model, "uses_covariates", False):
+        return 0
+    k = int(getattr(getattr(model, "config", None), "n_covariates", 0))
+    if k < 1:
+        raise ExportError(f"{type(model).__name__} uses covariates but its config has no n_covariates >= 1")
+    return k
+
+
+def _examples(context: int, n: int, horizon: int, covariates: int) -> tuple[torch.Tensor, ...]:
+    x = torch.zeros(2, context, n, dtype=torch.float32)                           # (B, C, N)
+    if not covariates:
+        return (x,)
+    return x, torch.zeros(2, context + horizon, covariates, dtype=torch.float32)   # (B, C + H, K)
+
+
 def export_onnx(model: nn.Module, path: Path, context: int, n_neurons: int,
-                output_name: str = OUTPUT_NAME) -> bool:
-    """Export with the dynamo exporter; dynamic batch and neurons if possible. Returns dynamic-N."""
+                output_name: str = OUTPUT_NAME, horizon: int = 1, covariates: int = 0) -> bool:
+    """Export with the dynamo exporter; dynamic batch and neurons if possible. Returns dynamic-N.
+    A covariate model gets a second input 'covariates' (B, C + H, K)."""
     batch = torch.export.Dim("batch")
     attempts = [(True, 7, {0: batch, 2: torch.export.Dim("neurons")}), (False, n_neurons, {0: batch})]
+    names = [INPUT_NAME, COVARIATES_NAME][:2 if covariates else 1]
     errors = []
     for dynamic_n, n, dims in attempts:
-        example = torch.zeros(2, context, n, dtype=torch.float32)
+        shapes = (dims, {0: batch}) if covariates else (dims,)
         try:
             with _quiet_exporter():
-                torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
-                                  output_names=[output_name], dynamic_shapes=(dims,), dynamo=True,
-                                  external_data=False, verbose=False)
+                torch.onnx.export(model, _examples(context, n, horizon, covariates), str(path),
+                                  input_names=names, output_names=[output_name], dynamic_shapes=shapes,
+                                  dynamo=True, external_data=False, verbose=False)
             return dynamic_n
         except Exception as exc:  # the exporter raises many types; keep the reasons
             errors.append(f"{'dynamic' if dynamic_n else 'static'} N: {type(exc).__name__}: {exc}")
     raise ExportError("ONNX export failed:\n" + "\n".join(errors))
 
 
+def export_program(model: nn.Module, path: Path, example: tuple[np.ndarray, ...], dynamic_n: bool) -> bool:
+    """Save the torch.export program (the 'torch' runtime's artifact) with the ONNX graph's dynamic
+    axes; False (and a warning) if torch.export cannot capture the model."""
+    batch = torch.export.Dim("batch")
+    dims = {0: batch, 2: torch.export.Dim("neurons")} if dynamic_n else {0: batch}
+    shapes = (dims, {0: batch})[:len(example)]
+    args = tuple(torch.from_numpy(np.ascontiguousarray(np.repeat(a, 2, axis=0)[:2])) for a in example)
+    try:
+        with _quiet_exporter():
+            program = torch.export.export(model, args, dynamic_shapes=shapes)
+            torch.export.save(program, str(path))
+        return True
+    except Exception as exc:  # torch.export raises many types
+        warnings.warn(f"no torch runtime artifact for {type(model).__name__}: {type(exc).__name__}: {exc}")
+        return False
+
+
 def parity_inputs(context: int, n_neurons: int, seed: int,
-                  real: np.ndarray | None = None) -> list[np.ndarray]:
-    """A seeded random batch (2, C, N) and, if given, a real window (C, N) as (1, C, N)."""
+                  real: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None, horizon: int = 1,
+                  covariates: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """Model inputs to compare runtimes on: a seeded random batch (2, C, N) [with covariates
+    (2, C + H, K)] and, if given, a real window (C, N) [or ((C, N), (C + H, K))] as a batch of 1."""
     rng = np.random.default_rng(seed)
-    inputs = [rng.normal(0.0, 0.3, size=(2, context, n_neurons)).astype(np.float32)]
+    batch = [rng.normal(0.0, 0.3, size=(2, context, n_neurons)).astype(np.float32)]
+    if covariates:
+        batch.append(rng.uniform(0.0, 1.0, size=(2, context + horizon, covariates)).astype(np.float32))
+    inputs = [tuple(batch)]
     if real is not None:
-        real = np.asarray(real, dtype=np.float32)
-        if real.shape != (context, n_neurons):
-            raise ExportError(f"parity_input shape {real.shape} != (C, N) = {(context, n_neurons)}")
-        inputs.append(np.ascontiguousarray(real[None]))
+        parts = tuple(real) if isinstance(real, tuple) else (real,)
+        want = [(context, n_neurons), (context + horizon, covariates)][:len(batch)]
+        got = [np.shape(p) for p in parts]
+        if got != want:
+            raise ExportError(f"parity_input shapes {got} != {want} ((C, N) [, (C + H, K)])")
+        inputs.append(tuple(np.ascontiguousarray(np.asarray(p, dtype=np.float32)[None]) for p in parts))
     return inputs
 
 
 @torch.no_grad()
-def check_parity(onnx_path: Path, model: nn.Module, inputs: list[np.ndarray],
+def check_parity(onnx_path: Path, model: nn.Module, inputs: list[tuple[np.ndarray, ...]],
                  tolerance: float = PARITY_TOLERANCE, output_name: str = OUTPUT_NAME) -> float:
     """Max abs difference between ONNX Runtime (CPU) and torch over `inputs`; raises past tolerance."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(torch.get_num_threads(), 1)
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     max_diff = 0.0
-    for x in inputs:
-        got = session.run([output_name], {INPUT_NAME: x})[0]
-        want = model(torch.from_numpy(x)).numpy()
+    for args in inputs:
+        args = args if isinstance(args, tuple) else (args,)
+        got = session.run([output_name], dict(zip([INPUT_NAME, COVARIATES_NAME], args)))[0]
+        want = model(*(torch.from_numpy(a) for a in args)).numpy()
         if got.shape != want.shape:
-            raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape} for input {x.shape}")
+            raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape} for input {args[0].shape}")
         max_diff = max(max_diff, float(np.max(np.abs(got - want))))
     if not max_diff <= tolerance:  # also catches NaN
         raise ExportError(f"ONNX Runtime vs torch max abs diff {max_diff:.3g} > tolerance {tolerance:g}")
@@ -148,7 +220,8 @@ def check_parity(onnx_path: Path, model: nn.Module, inputs: list[np.ndarray],
 
 def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig | ExportConfig,
                    n_neurons: int, dynamic_n: bool, metrics: dict[str, Any], max_diff: float,
-                   tolerance: float, data: dict[str, str], task: str = "forecast") -> dict[str, Any]:
+                   tolerance: float, data: dict[str, str], task: str = "forecast", n_covariates: int = 0,
+                   files: dict[str, str] | None = None) -> dict[str, Any]:
     """The manifest.json mapping (format_version 1) that realtime.engine.EngineManifest reads."""
     mcfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type):
@@ -162,14 +235,22 @@ def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig |
         "task": task, "model": cfg.model, "model_config": model_config,
         "context": cfg.context, "horizon": cfg.horizon,
         "lead_times": lead_times, "n_neurons": int(n_neurons),
-        "inputs": [{"name": INPUT_NAME, "shape": ["batch", cfg.context, neurons], "dtype": "float32"}],
+        "inputs": _input_specs(cfg.context, cfg.horizon, neurons, n_covariates),
         "outputs": [{"name": OUTPUT_NAMES[task], "shape": ["batch", cfg.horizon, neurons], "dtype": "float32"}],
         "normalisation": None, "metrics": metrics,
         "parity": {"max_abs_diff": max_diff, "tolerance": tolerance, "runtime": "onnxruntime-cpu"},
         "data": data, "code_version": code_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": {"onnx": ONNX_FILE, "config": CONFIG_FILE},
+        "files": files or {"onnx": ONNX_FILE, "config": CONFIG_FILE},
     }
+
+
+def _input_specs(context: int, horizon: int, neurons: str | int, covariates: int) -> list[dict[str, Any]]:
+    specs = [{"name": INPUT_NAME, "shape": ["batch", context, neurons], "dtype": "float32"}]
+    if covariates:
+        specs.append({"name": COVARIATES_NAME, "shape": ["batch", context + horizon, covariates],
+                      "dtype": "float32"})
+    return specs
 
 
 def code_version() -> str:
@@ -190,17 +271,23 @@ def code_version() -> str:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's torchvision notices and deprecation chatter."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence the exporter's torchvision notices, deprecation chatter, and the tracebacks torch logs
+    when a dynamic neuron axis is refused (export_onnx then retries with a static one)."""
+    names = ("torch.onnx._internal.exporter._registration", "torch._subclasses.fake_tensor",
+             "torch.export._trace", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _json_default(obj: Any) -> Any:

@@ -3,8 +3,14 @@
 An engine lives at `<registry>/<name>/<version>/` (written by offline_training). This module never
 imports torch, `models` or `offline_training`: the real-time side depends only on the artifact.
 Every runtime offers the same narrow interface (`Engine`): `manifest`, `version`,
-`check_neurons(n)`, `run(context (C, N)) -> forecast (H, N)`, so a TensorRT or torch runtime can
-sit beside `OnnxEngine` later.
+`check_neurons(n)`, `run(context (C, N)[, covariates (C+H, K)]) -> (H, N)` and `run_batch` for
+(B, C, N). `load_engine(path, runtime, device)` picks one: ONNX Runtime on CPU or CUDA (here),
+TensorRT (`realtime.engine_trt`, a serialized fp16 plan built from the ONNX file) or torch
+(`realtime.engine_torch`, the torch.export program saved beside the ONNX file); "auto" takes the
+fastest one available.
+
+An engine may take a second input, `covariates` [batch, C + H, K]: the stimulus covariates of the
+context steps followed by the H future steps (TiDE). `manifest.n_covariates` is K, 0 without one.
 
 The manifest's optional `task` says what the output means: "forecast" (the default, and what manifests
 without the field are: dF/F at lead times 1..H) or "spikes" (the expected spike count of the current
@@ -16,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +32,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 TASKS = ("forecast", "spikes")
+COVARIATES_INPUT = "covariates"
+RUNTIMES = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 class EngineError(RuntimeError):
@@ -64,6 +72,11 @@ class EngineManifest:
     data: dict[str, Any] | None = None
     code_version: str = ""
     created: str = ""
+
+    @property
+    def n_covariates(self) -> int:
+        """K of the optional 'covariates' input [batch, C + H, K]; 0 when the engine has none."""
+        return int(self.inputs[1].shape[2]) if len(self.inputs) > 1 else 0
 
     @property
     def engine_dir(self) -> Path:
@@ -154,12 +167,19 @@ def _validate(m: EngineManifest) -> None:
         raise bad(f"context, horizon and n_neurons must be >= 1 ({m.context}, {m.horizon}, {m.n_neurons})")
     if len(m.lead_times) != m.horizon or not all(isinstance(t, int) for t in m.lead_times):
         raise bad(f"lead_times must be {m.horizon} integers, got {list(m.lead_times)}")
-    if len(m.inputs) != 1 or len(m.outputs) != 1:
-        raise bad("exactly one input and one output are supported")
+    if len(m.inputs) not in (1, 2) or len(m.outputs) != 1:
+        raise bad("one input (plus an optional 'covariates' input) and one output are supported")
     for spec, steps in ((m.inputs[0], m.context), (m.outputs[0], m.horizon)):
         if len(spec.shape) != 3 or spec.shape[1] != steps or spec.dtype != "float32":
             raise bad(f"'{spec.name}' must be float32 [batch, {steps}, neurons], got "
                       f"{list(spec.shape)} {spec.dtype}")
+    if len(m.inputs) == 2:
+        cov = m.inputs[1]
+        ok = (cov.name == COVARIATES_INPUT and len(cov.shape) == 3 and cov.shape[1] == m.context + m.horizon
+              and isinstance(cov.shape[2], int) and cov.shape[2] >= 1 and cov.dtype == "float32")
+        if not ok:
+            raise bad(f"a second input must be float32 '{COVARIATES_INPUT}' [batch, C + H = "
+                      f"{m.context + m.horizon}, K >= 1], got {cov.name!r} {list(cov.shape)} {cov.dtype}")
     if "onnx" not in m.files:
         raise bad("'files' lacks 'onnx'")
 
@@ -168,13 +188,18 @@ class Engine(Protocol):
     """What the forecast stage needs from any runtime."""
 
     manifest: EngineManifest
+    n_neurons: int
 
     @property
     def version(self) -> str: ...
 
     def check_neurons(self, n: int) -> None: ...
 
-    def run(self, context: np.ndarray) -> np.ndarray: ...
+    def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray: ...
+
+    def run_batch(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 def resolve_engine(path: str | Path) -> Path:
@@ -195,31 +220,19 @@ def resolve_engine(path: str | Path) -> Path:
     raise EngineError(f"no engine at {p}; {hint}")
 
 
-class OnnxEngine:
-    """ONNX Runtime engine: (C, N) float32 context in, (H, N) float32 out (a forecast, or for a
-    'spikes' engine the current frame's expected spike counts, H = 1)."""
+class EngineBase:
+    """The runtime-independent part of every engine: the manifest, neuron-count rules and the
+    input/output checks. A runtime subclasses it and implements `_infer(x, cov) -> y` on
+    (B, C, N) [+ (B, C + H, K)] float32 arrays."""
 
-    def __init__(self, path: str | Path, threads: int = 1,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+    runtime = "base"
+
+    def __init__(self, path: str | Path) -> None:
         self.path = resolve_engine(path)
         self.manifest = EngineManifest.load(self.path / MANIFEST_FILE)
-        onnx_path = self.manifest.file("onnx")
-        if not onnx_path.is_file():
-            raise EngineError(f"{self.manifest.path}: ONNX file {onnx_path.name} is missing")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineError(f"{onnx_path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.n_neurons = self.manifest.n_neurons
         self._in = self.manifest.inputs[0].name
         self._out = self.manifest.outputs[0].name
-        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
-        if self._in not in names[0] or self._out not in names[1]:
-            raise EngineError(f"{onnx_path}: graph IO {names} does not match the manifest "
-                              f"({self._in!r} -> {self._out!r})")
-        self.n_neurons = self.manifest.n_neurons
 
     @property
     def any_neurons(self) -> bool:
@@ -243,24 +256,118 @@ class OnnxEngine:
             raise EngineError(f"engine {self.version} was trained on {self.manifest.n_neurons} neurons, "
                               f"the pipeline has {n}")
 
-    def run(self, context: np.ndarray) -> np.ndarray:
-        """(H, N) float32 output (forecast or spike counts, see `manifest.task`) from context (C, N) float32."""
+    def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+        """(H, N) float32 output (forecast or spike counts, see `manifest.task`) from context (C, N)
+        float32 [and covariates (C + H, K) for an engine that takes them]."""
+        _check_array(self.version, "context", context, 2)
+        cov = None
+        if covariates is not None:
+            _check_array(self.version, "covariates", covariates, 2)
+            cov = covariates[None]
+        return self.run_batch(context[None], cov)[0]
+
+    def run_batch(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+        """(B, H, N) from a batch of contexts (B, C, N) [and covariates (B, C + H, K)]."""
         m = self.manifest
-        if not isinstance(context, np.ndarray) or context.dtype != np.float32:
-            raise EngineError(f"engine {self.version}: context must be a float32 ndarray, got "
-                              f"{getattr(context, 'dtype', type(context).__name__)}")
-        if context.shape != (m.context, self.n_neurons):
-            raise EngineError(f"engine {self.version}: context shape {context.shape} != "
+        _check_array(self.version, "context", context, 3)
+        if context.shape[1:] != (m.context, self.n_neurons):
+            raise EngineError(f"engine {self.version}: context shape {context.shape[1:]} != "
                               f"(C, N) = {(m.context, self.n_neurons)}")
-        x = np.ascontiguousarray(context)[None]  # (1, C, N)
-        y = self.session.run([self._out], {self._in: x})[0]
-        if y.shape != (1, m.horizon, self.n_neurons):
-            raise EngineError(f"engine {self.version}: output shape {y.shape} != (1, H, N)")
-        return y[0]  # (H, N)
+        cov = self._check_covariates(covariates, context.shape[0])
+        y = self._infer(np.ascontiguousarray(context), cov)
+        if y.shape != (context.shape[0], m.horizon, self.n_neurons):
+            raise EngineError(f"engine {self.version}: output shape {y.shape} != (B, H, N)")
+        return y
+
+    def _check_covariates(self, covariates: np.ndarray | None, batch: int) -> np.ndarray | None:
+        m = self.manifest
+        if not m.n_covariates:
+            if covariates is not None:
+                raise EngineError(f"engine {self.version} takes no covariates")
+            return None
+        want = (batch, m.context + m.horizon, m.n_covariates)
+        if covariates is None:
+            raise EngineError(f"engine {self.version} needs stimulus covariates (C + H, K) = {want[1:]}")
+        _check_array(self.version, "covariates", covariates, 3)
+        if covariates.shape != want:
+            raise EngineError(f"engine {self.version}: covariates shape {covariates.shape} != {want}")
+        return np.ascontiguousarray(covariates)
+
+    def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the runtime's resources (a no-op where there are none)."""
 
 
-def load_engine(path: str | Path, runtime: str = "onnxruntime", threads: int = 1) -> Engine:
-    """Open an engine with the named runtime (only 'onnxruntime' for now)."""
+def _check_array(version: str, what: str, a: Any, ndim: int) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != ndim:
+        got = f"{a.dtype} with shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise EngineError(f"engine {version}: {what} must be a {ndim}-d float32 ndarray, got {got}")
+
+
+class OnnxEngine(EngineBase):
+    """ONNX Runtime engine on CPU or CUDA: (C, N) float32 context in, (H, N) float32 out (a forecast,
+    or for a 'spikes' engine the current frame's expected spike counts, H = 1)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu") -> None:
+        super().__init__(path)
+        onnx_path = self.manifest.file("onnx")
+        if not onnx_path.is_file():
+            raise EngineError(f"{self.manifest.path}: ONNX file {onnx_path.name} is missing")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.device = device
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=ort_providers(device))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"{onnx_path}: ONNX Runtime cannot load it ({exc})") from exc
+        want = ({s.name for s in self.manifest.inputs}, {self._out})
+        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
+        if not (want[0] <= names[0] and want[1] <= names[1]):
+            raise EngineError(f"{onnx_path}: graph IO {names} does not match the manifest {want}")
+
+    def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
+        feeds = {self._in: x} if cov is None else {self._in: x, COVARIATES_INPUT: cov}
+        return self.session.run([self._out], feeds)[0]
+
+
+def ort_providers(device: str) -> list[str]:
+    """ONNX Runtime execution providers for 'cpu' or 'cuda' ('cuda[:k]' needs onnxruntime-gpu)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EngineError(f"device {device!r}: this onnxruntime has no CUDAExecutionProvider "
+                              f"(available: {ort.get_available_providers()}; install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise EngineError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+
+
+def load_engine(path: str | Path, runtime: str = "onnxruntime", threads: int = 1,
+                device: str = "cpu") -> Engine:
+    """Open an engine with the named runtime on `device` ('cpu' or 'cuda').
+
+    'onnxruntime' runs the ONNX file; 'tensorrt' the fp16 plan (built from the ONNX file on first use
+    and cached beside it; CUDA only); 'torch' the saved torch.export program; 'auto' picks TensorRT on
+    CUDA when importable, else ONNX Runtime.
+    """
+    if runtime not in RUNTIMES:
+        raise EngineError(f"unknown engine runtime {runtime!r}; available: {list(RUNTIMES)}")
+    if runtime == "auto":
+        runtime = "tensorrt" if device.startswith("cuda") and _importable("tensorrt") else "onnxruntime"
     if runtime == "onnxruntime":
-        return OnnxEngine(path, threads=threads)
-    raise EngineError(f"unknown engine runtime {runtime!r}; available: ['onnxruntime']")
+        return OnnxEngine(path, threads=threads, device=device)
+    if runtime == "tensorrt":
+        from realtime.engine_trt import TensorRTEngine
+        return TensorRTEngine(path, device=device)
+    from realtime.engine_torch import TorchEngine
+    return TorchEngine(path, threads=threads, device=device)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None

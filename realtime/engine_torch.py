@@ -1,0 +1,97 @@
+"""Torch runtime: run an engine's saved torch.export program (`files["torch"]`, e.g. model.pt2).
+
+The program takes `context` (B, C, N) and, for a covariate engine, `covariates` (B, C + H, K)
+positionally, as the ONNX graph does. It is loaded with `torch.export.load(path).module()`; no model
+code (`models`, `offline_training`) is imported. Useful on CUDA without TensorRT, and as a reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from realtime.engine import EngineBase, EngineError
+
+TORCH_FILE_KEY = "torch"
+
+
+class TorchEngine(EngineBase):
+    """An engine served by torch (CPU or CUDA) from its torch.export program."""
+
+    runtime = "torch"
+
+    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu") -> None:
+        super().__init__(path)
+        self._torch = _import_torch()
+        self.device = _torch_device(self._torch, device)
+        if self.device.type == "cpu" and threads >= 1:
+            self._torch.set_num_threads(threads)
+        self.program_path = self._program_path()
+        self.module = self._load(self.program_path)
+
+    def _program_path(self) -> Path:
+        m = self.manifest
+        if TORCH_FILE_KEY not in m.files:
+            raise EngineError(f"{m.path}: engine {self.version} has no torch.export program ('files' has "
+                              f"no '{TORCH_FILE_KEY}' entry); re-export the engine with this version of "
+                              f"loopcast or use runtime 'onnxruntime'")
+        p = m.file(TORCH_FILE_KEY)
+        if not p.is_file():
+            raise EngineError(f"{m.path}: torch.export program {p.name} is missing")
+        return p
+
+    def _load(self, path: Path) -> Any:
+        try:
+            module = self._torch.export.load(str(path)).module()
+        except Exception as exc:  # torch raises many types for bad or incompatible archives
+            raise EngineError(f"{path}: torch.export.load cannot load it "
+                              f"({type(exc).__name__}: {exc})") from exc
+        try:
+            return module.to(self.device)
+        except Exception as exc:
+            raise EngineError(f"{path}: cannot move the program to {self.device} ({exc})") from exc
+
+    def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(x).to(self.device)]
+            if cov is not None:
+                args.append(torch.from_numpy(cov).to(self.device))
+            try:
+                y = self.module(*args)
+            except Exception as exc:  # shape guards of the exported program, device mismatches, ...
+                raise EngineError(f"{self.program_path}: the torch program failed on input "
+                                  f"{tuple(x.shape)} ({type(exc).__name__}: {exc})") from exc
+            if isinstance(y, (tuple, list)):
+                y = y[0]
+            return np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
+
+    def close(self) -> None:
+        """Drop the module (and its device memory)."""
+        self.module = None
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise EngineError(f"the torch runtime needs PyTorch (pip install torch): {exc}") from None
+    return torch
+
+
+def _torch_device(torch: Any, device: str) -> Any:
+    """Validate 'cpu' / 'cuda' / 'cuda:k' and return the torch.device."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise EngineError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise EngineError(f"bad device {device!r} ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {device!r}: torch sees no CUDA device (torch.cuda.is_available() is "
+                              f"False; torch {torch.__version__}); use device 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EngineError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
