@@ -14,6 +14,7 @@ from loopcast.config import from_dict
 from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
 from models.linear import NLinear, NLinearConfig
 from models.spikenet import SpikeNet, SpikeNetConfig
+from models.tide import TiDE, TiDEConfig
 from models.tsmixer import TimeMix, TimeMixConfig, TSMixer, TSMixerConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -22,6 +23,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "last": (LastValueConfig, LastValue),
     "tsmixer": (TSMixerConfig, TSMixer),
     "timemix": (TimeMixConfig, TimeMix),
+    "tide": (TiDEConfig, TiDE),
 }
 SPIKE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "spikenet": (SpikeNetConfig, SpikeNet),
