@@ -15,9 +15,12 @@ from loopcast.app import UserError, engine_path, recording_present
 from loopcast.config import from_dict, to_dict
 from loopcast.settings import LoopcastConfig
 from models.registry import build_model
+from offline_training.ddp import dist_env
 from offline_training.export import export_engine
+from offline_training.registry import engine_name
 from offline_training.spike_train import train_spike_net
-from offline_training.train import TrainConfig, TrainResult, data_fingerprint, first_window, train
+from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, first_window,
+                                    first_window_with_covariates, train)
 from realtime.engine import EngineError, EngineManifest, resolve_engine
 from replay.layout import Recording
 from replay.synth import synthesize
@@ -47,16 +50,23 @@ def ensure_recording(cfg: LoopcastConfig, progress: bool = True) -> Recording:
 
 def train_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
                        progress: bool = True) -> tuple[TrainResult, Path]:
-    """Train [train] on the recording's train split; save a checkpoint and metrics in run_dir."""
+    """Train [train] on the recording's train split; save a checkpoint and metrics in run_dir.
+    Under torchrun every rank trains; only rank 0 writes (the others return the path it writes)."""
     traces = rec.traces()
     offsets = rec.condition_offsets
-    log.info("training %s (C=%d, H=%d) on %s: %d frames x %d neurons", cfg.train.model,
-             cfg.train.context, cfg.train.horizon, cfg.paths.recording, *traces.shape)
-    result = train(traces, offsets, cfg.train, progress=progress, checkpoint=run_dir / "resume.pt")
+    covariates = rec.stimuli() if cfg.train.uses_covariates else None
+    log.info("training %s (C=%d, H=%d) on %s: %d frames x %d neurons%s", cfg.train.model,
+             cfg.train.context, cfg.train.horizon, rec.root, *traces.shape,
+             "" if covariates is None else f", {covariates.shape[1]} stimulus covariates")
+    result = train(traces, offsets, cfg.train, progress=progress, checkpoint=run_dir / "resume.pt",
+                   covariates=covariates)
     ckpt = run_dir / CHECKPOINT
+    if not dist_env().is_main:
+        return result, ckpt
     torch.save({"train": to_dict(cfg.train), "state_dict": result.model.state_dict(),
                 "metrics": result.metrics, "n_neurons": int(traces.shape[1]),
-                "data": {"fingerprint": data_fingerprint(traces, offsets), "source": str(cfg.paths.recording)}},
+                "n_covariates": None if covariates is None else int(covariates.shape[1]),
+                "data": {"fingerprint": data_fingerprint(traces, offsets), "source": str(rec.root)}},
                ckpt)
     (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=_plain))
     log.info("val MAE %s; checkpoint %s", _mae_line(result.metrics), ckpt)
@@ -64,20 +74,30 @@ def train_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
 
 
 def export_checkpoint(cfg: LoopcastConfig, ckpt: Path, rec: Recording | None = None) -> Path:
-    """Checkpoint -> ONNX engine in the registry, parity-checked on a real val window."""
+    """Checkpoint -> ONNX engine in the registry, parity-checked on a real val window. On torchrun ranks
+    other than 0 nothing is exported: they return the engine's registry entry (rank 0 adds the version)."""
+    if not dist_env().is_main:
+        return Path(cfg.paths.engines) / engine_name(cfg.train.model, cfg.train.context, cfg.train.horizon)
     if not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt}; run `loopcast train` first")
     saved: dict[str, Any] = torch.load(ckpt, map_location="cpu", weights_only=False)
     tcfg = from_dict(TrainConfig, saved["train"], "train")
-    model = build_model(tcfg.model, tcfg.model_config(n_neurons=saved["n_neurons"]))
+    n_cov = saved.get("n_covariates")
+    model = build_model(tcfg.model, tcfg.model_config(n_neurons=saved["n_neurons"], n_covariates=n_cov))
     model.load_state_dict(saved["state_dict"])
-    window = None
-    if rec is not None:
-        window = first_window(rec.traces(), rec.condition_offsets, tcfg)
+    window = None if rec is None else _parity_window(rec, tcfg, n_cov)
     path = export_engine(model, tcfg, cfg.paths.engines, saved["n_neurons"], saved["metrics"],
                          saved["data"]["fingerprint"], saved["data"]["source"], parity_input=window)
     log.info("exported engine %s", path)
     return path
+
+
+def _parity_window(rec: Recording, tcfg: TrainConfig,
+                   n_covariates: int | None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """A real val window: its context (C, N), with its covariates (C + H, K) for a covariate model."""
+    if n_covariates is None:
+        return first_window(rec.traces(), rec.condition_offsets, tcfg)
+    return first_window_with_covariates(rec.traces(), rec.condition_offsets, tcfg, rec.stimuli())
 
 
 def ensure_engine(cfg: LoopcastConfig, run_dir: Path, progress: bool = True) -> Path:

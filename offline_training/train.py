@@ -1,7 +1,12 @@
-"""Single-process training on (T, N) float32 traces with ZAPBench splits, MAE loss and early stopping."""
+"""Training on (T, N) float32 traces with ZAPBench splits, MAE loss and early stopping.
+
+Models whose class sets `uses_covariates = True` also get the stimulus covariates (T, K) of every window:
+forward(x (B, C, N), cov (B, C + H, K)), cov being the C context steps followed by the H target steps.
+Under torchrun the same call trains data-parallel (offline_training/ddp.py); [train] batch_size is the
+global batch, so any number of ranks reproduces one process.
+"""
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
@@ -17,7 +22,12 @@ from tqdm.auto import tqdm
 from loopcast.config import from_dict, to_dict
 from models.baselines import MeanBaseline, MeanBaselineConfig
 from models.registry import MODELS, build_model, config_fields
+from models.registry import model_config as typed_model_config
+from offline_training.ddp import DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
 from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
+
+# Model config fields that training fills in itself (from [train] and from the data).
+DERIVED_OPTIONS = frozenset({"context", "horizon", "n_neurons", "n_covariates"})
 
 
 @dataclass(frozen=True)
@@ -29,18 +39,20 @@ class TrainConfig:
     horizon: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    batch_size: int = 8
+    batch_size: int = 8  # global: split over the ranks under torchrun
     eval_batch_size: int = 64
     max_epochs: int = 30
     patience: int = 3
     steps_per_epoch: int = 0  # 0 = every train window once per epoch
     seed: int = 0
     threads: int = 2
+    ddp_device: str = "auto"  # under torchrun: auto (one GPU per rank, else CPU), cpu, cuda
     holdout: tuple[int, ...] = (3,)
     val_frac: float = 0.1
     test_frac: float = 0.2
     padding: int = 1
     max_context: int = 256
+    model_options: dict[str, Any] = field(default_factory=dict)  # the model's other config fields
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -50,14 +62,36 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patience < 1 or self.steps_per_epoch < 0:
             raise ValueError("patience must be >= 1 and steps_per_epoch >= 0")
+        object.__setattr__(self, "model_options", dict(self.model_options))
+        self._check_model_options()
 
-    def model_config(self, n_neurons: int | None = None) -> dict[str, Any]:
-        """The model's own config mapping (for models.registry.build_model); models that mix neurons
-        (e.g. TSMixer) also get the data's neuron count."""
+    def _check_model_options(self) -> None:
+        fields = config_fields(self.model)
+        settable = sorted(fields - DERIVED_OPTIONS)
+        derived = sorted(set(self.model_options) & DERIVED_OPTIONS)
+        if derived:
+            raise ValueError(f"model_options {derived} are set by [train] and the data, not by model_options")
+        unknown = sorted(set(self.model_options) - fields)
+        if unknown:
+            raise ValueError(f"model_options {unknown} are not options of model {self.model!r}; "
+                             f"its options: {settable}")
+        typed_model_config(self.model, self.model_config(n_neurons=1, n_covariates=1))  # types, values
+
+    @property
+    def uses_covariates(self) -> bool:
+        """Whether the model takes stimulus covariates (its class sets uses_covariates)."""
+        return uses_covariates(MODELS[self.model][1])
+
+    def model_config(self, n_neurons: int | None = None, n_covariates: int | None = None) -> dict[str, Any]:
+        """The model's own config mapping (for models.registry.build_model): context, horizon, the data's
+        neuron / covariate counts where the model has such fields, then model_options."""
         out: dict[str, Any] = {"context": self.context, "horizon": self.horizon}
-        if n_neurons is not None and "n_neurons" in config_fields(self.model):
+        fields = config_fields(self.model)
+        if n_neurons is not None and "n_neurons" in fields:
             out["n_neurons"] = n_neurons
-        return out
+        if n_covariates is not None and "n_covariates" in fields:
+            out["n_covariates"] = n_covariates
+        return {**out, **self.model_options}
 
     def splits(self, offsets: Sequence[int]) -> list[ConditionSplit]:
         """ZAPBench condition splits for this context length."""
@@ -77,6 +111,42 @@ class TrainResult:
     best_epoch: int = 0
 
 
+@dataclass(frozen=True)
+class WindowData:
+    """Traces (T, N) and, for covariate models, stimulus covariates (T, K); both float32."""
+
+    traces: np.ndarray
+    covariates: np.ndarray | None = None
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.traces.shape[1])
+
+    @property
+    def n_covariates(self) -> int | None:
+        return None if self.covariates is None else int(self.covariates.shape[1])
+
+    def windows(self, starts: np.ndarray, context: int, horizon: int,
+                device: torch.device | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Model inputs ((B, C, N)[, (B, C + H, K)]) and targets (B, H, N) for window `starts`."""
+        x, y = gather_windows(self.traces, starts, context, horizon)
+        inputs = [torch.from_numpy(x)]
+        if self.covariates is not None:
+            inputs.append(torch.from_numpy(covariate_windows(self.covariates, starts, context, horizon)))
+        return tuple(t.to(device) for t in inputs), torch.from_numpy(y).to(device)
+
+
+def uses_covariates(model: nn.Module | type) -> bool:
+    """Whether a model (instance or class) takes stimulus covariates as a second input."""
+    return bool(getattr(model, "uses_covariates", False))
+
+
+def covariate_windows(covariates: np.ndarray, starts: np.ndarray, context: int, horizon: int) -> np.ndarray:
+    """Covariates (B, C + H, K) of window `starts`: the context steps, then the target steps."""
+    past, future = gather_windows(covariates, starts, context, horizon)
+    return np.ascontiguousarray(np.concatenate([past, future], axis=1), dtype=np.float32)
+
+
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Strict TrainConfig from a mapping (a TOML [train] table)."""
     return from_dict(TrainConfig, data, where="train")
@@ -93,17 +163,32 @@ def data_fingerprint(traces: np.ndarray, offsets: Sequence[int]) -> str:
 def first_window(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig,
                  split: str = "val") -> np.ndarray:
     """The context (C, N) of the first `split` window of the first training condition that has one."""
+    x, _ = gather_windows(traces, _first_start(offsets, cfg, split), cfg.context, cfg.horizon)
+    return np.ascontiguousarray(x[0], dtype=np.float32)
+
+
+def first_window_with_covariates(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig,
+                                 covariates: np.ndarray, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+    """first_window's context (C, N) and the same window's covariates (C + H, K)."""
+    start = _first_start(offsets, cfg, split)
+    cov = covariate_windows(np.asarray(covariates, dtype=np.float32), start, cfg.context, cfg.horizon)
+    return first_window(traces, offsets, cfg, split), cov[0]
+
+
+def _first_start(offsets: Sequence[int], cfg: TrainConfig, split: str) -> np.ndarray:
     for starts in split_windows(cfg.splits(offsets), split, cfg.context, cfg.horizon).values():  # type: ignore[arg-type]
         if len(starts):
-            x, _ = gather_windows(traces, starts[:1], cfg.context, cfg.horizon)
-            return np.ascontiguousarray(x[0], dtype=np.float32)
+            return starts[:1]
     raise ValueError(f"no {split} window in any training condition")
 
 
 def train(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig = TrainConfig(),
-          progress: bool = True, checkpoint: str | Path | None = None) -> TrainResult:
-    """Train `cfg.model` on the train ranges of the training conditions; early-stop on val MAE."""
+          progress: bool = True, checkpoint: str | Path | None = None,
+          covariates: np.ndarray | None = None) -> TrainResult:
+    """Train `cfg.model` on the train ranges of the training conditions; early-stop on val MAE.
+    Data-parallel under torchrun; every rank returns the same result (only rank 0 writes `checkpoint`)."""
     traces = _check_traces(traces, offsets)
+    data = WindowData(traces, _check_covariates(covariates, traces.shape[0], cfg))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     splits = cfg.splits(offsets)
@@ -111,17 +196,13 @@ def train(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig = TrainCo
     val_starts = split_windows(splits, "val", cfg.context, cfg.horizon)
     if len(train_starts) == 0 or not any(len(v) for v in val_starts.values()):
         raise ValueError("traces too short: no train or no val windows for this context/horizon")
-    model = build_model(cfg.model, cfg.model_config(n_neurons=traces.shape[1]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    state = _TrainState(best_state=copy.deepcopy(model.state_dict()))
-    if params:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if checkpoint is not None and Path(checkpoint).is_file():
-            state = _load_checkpoint(Path(checkpoint), model, opt, cfg)
-        _fit(model, opt, traces, train_starts, val_starts, cfg, state, progress, checkpoint)
+    model = build_model(cfg.model, cfg.model_config(data.n_neurons, data.n_covariates))
+    env = dist_env(device=cfg.ddp_device)
+    with process_group(env):
+        state = _fit_model(model, data, train_starts, val_starts, cfg, env, progress, checkpoint)
     model.load_state_dict(state.best_state)
     model.eval()
-    metrics = {"val": evaluate(model, traces, val_starts, splits, cfg)}
+    metrics = {"val": evaluate(model, traces, val_starts, splits, cfg, data.covariates)}
     return TrainResult(model=model, history=tuple(state.history), metrics=metrics, config=cfg,
                        best_epoch=state.best_epoch)
 
@@ -136,30 +217,48 @@ class _TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _fit(model: nn.Module, opt: torch.optim.Optimizer, traces: np.ndarray, train_starts: np.ndarray,
-         val_starts: dict[int, np.ndarray], cfg: TrainConfig, state: _TrainState, progress: bool,
-         checkpoint: str | Path | None) -> None:
+def _fit_model(model: nn.Module, data: WindowData, train_starts: np.ndarray, val_starts: dict[int, np.ndarray],
+               cfg: TrainConfig, env: DistEnv, progress: bool, checkpoint: str | Path | None) -> _TrainState:
+    """Fit on env.device (resuming from `checkpoint` if rank 0 has it); the model ends on the CPU."""
+    state = _TrainState(best_state=_cpu_state(model))
+    if not any(p.requires_grad for p in model.parameters()):
+        return state
+    model.to(env.device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    if checkpoint is not None:
+        state = _load_checkpoint(Path(checkpoint), model, opt, cfg, env) or state
+    _fit(wrap(model, env), model, opt, data, train_starts, val_starts, cfg, env, state, progress, checkpoint)
+    model.to("cpu")
+    return state
+
+
+def _fit(ddp_model: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, data: WindowData,
+         train_starts: np.ndarray, val_starts: dict[int, np.ndarray], cfg: TrainConfig, env: DistEnv,
+         state: _TrainState, progress: bool, checkpoint: str | Path | None) -> None:
+    show = progress and env.is_main
     epochs = tqdm(range(state.next_epoch, cfg.max_epochs + 1), desc=f"train {cfg.model}",
-                  disable=not progress, initial=state.next_epoch - 1, total=cfg.max_epochs)
+                  disable=not show, initial=state.next_epoch - 1, total=cfg.max_epochs)
     for epoch in epochs:
         if state.bad_epochs >= cfg.patience:
             break
-        train_loss = _train_epoch(model, opt, traces, train_starts, cfg, epoch, progress)
-        val_loss = _mae_mean(model, traces, val_starts, cfg)
+        train_loss = _train_epoch(ddp_model, opt, data, train_starts, cfg, env, epoch, show)
+        val_loss = _val_mae(model, data, val_starts, cfg, env)
         state.history.append({"epoch": epoch, "train_mae": train_loss, "val_mae": val_loss})
         if val_loss < state.best_val:
             state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
-            state.best_state = copy.deepcopy(model.state_dict())
+            state.best_state = _cpu_state(model)
         else:
             state.bad_epochs += 1
         state.next_epoch = epoch + 1
         epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=state.best_epoch)
-        if checkpoint is not None:
+        if checkpoint is not None and env.is_main:
             _save_checkpoint(Path(checkpoint), model, opt, cfg, state)
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, traces: np.ndarray,
-                 starts: np.ndarray, cfg: TrainConfig, epoch: int, progress: bool) -> float:
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: WindowData, starts: np.ndarray,
+                 cfg: TrainConfig, env: DistEnv, epoch: int, progress: bool) -> float:
+    """One epoch over seeded global batches (the same on every rank); the mean of the batches' losses."""
     model.train()
     order = np.random.default_rng([cfg.seed, epoch]).permutation(starts)
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -167,37 +266,64 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, traces: np.ndarra
         batches = batches[:cfg.steps_per_epoch]
     total = 0.0
     for batch in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
-        x, y = gather_windows(traces, batch, cfg.context, cfg.horizon)
-        loss = nn.functional.l1_loss(model(torch.from_numpy(x)), torch.from_numpy(y))
+        loss = batch_loss(model, data, batch, cfg, env)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += float(loss.detach())
+    total = float(all_reduce_sum(torch.tensor(total, dtype=torch.float64), env)) / env.world_size
     return total / max(len(batches), 1)
 
 
+def batch_loss(model: nn.Module, data: WindowData, batch: np.ndarray, cfg: TrainConfig,
+               env: DistEnv = DistEnv()) -> torch.Tensor:
+    """This rank's share of the global `batch`'s mean L1 loss, scaled by its share of the windows times
+    world_size: DDP averages the ranks' gradients, which then equal the whole batch's gradient."""
+    local = env.shard(batch)
+    inputs, y = data.windows(local, cfg.context, cfg.horizon, env.device)
+    out = model(*inputs)
+    if len(local) == 0:  # a short last batch: no windows here, but DDP still needs every gradient
+        return out.sum() * 0.0
+    return nn.functional.l1_loss(out, y) * (len(local) * env.world_size / len(batch))
+
+
 @torch.no_grad()
-def mae_per_step(model: nn.Module, traces: np.ndarray, starts: np.ndarray, context: int,
-                 horizon: int, batch_size: int = 64) -> np.ndarray:
-    """MAE per step ahead (H,), averaged over the windows at `starts` and all neurons."""
+def mae_per_step(model: nn.Module, traces: np.ndarray, starts: np.ndarray, context: int, horizon: int,
+                 batch_size: int = 64, covariates: np.ndarray | None = None) -> np.ndarray:
+    """MAE per step ahead (H,), averaged over the windows at `starts` and all neurons (covariates (T, K)
+    are required by, and only passed to, covariate models)."""
+    data = _model_data(model, traces, covariates)
+    return _err_sums(model, data, starts, context, horizon, batch_size) / (len(starts) * traces.shape[1])
+
+
+@torch.no_grad()
+def _err_sums(model: nn.Module, data: WindowData, starts: np.ndarray, context: int, horizon: int,
+              batch_size: int, device: torch.device | None = None) -> np.ndarray:
+    """Absolute errors summed over windows and neurons, per step ahead (H,) float64."""
     model.eval()
     total = np.zeros(horizon, dtype=np.float64)
     for i in range(0, len(starts), batch_size):
-        x, y = gather_windows(traces, starts[i:i + batch_size], context, horizon)
-        err = (model(torch.from_numpy(x)) - torch.from_numpy(y)).abs()  # (B, H, N)
-        total += err.sum(dim=(0, 2)).double().numpy()
-    return total / (len(starts) * traces.shape[1])
+        inputs, y = data.windows(starts[i:i + batch_size], context, horizon, device)
+        err = (model(*inputs) - y).abs()  # (B, H, N)
+        total += err.sum(dim=(0, 2)).double().cpu().numpy()
+    return total
 
 
-def _mae_mean(model: nn.Module, traces: np.ndarray, starts: dict[int, np.ndarray],
-              cfg: TrainConfig) -> float:
-    per_cond = [mae_per_step(model, traces, s, cfg.context, cfg.horizon, cfg.eval_batch_size)
-                for s in starts.values() if len(s)]
-    return float(np.mean(per_cond))
+def _val_mae(model: nn.Module, data: WindowData, starts: dict[int, np.ndarray], cfg: TrainConfig,
+             env: DistEnv) -> float:
+    """Mean over conditions and steps of the val MAE; each rank scores a slice of every condition's
+    windows and the error sums are all-reduced, so every rank gets the same value."""
+    conds = [s for s in starts.values() if len(s)]
+    sums = np.stack([_err_sums(model, data, env.shard(s), cfg.context, cfg.horizon, cfg.eval_batch_size,
+                               env.device) for s in conds])
+    sums = all_reduce_sum(torch.from_numpy(sums), env).numpy()
+    counts = np.array([len(s) for s in conds], dtype=np.float64)[:, None]
+    return float(np.mean(sums / (counts * data.n_neurons)))
 
 
 def evaluate(model: nn.Module, traces: np.ndarray, starts: dict[int, np.ndarray],
-             splits: Sequence[ConditionSplit], cfg: TrainConfig) -> dict[str, Any]:
+             splits: Sequence[ConditionSplit], cfg: TrainConfig,
+             covariates: np.ndarray | None = None) -> dict[str, Any]:
     """ZAPBench-style MAE of `model` and of MeanBaseline: per condition, per step, then averaged."""
     mean = MeanBaseline(MeanBaselineConfig(context=cfg.context, horizon=cfg.horizon))
     names = {s.index: s.name for s in splits}
@@ -208,7 +334,7 @@ def evaluate(model: nn.Module, traces: np.ndarray, starts: dict[int, np.ndarray]
             continue
         row = {}
         for label, m in (("model", model), ("mean_baseline", mean)):
-            per_step = mae_per_step(m, traces, s, cfg.context, cfg.horizon, cfg.eval_batch_size)
+            per_step = mae_per_step(m, traces, s, cfg.context, cfg.horizon, cfg.eval_batch_size, covariates)
             steps[label].append(per_step)
             row[label] = float(per_step.mean())
         out["per_condition"][names[k]] = row
@@ -219,6 +345,14 @@ def evaluate(model: nn.Module, traces: np.ndarray, starts: dict[int, np.ndarray]
     return out
 
 
+def _model_data(model: nn.Module, traces: np.ndarray, covariates: np.ndarray | None) -> WindowData:
+    if not uses_covariates(model):
+        return WindowData(traces)
+    if covariates is None:
+        raise ValueError(f"{type(model).__name__} uses stimulus covariates: pass covariates (T, K)")
+    return WindowData(traces, covariates)
+
+
 def _check_traces(traces: np.ndarray, offsets: Sequence[int]) -> np.ndarray:
     if not isinstance(traces, np.ndarray) or traces.ndim != 2:
         raise ValueError(f"traces must be a (T, N) array, got {getattr(traces, 'shape', type(traces))}")
@@ -227,20 +361,41 @@ def _check_traces(traces: np.ndarray, offsets: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(traces, dtype=np.float32)
 
 
+def _check_covariates(covariates: np.ndarray | None, n_frames: int, cfg: TrainConfig) -> np.ndarray | None:
+    """Covariates as float32 (T, K) for a covariate model, None for any other model."""
+    if not cfg.uses_covariates:
+        return None
+    if covariates is None:
+        raise ValueError(f"model {cfg.model!r} uses stimulus covariates: pass covariates (T, K) to train()")
+    if not isinstance(covariates, np.ndarray) or covariates.ndim != 2 or covariates.shape[0] != n_frames:
+        raise ValueError(f"covariates must be a (T={n_frames}, K) array, "
+                         f"got {getattr(covariates, 'shape', type(covariates))}")
+    return np.ascontiguousarray(covariates, dtype=np.float32)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
                      state: _TrainState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+    torch.save({"config": to_dict(cfg), "model": _cpu_state(model), "optimizer": opt.state_dict(),
                 "state": {k: getattr(state, k) for k in state.__dataclass_fields__}}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                     cfg: TrainConfig) -> _TrainState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    def same(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k != "max_epochs"}  # resuming may extend training
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                     env: DistEnv) -> _TrainState | None:
+    """The state to resume from (None: start afresh); rank 0 reads the file and broadcasts it."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False) if env.is_main and path.is_file() else None
+    ckpt = broadcast_object(ckpt, env)
+    if ckpt is None:
+        return None
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:  # resuming may extend training; absent keys = defaults
+        return {k: v for k, v in {**to_dict(TrainConfig()), **d}.items() if k != "max_epochs"}
 
     if same(ckpt.get("config", {})) != same(to_dict(cfg)):
         raise ValueError(f"{path}: checkpoint was written with a different training config")

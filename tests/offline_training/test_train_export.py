@@ -10,11 +10,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from loopcast.config import load_config
+from loopcast import workflows
+from loopcast.config import ConfigError, dump_toml, load_config
+from loopcast.settings import LoopcastConfig, PathsConfig, load_settings
+from models import registry as model_registry
 from models.linear import NLinear, NLinearConfig
 from offline_training.export import ExportError, check_parity, export_engine
 from offline_training.registry import list_engines, versions
-from offline_training.train import TrainConfig, TrainResult, data_fingerprint, first_window, train
+from offline_training.splits import gather_windows
+from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, first_window,
+                                    first_window_with_covariates, mae_per_step, train)
 from realtime.engine import OnnxEngine, resolve_engine
 
 CFG = TrainConfig(context=4, horizon=8, batch_size=16, max_epochs=12, patience=3, threads=1, lr=5e-3)
@@ -84,7 +89,9 @@ def test_manifest_has_every_field(registry: Path, traces: np.ndarray) -> None:
     val = manifest["metrics"]["val"]
     assert val["model"]["mae"] < val["mean_baseline"]["mae"]
     assert manifest["data"]["fingerprint"].startswith("sha256:")
-    assert {p.name for p in vdir.iterdir()} == {"model.onnx", "manifest.json", "config.toml"}
+    names = {p.name for p in vdir.iterdir()}
+    assert {"model.onnx", "manifest.json", "config.toml"} <= names <= {"model.onnx", "model.pt2", "manifest.json",
+                                                                      "config.toml"}
     assert load_config(TrainConfig, vdir / "config.toml") == CFG
 
 
@@ -144,3 +151,159 @@ def test_mixer_models_train_export_and_run_in_the_engine_runtime(model: str, tmp
     with torch.no_grad():
         expected = result.model(torch.from_numpy(window)[None])[0].numpy()
     np.testing.assert_allclose(engine.run(window), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- model_options
+
+
+def test_model_options_from_toml_table_and_dotted_override(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('[train]\nmodel = "tsmixer"\n\n[train.model_options]\nmlp_dim = 32\nrevin = true\n')
+    cfg = load_settings(toml, ["train.model_options.n_blocks=1", "train.model_options.mlp_dim=128"]).train
+    assert cfg.model_options == {"mlp_dim": 128, "revin": True, "n_blocks": 1}
+    assert cfg.model_config(n_neurons=7) == {"context": 4, "horizon": 8, "n_neurons": 7, "mlp_dim": 128,
+                                             "revin": True, "n_blocks": 1}
+    dump_toml(cfg, tmp_path / "train.toml")
+    assert load_config(TrainConfig, tmp_path / "train.toml") == cfg
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mlp_dims": 3}, r"model_options \['mlp_dims'\] are not options of model 'tsmixer'; its options: "
+                      r"\['dropout', 'mlp_dim', 'n_blocks', 'revin', 'time_only'\]"),
+    ({"context": 8}, r"model_options \['context'\] are set by \[train\] and the data"),
+    ({"mlp_dim": "big"}, r"model.tsmixer.mlp_dim: expected an integer"),
+    ({"mlp_dim": 0}, r"mlp_dim must be >= 1"),
+])
+def test_bad_model_options_fail_when_the_config_is_built(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(model="tsmixer", model_options=options)
+    key, value = next(iter(options.items()))
+    with pytest.raises(ConfigError, match=message):
+        load_settings([], ['train.model="tsmixer"', f"train.model_options.{key}={json.dumps(value)}"])
+
+
+def test_model_options_reach_the_trained_model(traces: np.ndarray, offsets: tuple[int, ...]) -> None:
+    cfg = dataclasses.replace(CFG, model="tsmixer", max_epochs=1, steps_per_epoch=2,
+                              model_options={"mlp_dim": 16, "n_blocks": 1})
+    model = train(traces, offsets, cfg, progress=False).model
+    assert (model.config.mlp_dim, model.config.n_blocks, model.config.n_neurons) == (16, 1, traces.shape[1])
+
+
+# ---------------------------------------------------------------------------------------- covariates
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyCovConfig:
+    context: int = 4
+    horizon: int = 8
+    n_covariates: int = 0
+
+
+class TinyCov(torch.nn.Module):
+    """Forecast = a linear map of the context over time + a linear map of the future covariates."""
+
+    uses_covariates = True
+
+    def __init__(self, config: TinyCovConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.time = torch.nn.Linear(config.context, config.horizon)
+        self.cov = torch.nn.Linear(config.n_covariates, 1)
+
+    def forward(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        c, h = self.config.context, self.config.horizon
+        assert cov.shape == (x.shape[0], c + h, self.config.n_covariates), cov.shape
+        return self.time(x.transpose(1, 2)).transpose(1, 2) + self.cov(cov[:, c:])  # (B, H, N)
+
+
+@pytest.fixture
+def tinycov(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(model_registry.MODELS, "tinycov", (TinyCovConfig, TinyCov))
+    monkeypatch.setitem(model_registry._ALL, "tinycov", (TinyCovConfig, TinyCov))
+
+
+@pytest.fixture(scope="module")
+def stimuli(traces: np.ndarray) -> np.ndarray:
+    """(T, 3) seeded stimulus covariates."""
+    return np.random.default_rng(5).uniform(0, 1, size=(traces.shape[0], 3)).astype(np.float32)
+
+
+def test_covariate_model_trains_on_covariate_windows(tinycov: None, traces: np.ndarray, offsets: tuple[int, ...],
+                                                     stimuli: np.ndarray) -> None:
+    cfg = dataclasses.replace(CFG, model="tinycov", max_epochs=2, steps_per_epoch=5)
+    assert cfg.uses_covariates and not CFG.uses_covariates
+    assert cfg.model_config(n_neurons=64, n_covariates=3) == {"context": 4, "horizon": 8, "n_covariates": 3}
+    driven = traces + 0.5 * stimuli[:, :1]
+    result = train(driven, offsets, cfg, progress=False, covariates=stimuli)
+    assert result.model.config.n_covariates == 3
+    assert len(result.metrics["val"]["model"]["mae_per_step"]) == cfg.horizon
+    starts = np.array([10, 57, 300])
+    x, y = gather_windows(driven, starts, 4, 8)
+    cov = np.stack([stimuli[s:s + 12] for s in starts])
+    with torch.no_grad():
+        want = (result.model(torch.from_numpy(x), torch.from_numpy(cov)) - torch.from_numpy(y)).abs()
+    got = mae_per_step(result.model, driven, starts, 4, 8, batch_size=2, covariates=stimuli)
+    np.testing.assert_allclose(got, want.mean(dim=(0, 2)).numpy(), rtol=1e-5)
+    context, window_cov = first_window_with_covariates(driven, offsets, cfg, stimuli)
+    assert context.shape == (4, 64) and window_cov.shape == (12, 3)
+    np.testing.assert_array_equal(context, first_window(driven, offsets, cfg))
+
+
+def test_covariate_model_without_covariates_is_a_clear_error(tinycov: None, traces: np.ndarray,
+                                                             offsets: tuple[int, ...], stimuli: np.ndarray) -> None:
+    cfg = dataclasses.replace(CFG, model="tinycov", max_epochs=1)
+    with pytest.raises(ValueError, match="model 'tinycov' uses stimulus covariates: pass covariates"):
+        train(traces, offsets, cfg, progress=False)
+    with pytest.raises(ValueError, match=r"covariates must be a \(T=800, K\) array, got \(799, 3\)"):
+        train(traces, offsets, cfg, progress=False, covariates=stimuli[1:])
+    model = TinyCov(TinyCovConfig(4, 8, 3))
+    with pytest.raises(ValueError, match="TinyCov uses stimulus covariates"):
+        mae_per_step(model, traces, np.array([0]), 4, 8)
+
+
+class FakeRecording:
+    def __init__(self, traces: np.ndarray, offsets: tuple[int, ...], stimuli: np.ndarray) -> None:
+        self._traces, self.condition_offsets, self._stimuli = traces, offsets, stimuli
+
+    def traces(self) -> np.ndarray:
+        return self._traces
+
+    def stimuli(self) -> np.ndarray:
+        return self._stimuli
+
+
+def test_workflow_records_n_covariates_and_export_rebuilds_with_it(
+        tinycov: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, traces: np.ndarray,
+        offsets: tuple[int, ...], stimuli: np.ndarray) -> None:
+    tcfg = dataclasses.replace(CFG, model="tinycov", max_epochs=1, steps_per_epoch=3)
+    cfg = LoopcastConfig(train=tcfg, paths=PathsConfig(engines=str(tmp_path / "engines")))
+    rec = FakeRecording(traces, offsets, stimuli)
+    result, ckpt = workflows.train_on_recording(cfg, rec, tmp_path, progress=False)  # type: ignore[arg-type]
+    assert torch.load(ckpt, weights_only=False)["n_covariates"] == 3
+    seen: dict[str, Any] = {}
+
+    def fake_export(model: torch.nn.Module, *args: Any, parity_input: Any = None, **kw: Any) -> Path:
+        seen.update(model=model, parity_input=parity_input)
+        return tmp_path / "engine"
+
+    monkeypatch.setattr(workflows, "export_engine", fake_export)
+    assert workflows.export_checkpoint(cfg, ckpt, rec) == tmp_path / "engine"  # type: ignore[arg-type]
+    assert seen["model"].config.n_covariates == 3
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(seen["model"].state_dict()[k], v)
+    context, cov = seen["parity_input"]
+    assert context.shape == (4, traces.shape[1]) and cov.shape == (12, 3)
+
+
+def test_only_rank_0_writes_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, traces: np.ndarray,
+                                        offsets: tuple[int, ...], trained: TrainResult) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(workflows, "train", lambda *a, **kw: trained)
+    monkeypatch.setattr(workflows, "export_engine", lambda *a, **kw: pytest.fail("rank 1 exported"))
+    cfg = LoopcastConfig(train=CFG, paths=PathsConfig(engines=str(tmp_path / "engines")))
+    _, ckpt = workflows.train_on_recording(cfg, FakeRecording(traces, offsets, traces[:, :2]), tmp_path,  # type: ignore[arg-type]
+                                           progress=False)
+    assert ckpt == tmp_path / "model.pt" and list(tmp_path.iterdir()) == []
+    assert workflows.export_checkpoint(cfg, ckpt) == tmp_path / "engines" / "nlinear-c4-h8"
