@@ -12,8 +12,8 @@ import numpy as np
 
 from loopcast.settings import LoopcastConfig
 from realtime.controller import Controller
-from realtime.engine import EngineError, load_engine
-from realtime.forecast import ForecastStage
+from realtime.engine import EngineError
+from realtime.forecast import ForecastStage, engine_loader, engine_watcher
 from realtime.metrics import Metrics, MetricsConfig
 from realtime.pipeline import Pipeline
 from realtime.policy import resolve_neuron_set
@@ -79,16 +79,17 @@ def engine_path(cfg: LoopcastConfig) -> Path:
 
 def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray) -> Pipeline:
     """Forecast publisher first (optionally waiting for a controller), then the frame subscriber."""
-    fc = cfg.pipeline.forecast
+    fc, path = cfg.pipeline.forecast, engine_path(cfg)
+    loader = engine_loader(fc)
     try:
-        engine = load_engine(engine_path(cfg), runtime=fc.runtime, threads=fc.threads)
+        engine = loader(path)
     except EngineError as exc:
         raise UserError(str(exc)) from exc
     log.info("engine %s (%s)", engine.version, engine.manifest.engine_dir)
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
     if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
         log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
-    stage = ForecastStage(engine, publisher, metrics)
+    stage = ForecastStage(engine, publisher, metrics, engine_watcher(path, fc, loader, metrics))
     source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
     try:
         return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics, cfg.transport.shm_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 STAGES = ("ingest", "preprocess", "forecast", "trigger")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -89,6 +89,11 @@ class Metrics:
         self.stimulations = Counter("loopcast_stimulations_total", "Trigger commands applied by a "
                                     "(simulated) stimulator", registry=r)
         self.errors = Counter("loopcast_errors_total", "Failures that escalated", ["kind"], registry=r)
+        self.engine_swaps = Counter("loopcast_engine_swaps_total", "Engine versions switched to at a "
+                                    "frame boundary (hot swap)", registry=r)
+        self.engine_load_failures = Counter("loopcast_engine_load_failures_total", "Newer engine versions "
+                                            "refused: failed to load or validate", ["reason"], registry=r)
+        self.engine_info = Info("loopcast_engine", "The engine serving forecasts", registry=r)
         self.armed = Gauge("loopcast_controller_armed", "1 when the controller is armed", registry=r)
         self._latency = {s: LatencyRecorder(self.stage_latency.labels(stage=s), self.config.keep_samples)
                          for s in STAGES}
