@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -141,6 +142,25 @@ def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
     return 0
 
 
+def cmd_evaluate(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from offline_training.evaluate import EvalConfig, evaluate_engines
+    from replay.layout import RecordingError
+    rec = app.open_recording(cfg, args.data)
+    engines = args.engines or [str(app.engine_path(cfg))]
+    try:
+        covariates = rec.stimuli()
+        result = evaluate_engines(engines, rec.traces(), rec.condition_offsets, rec.condition_names,
+                                  covariates, args.baselines, EvalConfig.from_train(cfg.train),
+                                  device=args.device, threads=cfg.train.threads,
+                                  meta={"data": rec.root, "data_fingerprint": rec.fingerprint()})
+    except (RecordingError, ValueError) as exc:
+        raise app.UserError(str(exc)) from exc
+    paths = result.write(Path(args.out) if args.out else run_dir)
+    print(result.markdown())
+    log.info("evaluation written to %s (table.md, table.csv, figure.png)", paths["markdown"].parent)
+    return 0
+
+
 def cmd_control(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.control import send_control
     status = asyncio.run(send_control(cfg, args.action, timeout_s=args.timeout))
@@ -161,6 +181,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "controller": (cmd_controller, "forecasts -> trigger policy -> interlocks -> MQTT"),
     "train": (cmd_train, "train the trace forecaster on a recording's train split"),
     "export": (cmd_export, "export a checkpoint to an ONNX engine with its manifest"),
+    "evaluate": (cmd_evaluate, "score engines and baselines on the test split: MAE per step ahead per condition"),
     "train-spikes": (cmd_train_spikes, "train the causal spike-inference net on simulated fish; export it"),
     "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
     "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
@@ -201,6 +222,15 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     elif name == "train":
         p.add_argument("--data", help="recording to train on (default: paths.recording)")
         p.add_argument("--export", action="store_true", help="export the engine right after training")
+    elif name == "evaluate":
+        p.add_argument("--engines", nargs="+", metavar="ENGINE",
+                       help="registry name dirs (newest version) or version dirs; same horizon "
+                            "(default: the configured engine)")
+        p.add_argument("--baselines", nargs="*", choices=("mean", "last", "stimulus"),
+                       default=["mean", "last", "stimulus"], help="baselines to score beside them")
+        p.add_argument("--data", help="recording to evaluate on (default: paths.recording)")
+        p.add_argument("--out", help="where table.md, table.csv, figure.png go (default: the run dir)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (ONNX Runtime)")
     elif name == "train-spikes":
         p.add_argument("--work-dir", help="cache of simulated recordings (default: <paths.recording>/../spike-train)")
     elif name == "export":
@@ -233,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setup_logging(args.verbose)
     try:
         cfg = load_settings(args.config or None, [*args.set, *_shortcut_overrides(args)])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:  # torchrun's protocol
+            raise app.UserError("under torchrun pass --run-dir: every rank must share one run directory")
         run_dir = new_run_dir(cfg, args.command, args.run_dir)
         return COMMANDS[args.command][0](cfg, args, run_dir)
     except (ConfigError, app.UserError, EngineError) as exc:

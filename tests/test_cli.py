@@ -79,3 +79,29 @@ def test_replay_refuses_volumes_that_are_not_the_rig_shape_or_missing(tmp_path: 
     assert "volumes (level 0) are [48, 32, 8] uint16 but [rig] says [64, 32, 8]" in capsys.readouterr().err
     assert main(["replay", *base, "--array", "df_over_f", "--level", "2"]) == 2
     assert "df_over_f" in capsys.readouterr().err
+
+
+def test_train_on_a_zapbench_layout_copy_by_url(tmp_path: Path) -> None:
+    """`loopcast train --data <url>`: a ZAPBench-layout store without loopcast.json (what
+    gs://zapbench-release/volumes/20240930 is) goes through the same path as a local synthetic one:
+    ZAPBench's condition offsets, its stimulus covariates for TiDE, export with a covariates input."""
+    import numpy as np
+
+    from replay.fish import ZAPBENCH_CONDITION_OFFSETS
+    from replay.store import create_array
+    t, n = ZAPBENCH_CONDITION_OFFSETS[-1], 6
+    rng = np.random.default_rng(0)
+    data = tmp_path / "zapbench"
+    traces = create_array(data / "traces", (t, n), "float32", (512, 512), labels=("t", "f"), codec=None)
+    traces.write(np.cumsum(rng.normal(0, 0.02, (t, n)), axis=0).astype(np.float32)).result()
+    stim = create_array(data / "stimuli_features", (t, 26), "float32", (t, 26), zarr_format=2)
+    stim.write(rng.uniform(0, 1, (t, 26)).astype(np.float32)).result()
+    sets = ['train.model="tide"', "train.horizon=4", "train.max_epochs=1", "train.steps_per_epoch=3",
+            f'paths.engines="{tmp_path}/engines"', "train.model_options.hidden=8"]
+    argv = ["train", "--data", f"file://{data}", "--export", "--run-dir", str(tmp_path / "run")]
+    assert main([*argv, *[a for s in sets for a in ("-s", s)]]) == 0
+    manifest = json.loads((tmp_path / "engines" / "tide-c4-h4" / "v0001" / "manifest.json").read_text())
+    assert manifest["inputs"][1] == {"name": "covariates", "shape": ["batch", 8, 26], "dtype": "float32"}
+    assert manifest["data"]["source"] == str(data)  # the --data store, not paths.recording
+    assert manifest["metrics"]["val"]["conditions"] == ["gain", "dots", "flash", "turning", "position",
+                                                        "open loop", "rotation", "dark"]
