@@ -264,6 +264,7 @@ def test_covariate_model_without_covariates_is_a_clear_error(tinycov: None, trac
 class FakeRecording:
     def __init__(self, traces: np.ndarray, offsets: tuple[int, ...], stimuli: np.ndarray) -> None:
         self._traces, self.condition_offsets, self._stimuli = traces, offsets, stimuli
+        self.root = "fake://recording"
 
     def traces(self) -> np.ndarray:
         return self._traces

@@ -147,6 +147,9 @@ def test_armed_over_mqtt_sends_trigger(mqtt_broker: Broker) -> None:
         assert cmd.rig == h.rig and cmd.seq == 2 and cmd.model == "tsmixer" and cmd.engine_version == "e1"
         assert cmd.targets == (2, 3) and cmd.pattern == "p0" and cmd.power_mw == 2.5 and cmd.duration_ms == 100.0
         assert cmd.lead == 2 and cmd.value == pytest.approx(0.9) and cmd.policy == "ensemble-threshold"
+        async with asyncio.timeout(TIMEOUT):  # the subscriber may see the trigger before the QoS 1 publish returns
+            while not h.controller.sent:
+                await asyncio.sleep(0.01)
         assert h.controller.sent == [cmd] and h.triggers.empty()
         assert h.metrics.count("loopcast_triggers_sent_total") == 1
         assert h.metrics.latency("trigger").summary()["count"] == 1
