@@ -1,7 +1,8 @@
 """Model registry: name -> (config dataclass, module class), and a strict builder.
 
 MODELS holds the trace forecasters (what `[train] model` may name); SPIKE_MODELS the causal spike
-inference networks (offline_training.spike_train). `build_model` builds either.
+inference networks (offline_training.spike_train); VIDEO_MODELS the volumetric video forecasters.
+`build_model` builds any of them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from models.linear import NLinear, NLinearConfig
 from models.spikenet import SpikeNet, SpikeNetConfig
 from models.tide import TiDE, TiDEConfig
 from models.tsmixer import TimeMix, TimeMixConfig, TSMixer, TSMixerConfig
+from models.video_unet import VideoUNet, VideoUNetConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "nlinear": (NLinearConfig, NLinear),
@@ -28,7 +30,10 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 SPIKE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "spikenet": (SpikeNetConfig, SpikeNet),
 }
-_ALL = {**MODELS, **SPIKE_MODELS}
+VIDEO_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "video_unet": (VideoUNetConfig, VideoUNet),
+}
+_ALL = {**MODELS, **SPIKE_MODELS, **VIDEO_MODELS}
 
 
 def config_fields(name: str) -> set[str]:

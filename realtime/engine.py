@@ -14,174 +14,28 @@ context steps followed by the H future steps (TiDE). `manifest.n_covariates` is 
 
 The manifest's optional `task` says what the output means: "forecast" (the default, and what manifests
 without the field are: dF/F at lead times 1..H) or "spikes" (the expected spike count of the current
-frame: H = 1, lead time 0).
+frame: H = 1, lead time 0) or "video" (the volumetric forecaster: `volumes` [batch, C, X, Y, Z] float32
+and `lead_time` [batch] int64 in, the predicted dF/F `frame` [batch, X', Y', Z'] at that lead time out;
+the manifest's `video` block says which downsampled, cropped grid the volumes live on; see
+`realtime.video_reduce`). Video engines run through `run_video`, trace engines through `run`.
 """
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-FORMAT = "loopcast-engine"
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
+from realtime.manifest import (COVARIATES_INPUT, FORMAT, FORMAT_VERSION, LEAD_INPUT,  # re-exported
+                               MANIFEST_FILE, TASKS, VIDEO_KEYS, EngineError, EngineManifest, TensorSpec)
+
+__all__ = ["COVARIATES_INPUT", "FORMAT", "FORMAT_VERSION", "LEAD_INPUT", "MANIFEST_FILE", "RUNTIMES", "TASKS",
+           "VIDEO_KEYS", "Engine", "EngineBase", "EngineError", "EngineManifest", "OnnxEngine", "TensorSpec",
+           "load_engine", "ort_providers", "resolve_engine"]
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
-TASKS = ("forecast", "spikes")
-COVARIATES_INPUT = "covariates"
 RUNTIMES = ("auto", "onnxruntime", "tensorrt", "torch")
-
-
-class EngineError(RuntimeError):
-    """An engine that cannot be found, parsed, loaded, or fed the given input."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, shape (ints or symbolic names), dtype."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class EngineManifest:
-    """The validated contents of an engine's manifest.json."""
-
-    path: Path
-    name: str
-    version: str
-    model: str
-    model_config: dict[str, Any]
-    context: int
-    horizon: int
-    lead_times: tuple[int, ...]
-    n_neurons: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    files: dict[str, str]
-    task: str = "forecast"
-    normalisation: Any = None
-    metrics: dict[str, Any] | None = None
-    parity: dict[str, Any] | None = None
-    data: dict[str, Any] | None = None
-    code_version: str = ""
-    created: str = ""
-
-    @property
-    def n_covariates(self) -> int:
-        """K of the optional 'covariates' input [batch, C + H, K]; 0 when the engine has none."""
-        return int(self.inputs[1].shape[2]) if len(self.inputs) > 1 else 0
-
-    @property
-    def engine_dir(self) -> Path:
-        """The version directory holding this manifest."""
-        return self.path.parent
-
-    def file(self, key: str) -> Path:
-        """Absolute path of one of the engine's files (e.g. 'onnx')."""
-        if key not in self.files:
-            raise EngineError(f"{self.path}: 'files' has no '{key}' entry")
-        return self.engine_dir / self.files[key]
-
-    @classmethod
-    def load(cls, path: str | Path) -> "EngineManifest":
-        """Parse and validate a manifest.json (or the version directory holding one)."""
-        p = Path(path)
-        p = p / MANIFEST_FILE if p.is_dir() else p
-        try:
-            raw = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise EngineError(f"{p}: manifest not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EngineError(f"{p}: manifest is not valid JSON ({exc})") from None
-        return _parse_manifest(p, raw)
-
-
-def _parse_manifest(p: Path, raw: Any) -> EngineManifest:
-    if not isinstance(raw, dict):
-        raise EngineError(f"{p}: manifest must be a JSON object")
-    get = _Getter(p, raw)
-    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
-        raise EngineError(f"{p}: not a {FORMAT} v{FORMAT_VERSION} manifest "
-                          f"(format={raw.get('format')!r}, format_version={raw.get('format_version')!r})")
-    m = EngineManifest(
-        path=p, name=get("name", str), version=get("version", str), model=get("model", str),
-        model_config=get("model_config", dict), context=get("context", int), horizon=get("horizon", int),
-        lead_times=tuple(get("lead_times", list)), n_neurons=get("n_neurons", int),
-        inputs=get.specs("inputs"), outputs=get.specs("outputs"), files=get("files", dict),
-        task=get.optional("task", str, "forecast"),
-        normalisation=raw.get("normalisation"), metrics=raw.get("metrics"), parity=raw.get("parity"),
-        data=raw.get("data"), code_version=str(raw.get("code_version", "")),
-        created=str(raw.get("created", "")))
-    _validate(m)
-    return m
-
-
-class _Getter:
-    """Typed field access on a raw manifest; errors name the file and the field."""
-
-    def __init__(self, path: Path, raw: dict[str, Any]) -> None:
-        self.path, self.raw = path, raw
-
-    def __call__(self, key: str, tp: type) -> Any:
-        if key not in self.raw:
-            raise EngineError(f"{self.path}: manifest lacks required field '{key}'")
-        value = self.raw[key]
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise EngineError(f"{self.path}: field '{key}' must be {tp.__name__}, got {value!r}")
-        return value
-
-    def optional(self, key: str, tp: type, default: Any) -> Any:
-        """Like calling the getter, but `default` when the field is absent."""
-        return self(key, tp) if key in self.raw else default
-
-    def specs(self, key: str) -> tuple[TensorSpec, ...]:
-        items = self(key, list)
-        out = []
-        for i, d in enumerate(items):
-            ok = (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("dtype"), str)
-                  and isinstance(d.get("shape"), list)
-                  and all(isinstance(s, (int, str)) and not isinstance(s, bool) for s in d["shape"]))
-            if not ok:
-                raise EngineError(f"{self.path}: '{key}[{i}]' must be {{name, shape, dtype}}, got {d!r}")
-            out.append(TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]))
-        return tuple(out)
-
-
-def _validate(m: EngineManifest) -> None:
-    def bad(msg: str) -> EngineError:
-        return EngineError(f"{m.path}: {msg}")
-
-    if m.task not in TASKS:
-        raise bad(f"field 'task' must be one of {list(TASKS)}, got {m.task!r}")
-    if m.task == "spikes" and (m.horizon != 1 or m.lead_times != (0,)):
-        raise bad(f"a 'spikes' engine estimates the current frame: horizon must be 1 and lead_times [0], "
-                  f"got {m.horizon} and {list(m.lead_times)}")
-    if m.context < 1 or m.horizon < 1 or m.n_neurons < 1:
-        raise bad(f"context, horizon and n_neurons must be >= 1 ({m.context}, {m.horizon}, {m.n_neurons})")
-    if len(m.lead_times) != m.horizon or not all(isinstance(t, int) for t in m.lead_times):
-        raise bad(f"lead_times must be {m.horizon} integers, got {list(m.lead_times)}")
-    if len(m.inputs) not in (1, 2) or len(m.outputs) != 1:
-        raise bad("one input (plus an optional 'covariates' input) and one output are supported")
-    for spec, steps in ((m.inputs[0], m.context), (m.outputs[0], m.horizon)):
-        if len(spec.shape) != 3 or spec.shape[1] != steps or spec.dtype != "float32":
-            raise bad(f"'{spec.name}' must be float32 [batch, {steps}, neurons], got "
-                      f"{list(spec.shape)} {spec.dtype}")
-    if len(m.inputs) == 2:
-        cov = m.inputs[1]
-        ok = (cov.name == COVARIATES_INPUT and len(cov.shape) == 3 and cov.shape[1] == m.context + m.horizon
-              and isinstance(cov.shape[2], int) and cov.shape[2] >= 1 and cov.dtype == "float32")
-        if not ok:
-            raise bad(f"a second input must be float32 '{COVARIATES_INPUT}' [batch, C + H = "
-                      f"{m.context + m.horizon}, K >= 1], got {cov.name!r} {list(cov.shape)} {cov.dtype}")
-    if "onnx" not in m.files:
-        raise bad("'files' lacks 'onnx'")
 
 
 class Engine(Protocol):
@@ -198,6 +52,8 @@ class Engine(Protocol):
     def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray: ...
 
     def run_batch(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray: ...
+
+    def run_video(self, volumes: np.ndarray, lead_time: np.ndarray) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -232,6 +88,7 @@ class EngineBase:
         self.manifest = EngineManifest.load(self.path / MANIFEST_FILE)
         self.n_neurons = self.manifest.n_neurons
         self._in = self.manifest.inputs[0].name
+        self._extra = self.manifest.inputs[1].name if len(self.manifest.inputs) > 1 else None
         self._out = self.manifest.outputs[0].name
 
     @property
@@ -259,6 +116,7 @@ class EngineBase:
     def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
         """(H, N) float32 output (forecast or spike counts, see `manifest.task`) from context (C, N)
         float32 [and covariates (C + H, K) for an engine that takes them]."""
+        self._require_trace_engine()
         _check_array(self.version, "context", context, 2)
         cov = None
         if covariates is not None:
@@ -269,6 +127,7 @@ class EngineBase:
     def run_batch(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
         """(B, H, N) from a batch of contexts (B, C, N) [and covariates (B, C + H, K)]."""
         m = self.manifest
+        self._require_trace_engine()
         _check_array(self.version, "context", context, 3)
         if context.shape[1:] != (m.context, self.n_neurons):
             raise EngineError(f"engine {self.version}: context shape {context.shape[1:]} != "
@@ -278,6 +137,32 @@ class EngineBase:
         if y.shape != (context.shape[0], m.horizon, self.n_neurons):
             raise EngineError(f"engine {self.version}: output shape {y.shape} != (B, H, N)")
         return y
+
+    def run_video(self, volumes: np.ndarray, lead_time: np.ndarray) -> np.ndarray:
+        """A video engine's predicted frames (B, X', Y', Z') float32 from volumes (B, C, X, Y, Z) float32
+        and integer lead times (B,) in [1, H]."""
+        m = self.manifest
+        if m.task != "video" or m.video is None:
+            raise EngineError(f"engine {self.version} is a {m.task!r} engine; run_video needs a video engine")
+        _check_array(self.version, "volumes", volumes, 5)
+        want = (m.context, *m.video["input_shape"])
+        if volumes.shape[1:] != want:
+            raise EngineError(f"engine {self.version}: volumes shape {volumes.shape[1:]} != (C, X, Y, Z) = {want}")
+        lead = np.asarray(lead_time)
+        if lead.shape != (volumes.shape[0],) or lead.dtype.kind not in "iu":
+            raise EngineError(f"engine {self.version}: lead_time must be ({volumes.shape[0]},) integers, "
+                              f"got {lead.dtype} {lead.shape}")
+        if lead.size and (lead.min() < 1 or lead.max() > m.horizon):
+            raise EngineError(f"engine {self.version}: lead times must lie in [1, {m.horizon}], got "
+                              f"{sorted(set(lead.tolist()))}")
+        y = self._infer(np.ascontiguousarray(volumes), lead.astype(np.int64))
+        if y.shape != (volumes.shape[0], *m.video["output_shape"]):
+            raise EngineError(f"engine {self.version}: output shape {y.shape} != (B, X', Y', Z')")
+        return y
+
+    def _require_trace_engine(self) -> None:
+        if self.manifest.task == "video":
+            raise EngineError(f"engine {self.version} is a video engine: call run_video(volumes, lead_time)")
 
     def _check_covariates(self, covariates: np.ndarray | None, batch: int) -> np.ndarray | None:
         m = self.manifest
@@ -330,8 +215,9 @@ class OnnxEngine(EngineBase):
         if not (want[0] <= names[0] and want[1] <= names[1]):
             raise EngineError(f"{onnx_path}: graph IO {names} does not match the manifest {want}")
 
-    def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
-        feeds = {self._in: x} if cov is None else {self._in: x, COVARIATES_INPUT: cov}
+    def _infer(self, x: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+        """extra: the second input (covariates, or a video engine's lead times), fed by its name."""
+        feeds = {self._in: x} if extra is None else {self._in: x, self._extra: extra}
         return self.session.run([self._out], feeds)[0]
 
 
@@ -352,13 +238,14 @@ def load_engine(path: str | Path, runtime: str = "onnxruntime", threads: int = 1
     """Open an engine with the named runtime on `device` ('cpu' or 'cuda').
 
     'onnxruntime' runs the ONNX file; 'tensorrt' the fp16 plan (built from the ONNX file on first use
-    and cached beside it; CUDA only); 'torch' the saved torch.export program; 'auto' picks TensorRT on
-    CUDA when importable, else ONNX Runtime.
+    and cached beside it; CUDA only; trace engines only); 'torch' the saved torch.export program; 'auto'
+    picks TensorRT on CUDA when importable (trace engines), else ONNX Runtime.
     """
     if runtime not in RUNTIMES:
         raise EngineError(f"unknown engine runtime {runtime!r}; available: {list(RUNTIMES)}")
     if runtime == "auto":
-        runtime = "tensorrt" if device.startswith("cuda") and _importable("tensorrt") else "onnxruntime"
+        trt = device.startswith("cuda") and _importable("tensorrt")
+        runtime = "tensorrt" if trt and EngineManifest.load(resolve_engine(path)).task != "video" else "onnxruntime"
     if runtime == "onnxruntime":
         return OnnxEngine(path, threads=threads, device=device)
     if runtime == "tensorrt":

@@ -157,6 +157,9 @@ class TensorRTEngine(EngineBase):
     def __init__(self, path: str | Path, device: str = "cuda", max_batch: int = 8,
                  rtol: float = PARITY_RTOL, atol: float = PARITY_ATOL) -> None:
         super().__init__(path)
+        if self.manifest.task == "video":
+            raise EngineError(f"engine {self.version}: the TensorRT runtime serves trace engines only; run "
+                              f"video engines with runtime 'torch' (CUDA, bf16) or 'onnxruntime'")
         if not device.startswith("cuda"):
             raise EngineError(f"engine {self.version}: the TensorRT runtime needs a CUDA device, got "
                               f"device={device!r} (pass device 'cuda')")
