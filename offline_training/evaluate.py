@@ -54,6 +54,11 @@ class EvalConfig:
     padding: int = 1
     batch_size: int = 64
     steps: tuple[int, ...] = (1, 8, 32)
+    stride: int = 1            # score every stride-th test window (1 = ZAPBench's; >1 only to save compute)
+
+    def __post_init__(self) -> None:
+        if self.stride < 1 or self.batch_size < 1:
+            raise ValueError(f"stride and batch_size must be >= 1, got {self.stride}, {self.batch_size}")
 
     @classmethod
     def from_train(cls, train: Any, **kw: Any) -> "EvalConfig":
@@ -219,11 +224,12 @@ class EvalResult:
 
 def scoring_windows(offsets: Sequence[int], context: int, horizon: int, config: EvalConfig,
                  names: Sequence[str] | None = None) -> tuple[list[ConditionSplit], dict[int, np.ndarray]]:
-    """Splits and stride-1 test window starts per condition (held-out ones included) for one C."""
+    """Splits and test window starts (every config.stride-th) per condition, held-out ones included, for one C."""
     splits = config.splits(offsets, context, names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # short ranges: reported as 0 windows / n/a
-        return splits, split_windows(splits, "test", context, horizon, include_holdout=True)
+        starts = split_windows(splits, "test", context, horizon, include_holdout=True)
+    return splits, {k: s[::config.stride] for k, s in starts.items()}
 
 
 def evaluate_models(traces: np.ndarray, offsets: Sequence[int], models: Mapping[str, Forecaster],
@@ -249,6 +255,7 @@ def evaluate_models(traces: np.ndarray, offsets: Sequence[int], models: Mapping[
     conditions = tuple(Condition(s.index, s.name, s.holdout, len(targets.get(s.index, ())))  # type: ignore[union-attr]
                        for s in splits)
     info = {"max_context": config.max_context, "holdout": list(config.holdout), "steps": list(config.steps),
+            "window_stride": config.stride,
             "contexts": {label: m.context for label, m in models.items()}, **(meta or {})}
     return EvalResult(horizon=horizon, models=tuple(models), conditions=conditions, mae=mae,
                       baselines=frozenset(k for k, m in models.items() if getattr(m, "baseline", False)),
@@ -297,15 +304,18 @@ def evaluate_engines(engines: Sequence[str | Path], traces: np.ndarray, offsets:
                      names: Sequence[str] | None = None, covariates: np.ndarray | None = None,
                      baselines: Sequence[str] = BASELINES, config: EvalConfig = EvalConfig(),
                      runtime: str = "onnxruntime", device: str = "cpu", threads: int = 1,
-                     progress: bool = True, meta: Mapping[str, Any] | None = None) -> EvalResult:
+                     progress: bool = True, meta: Mapping[str, Any] | None = None,
+                     recording: Any = None) -> EvalResult:
     """Load engines (registry name dirs -> newest version, or version dirs) and score them with
-    the baselines; labels are '<name>/<version>'."""
+    the baselines; labels are '<name>/<version>'. Video engines read their input volumes from
+    `recording` (replay.layout.Recording, its prepared dF/F volumes) and are scored on its traces."""
     from realtime.engine import load_engine
     models: dict[str, Forecaster] = {}
+    grids: dict[tuple[int, int, int], Any] = {}
     for path in engines:
         engine = load_engine(path, runtime=runtime, threads=threads, device=device)
         engine.check_neurons(traces.shape[1])
-        models[engine.version] = EngineForecaster(engine)
+        models[engine.version] = _engine_forecaster(engine, recording, grids)
     if not models:
         raise ValueError("no engines to evaluate")
     horizon = next(iter(models.values())).horizon
@@ -314,6 +324,17 @@ def evaluate_engines(engines: Sequence[str | Path], traces: np.ndarray, offsets:
                          + ", ".join(f"{k}: H={m.horizon}" for k, m in models.items()))
     contexts = [m.context for m in models.values()]
     models.update(baseline_forecasters(baselines, contexts, horizon, traces, offsets, covariates, config))
-    engine_meta = {k: str(m.engine.manifest.engine_dir) for k, m in models.items() if isinstance(m, EngineForecaster)}
+    engine_meta = {k: str(m.engine.manifest.engine_dir) for k, m in models.items() if hasattr(m, "engine")}
     return evaluate_models(traces, offsets, models, names, covariates, config, progress,
                            {"engines": engine_meta, **(meta or {})})
+
+
+def _engine_forecaster(engine: Engine, recording: Any, grids: dict[tuple[int, int, int], Any]) -> Forecaster:
+    """A trace engine as is; a video engine over the recording's volumes (one VideoData per grid)."""
+    if engine.manifest.task != "video":
+        return EngineForecaster(engine)
+    if recording is None:
+        raise ValueError(f"engine {engine.version} is a video engine: evaluating it needs the recording "
+                         f"(its prepared dF/F volumes), not only traces")
+    from offline_training.video_eval import video_forecaster
+    return video_forecaster(engine, recording, cache=grids)

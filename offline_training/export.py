@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -95,17 +95,22 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
                       data={"fingerprint": data_fingerprint, "source": data_source}, task=task,
                       n_covariates=k, files=files)
 
-        def finalize(staged_dir: Path, version: str) -> None:
-            manifest = build_manifest(version=version, **fields)
-            text = json.dumps(manifest, indent=2, default=_json_default) + "\n"
-            (staged_dir / MANIFEST_FILE).write_text(text)
-
-        _, path = publish(staged, finalize)
+        path = publish_engine(staged, lambda version: build_manifest(version=version, **fields))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     prebuild_tensorrt(path)
     return path
+
+
+def publish_engine(staged: Path, manifest: Callable[[str], dict[str, Any]]) -> Path:
+    """Publish a staged engine as the next version of its registry entry, with manifest.json written for
+    the version the registry assigns (offline_training.registry.publish: atomic, never half visible)."""
+    def finalize(staged_dir: Path, version: str) -> None:
+        text = json.dumps(manifest(version), indent=2, default=_json_default) + "\n"
+        (staged_dir / MANIFEST_FILE).write_text(text)
+
+    return publish(staged, finalize)[1]
 
 
 def prebuild_tensorrt(path: Path) -> str:
@@ -151,7 +156,7 @@ def export_onnx(model: nn.Module, path: Path, context: int, n_neurons: int,
     for dynamic_n, n, dims in attempts:
         shapes = (dims, {0: batch}) if covariates else (dims,)
         try:
-            with _quiet_exporter():
+            with quiet_exporter():
                 torch.onnx.export(model, _examples(context, n, horizon, covariates), str(path),
                                   input_names=names, output_names=[output_name], dynamic_shapes=shapes,
                                   dynamo=True, external_data=False, verbose=False)
@@ -169,7 +174,7 @@ def export_program(model: nn.Module, path: Path, example: tuple[np.ndarray, ...]
     shapes = (dims, {0: batch})[:len(example)]
     args = tuple(torch.from_numpy(np.ascontiguousarray(np.repeat(a, 2, axis=0)[:2])) for a in example)
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.export.export(model, args, dynamic_shapes=shapes)
             torch.export.save(program, str(path))
         return True
@@ -270,7 +275,7 @@ def code_version() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Silence the exporter's torchvision notices, deprecation chatter, and the tracebacks torch logs
     when a dynamic neuron axis is refused (export_onnx then retries with a static one)."""
     names = ("torch.onnx._internal.exporter._registration", "torch._subclasses.fake_tensor",

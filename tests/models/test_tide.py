@@ -12,7 +12,7 @@ from models.linear import NLinear, NLinearConfig
 from models.registry import MODELS, build_model
 from models.tide import TiDE, TiDEConfig
 from models.tsmixer import count_parameters
-from offline_training.export import _quiet_exporter
+from offline_training.export import quiet_exporter
 
 torch.set_num_threads(1)
 
@@ -112,7 +112,7 @@ def test_future_covariates_are_used() -> None:
 def _export(model: nn.Module, path: Path, c: int, h: int, k: int) -> None:
     batch, neurons = torch.export.Dim("batch"), torch.export.Dim("neurons")
     example = (torch.zeros(2, c, 7), torch.zeros(2, c + h, k))
-    with _quiet_exporter():
+    with quiet_exporter():
         torch.onnx.export(model, example, str(path), input_names=["context", "covariates"],
                           output_names=["forecast"], dynamic_shapes=({0: batch, 2: neurons}, {0: batch}),
                           dynamo=True, external_data=False, verbose=False)
