@@ -12,12 +12,14 @@ import numpy as np
 
 from loopcast.settings import LoopcastConfig
 from realtime.controller import Controller
-from realtime.engine import EngineError
-from realtime.forecast import ForecastStage, engine_loader, engine_watcher
+from realtime.engine import Engine, EngineError
+from realtime.engine_watch import Loader
+from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
 from realtime.metrics import Metrics, MetricsConfig
 from realtime.pipeline import Pipeline
 from realtime.policy import resolve_neuron_set
 from realtime.transport import Publisher, Subscriber
+from realtime.video_forecast import VideoForecastStage
 from replay.fish import FishModel
 from replay.layout import Recording, RecordingError
 from replay.store import is_remote
@@ -89,7 +91,11 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
     if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
         log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
-    stage = ForecastStage(engine, publisher, metrics, engine_watcher(path, fc, loader, metrics))
+    try:
+        stage = forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader)
+    except (EngineError, ValueError) as exc:
+        publisher.close()
+        raise UserError(f"cannot start the forecaster: {exc}") from exc
     source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
     try:
         return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics, cfg.transport.shm_dir)
@@ -97,6 +103,16 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
         source.close()
         stage.close()
         raise UserError(f"cannot start the pipeline: {exc}") from exc
+
+
+def forecast_stage(engine: Engine, publisher: Publisher, metrics: Metrics, segmentation: np.ndarray,
+                   fc: ForecastConfig, path: Path, loader: Loader) -> ForecastStage:
+    """The stage for the engine's task: a video stage (volumes in) or a trace stage that hot-swaps."""
+    if engine.manifest.task == "video":
+        if fc.watch:
+            log.info("hot swap serves trace engines; the video engine %s stays for this run", engine.version)
+        return VideoForecastStage(engine, publisher, metrics, segmentation, fc.lead_times, fc.lead_batch)
+    return ForecastStage(engine, publisher, metrics, engine_watcher(path, fc, loader, metrics))
 
 
 def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | None) -> Controller:

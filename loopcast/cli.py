@@ -152,12 +152,38 @@ def cmd_evaluate(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -
         result = evaluate_engines(engines, rec.traces(), rec.condition_offsets, rec.condition_names,
                                   covariates, args.baselines, EvalConfig.from_train(cfg.train),
                                   device=args.device, threads=cfg.train.threads,
-                                  meta={"data": rec.root, "data_fingerprint": rec.fingerprint()})
+                                  meta={"data": rec.root, "data_fingerprint": rec.fingerprint()},
+                                  recording=rec)
     except (RecordingError, ValueError) as exc:
         raise app.UserError(str(exc)) from exc
     paths = result.write(Path(args.out) if args.out else run_dir)
     print(result.markdown())
     log.info("evaluation written to %s (table.md, table.csv, figure.png)", paths["markdown"].parent)
+    return 0
+
+
+def cmd_prepare_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import prepare_video_volumes
+    from replay.layout import RecordingError
+    rec = app.open_recording(cfg, args.data)
+    try:
+        location = prepare_video_volumes(cfg, rec, overwrite=args.overwrite)
+    except (RecordingError, ValueError) as exc:
+        raise app.UserError(f"{exc} (command line: --overwrite)" if "overwrite" in str(exc) else str(exc)) from exc
+    print(f"dF/F volumes {location}")
+    return 0
+
+
+def cmd_train_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import train_video_on_recording
+    from replay.layout import RecordingError
+    rec = app.open_recording(cfg, args.data)
+    try:
+        result, path = train_video_on_recording(cfg, rec, run_dir, resume=args.resume, export=not args.no_export)
+    except (RecordingError, ValueError) as exc:
+        raise app.UserError(str(exc)) from exc
+    print(f"best val MAE {result.best_val_mae:.4f} at step {result.best_step}"
+          + (f"; engine {path}" if path else f"; checkpoint {result.checkpoints.get('best')}"))
     return 0
 
 
@@ -182,6 +208,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "train": (cmd_train, "train the trace forecaster on a recording's train split"),
     "export": (cmd_export, "export a checkpoint to an ONNX engine with its manifest"),
     "evaluate": (cmd_evaluate, "score engines and baselines on the test split: MAE per step ahead per condition"),
+    "prepare-video": (cmd_prepare_video, "write a recording's 4x-downsampled dF/F volumes for the video model"),
+    "train-video": (cmd_train_video, "train the volumetric video forecaster (4D UNet); export its engine"),
     "train-spikes": (cmd_train_spikes, "train the causal spike-inference net on simulated fish; export it"),
     "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
     "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
@@ -231,6 +259,13 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", help="recording to evaluate on (default: paths.recording)")
         p.add_argument("--out", help="where table.md, table.csv, figure.png go (default: the run dir)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (ONNX Runtime)")
+    elif name == "prepare-video":
+        p.add_argument("--data", help="recording (default: paths.recording); must be a local path")
+        p.add_argument("--overwrite", action="store_true", help="replace existing dF/F volumes at that level")
+    elif name == "train-video":
+        p.add_argument("--data", help="recording with prepared dF/F volumes (default: paths.recording)")
+        p.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
+        p.add_argument("--no-export", action="store_true", help="keep the checkpoint, do not export an engine")
     elif name == "train-spikes":
         p.add_argument("--work-dir", help="cache of simulated recordings (default: <paths.recording>/../spike-train)")
     elif name == "export":

@@ -15,6 +15,8 @@ from loopcast.config import (ConfigError, apply_overrides, dump_toml, from_dict,
                              to_dict)
 from offline_training.spike_train import SpikeTrainConfig
 from offline_training.train import TrainConfig
+from offline_training.train_video import VideoTrainConfig
+from offline_training.video_data import VideoPrepConfig
 from realtime.controller import ControllerConfig
 from realtime.ingest import RigConfig
 from realtime.pipeline import PipelineConfig
@@ -90,6 +92,8 @@ class LoopcastConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     train_spikes: SpikeTrainConfig = field(default_factory=SpikeTrainConfig)
+    prepare_video: VideoPrepConfig = field(default_factory=VideoPrepConfig)
+    train_video: VideoTrainConfig = field(default_factory=VideoTrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:

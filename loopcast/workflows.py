@@ -1,7 +1,9 @@
 """Offline workflows: synthesize a recording, train, export an engine (what `synth`, `train`,
-`export`, `train-spikes` and the demo's first run do). The only app module that imports offline_training."""
+`export`, `train-spikes`, `prepare-video`, `train-video`, `evaluate` and the demo's first run do).
+The only app module that imports offline_training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -21,6 +23,8 @@ from offline_training.registry import engine_name
 from offline_training.spike_train import train_spike_net
 from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, first_window,
                                     first_window_with_covariates, train)
+from offline_training.train_video import VideoTrainResult, train_video
+from offline_training.video_data import VideoData, prepare_video
 from realtime.engine import EngineError, EngineManifest, resolve_engine
 from replay.layout import Recording
 from replay.synth import synthesize
@@ -124,6 +128,40 @@ def train_spikes(cfg: LoopcastConfig, run_dir: Path, work_dir: str | Path | None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_plain))
     log.info("exported spikes engine %s", path)
     return path, metrics
+
+
+def prepare_video_volumes(cfg: LoopcastConfig, rec: Recording, overwrite: bool = False,
+                          progress: bool = True) -> str:
+    """Write the recording's 4x-downsampled dF/F volumes ([prepare_video]) for the video model."""
+    pc = dataclasses.replace(cfg.prepare_video, overwrite=overwrite or cfg.prepare_video.overwrite)
+    t0 = time.monotonic()
+    vol = prepare_video(rec, pc, progress=progress)
+    log.info("wrote %s: %s x %d frames (%s baseline) in %.1f s", vol.location, "x".join(map(str, vol.shape)),
+             vol.n_frames, pc.baseline, time.monotonic() - t0)
+    return vol.location
+
+
+def train_video_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path, resume: bool = False,
+                             export: bool = True, progress: bool = True) -> tuple[VideoTrainResult, Path | None]:
+    """Train [train_video] on the recording (its prepared dF/F volumes); export the best checkpoint to
+    the engine registry unless export=False. Under torchrun only rank 0 exports."""
+    from offline_training.export_video import export_video_engine
+    vc = cfg.train_video
+    sr = int(vc.model_options.get("super_resolution", 0))
+    data = VideoData(rec, vc.data, super_resolution=sr)
+    log.info("training video_unet (C=%d, H=%d) on %s: %d frames, input %s -> output %s, %d neurons", vc.context,
+             vc.horizon, rec.root, data.n_frames, data.input_shape, data.output_shape, data.n_neurons)
+    result = train_video(rec, vc, run_dir, progress=progress, resume=resume)
+    log.info("best val MAE %.4f at step %d; checkpoints %s", result.best_val_mae, result.best_step,
+             result.checkpoints.get("best"))
+    if not export or not dist_env().is_main:
+        return result, None
+    metrics = {"val": {"model": {"mae": result.best_val_mae}}, "best_step": result.best_step,
+               "history": list(result.history)}
+    path = export_video_engine(result.model, vc, cfg.paths.engines, data, metrics, result.data_fingerprint,
+                               result.data_source)
+    log.info("exported video engine %s", path)
+    return result, path
 
 
 def _mae_line(metrics: dict[str, Any]) -> str:

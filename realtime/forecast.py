@@ -17,6 +17,7 @@ import numpy as np
 from realtime.engine import Engine, EngineError, load_engine
 from realtime.engine_watch import EngineWatcher, Loader, close_engine, watch_dir
 from realtime.metrics import Metrics
+from realtime.preprocess import Preprocessed
 from realtime.transport import Publisher
 from realtime.wire import FrameHeader, ForecastHeader, encode_forecast
 
@@ -33,6 +34,8 @@ class ForecastConfig:
     device: str = "cpu"                      # "cpu" or "cuda[:k]"
     watch: bool = True                       # hot swap to newer versions of a registry entry
     watch_interval_s: float = 1.0
+    lead_times: tuple[int, ...] = ()         # video engines: lead times to forecast (() = all 1..H)
+    lead_batch: int = 8                      # video engines: lead times per engine call
     sndhwm: int = 16
     wait_subscribers: int = 0                # wait for this many forecast subscribers at start
     wait_timeout_s: float = 10.0
@@ -66,7 +69,7 @@ class ForecastStage:
 
     def __init__(self, engine: Engine, publisher: Publisher, metrics: Metrics,
                  watcher: EngineWatcher | None = None) -> None:
-        _check_forecaster(engine)
+        self._check(engine)
         self.publisher = publisher
         self.metrics = metrics
         self.watcher = watcher
@@ -82,6 +85,20 @@ class ForecastStage:
         self.lead_times = tuple(engine.manifest.lead_times)
         self._count = self.metrics.forecasts.labels(model=self.model)
         self.metrics.engine_info.info({"engine": engine.version, "model": self.model})
+
+    def _check(self, engine: Engine) -> None:
+        _check_forecaster(engine)
+
+    def row_size(self, n_neurons: int) -> int:
+        """Values per frame in the context buffer: one dF/F value per neuron."""
+        return n_neurons
+
+    def row(self, pre: Preprocessed) -> np.ndarray:
+        """What one preprocessed frame adds to the context: its per-neuron dF/F (N,)."""
+        return pre.dff
+
+    def _predict(self, engine: Engine, window: np.ndarray) -> np.ndarray:
+        return engine.run(window)
 
     def setup(self, n_neurons: int) -> None:
         """Check the neuron count; start watching for newer versions (valid for it) if configured."""
@@ -105,7 +122,7 @@ class ForecastStage:
         engine takes over here, before the forecast, so the header names the engine that made it."""
         self._swap_if_ready(frame.seq)
         engine = self.engine
-        pred = engine.run(window)
+        pred = self._predict(engine, window)
         header = ForecastHeader(seq=frame.seq, t_src_ns=frame.t_src_ns, model=self.model,
                                 engine_version=engine.version, lead_times=self.lead_times,
                                 shape=tuple(pred.shape), t_pub_ns=time.time_ns(), frame=frame.to_wire())

@@ -79,7 +79,7 @@ class Pipeline:
         self.preprocess = Preprocess(segmentation, cfg.preprocess, rig.frame_period_s, metrics)
         self.forecast = forecast
         self.forecast.setup(self.preprocess.n_neurons)
-        self.context = ContextBuffer(forecast.context, self.preprocess.n_neurons)
+        self.context = ContextBuffer(forecast.context, forecast.row_size(self.preprocess.n_neurons))
         self.report = PipelineReport()
         self._forecast_failures = 0
         self.stop_event = threading.Event()
@@ -95,7 +95,7 @@ class Pipeline:
             if pre is None:
                 continue
             frames.append(frame)
-            self.context.push(pre.dff)
+            self.context.push(self.forecast.row(pre))
             ready = pre.ready and self.context.full
         if frames:
             self._account(frames, ready)

@@ -55,7 +55,8 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class Preprocessed:
-    """Per-neuron results for one frame (arrays (N,) float32); voxel_dff (X/f, Y/f, Z) when enabled."""
+    """Per-neuron results for one frame (arrays (N,) float32); voxel_dff (X/f, Y/f, Z) when enabled.
+    `ready`: the dF/F baselines (and, with the voxel stage, the voxel baselines) are past warm-up."""
 
     seq: int
     fluorescence: np.ndarray
@@ -157,7 +158,8 @@ class Preprocess:
         voxel_dff = self._voxel_dff(voxel_in)
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
         f_np = f if isinstance(f, np.ndarray) else f.cpu().numpy()
-        return Preprocessed(frame.header.seq, f_np, dff, spikes, self.path.dff.ready, voxel_dff)
+        ready = self.path.dff.ready and (self.voxels is None or self.voxels.ready)
+        return Preprocessed(frame.header.seq, f_np, dff, spikes, ready, voxel_dff)
 
     def _downsample(self, volume: np.ndarray) -> np.ndarray | None:
         if self.voxels is None:

@@ -105,3 +105,39 @@ def test_train_on_a_zapbench_layout_copy_by_url(tmp_path: Path) -> None:
     assert manifest["data"]["source"] == str(data)  # the --data store, not paths.recording
     assert manifest["metrics"]["val"]["conditions"] == ["gain", "dots", "flash", "turning", "position",
                                                         "open loop", "rotation", "dark"]
+
+
+def video_tiny(tmp: Path) -> list[str]:
+    """A small fish with nuclei that survive 4x striding, and a tiny video UNet trained for a few steps."""
+    sets = [f'paths.recording="{tmp}/rec"', f'paths.engines="{tmp}/engines"', f'paths.runs="{tmp}/runs"',
+            "rig.shape=[48, 40, 8]", "synth.fish.n_neurons=80", "synth.fish.n_ensembles=4",
+            "synth.fish.nucleus_radius_vox=[3.0, 3.0, 1.0]", "synth.n_frames=400", "prepare_video.stride=4",
+            "train_video.context=4", "train_video.horizon=4", "train_video.steps=6", "train_video.val_every=3",
+            "train_video.val_windows=8", "train_video.threads=1", "train_video.max_context=8",
+            "train_video.model_options.features=8", "train_video.model_options.features_sr=8",
+            "train_video.model_options.groups=4", "train_video.model_options.lead_dim=8",
+            "train_video.model_options.downsample=[[2, 2, 1]]", "train_video.data.crop_y=8"]
+    return [a for s in sets for a in ("-s", s)]
+
+
+def test_video_prepare_train_evaluate_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = video_tiny(tmp_path)
+    assert main(["synth", *argv]) == 0
+    assert main(["train-video", *argv]) == 2                       # no dF/F volumes yet
+    assert "loopcast prepare-video" in capsys.readouterr().err
+    assert main(["prepare-video", *argv]) == 0
+    assert (tmp_path / "rec" / "df_over_f_xyz_chunked" / "s2" / "zarr.json").is_file()
+    assert main(["prepare-video", *argv]) == 2                     # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["train-video", *argv, "--run-dir", str(tmp_path / "runs" / "v")]) == 0
+    engine = tmp_path / "engines" / "video_unet-c4-h4"
+    manifest = json.loads((engine / "v0001" / "manifest.json").read_text())
+    assert manifest["task"] == "video" and manifest["video"]["input_shape"] == [12, 8, 8]
+    assert (tmp_path / "runs" / "v" / "best.pt").is_file()
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["evaluate", *argv, "--engines", str(engine), "--baselines", "mean", "--out", str(out),
+                 "-s", "train.max_context=8", "-s", "train.horizon=4"]) == 0
+    table = capsys.readouterr().out
+    assert "video_unet-c4-h4/v0001" in table and "mean-c4" in table
+    assert (out / "table.md").is_file() and (out / "figure.png").is_file()
