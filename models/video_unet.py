@@ -24,6 +24,7 @@ end and the output is cropped back to (X * 2**sr, Y * 2**sr, Z).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,42 @@ def receptive_field(cfg: VideoUNetConfig) -> tuple[int, int, int]:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class AxiswiseGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm with its statistics taken as means one axis at a time: the same function, but it
+    exports to ONNX as short ReduceMeans. ONNX Runtime's InstanceNormalization (what GroupNorm becomes)
+    accumulates each group's statistics over all its voxels in float32 and drifts by ~1e-3 over the
+    millions of voxels of a ZAPBench volume; axis-wise means stay at float32 accuracy. Used for export
+    (`export_copy`); training keeps the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        g = x.reshape(b, self.num_groups, c // self.num_groups, *x.shape[2:])   # (B, G, C/G, X, Y, Z)
+        mean = _axis_mean(g)                                                     # (B, G, 1, 1, 1, 1)
+        centred = g - mean
+        y = (centred * torch.rsqrt(_axis_mean(centred.square()) + self.eps)).reshape(x.shape)
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+def _axis_mean(g: torch.Tensor) -> torch.Tensor:
+    """Mean over every axis after the first two, one axis at a time (keepdim)."""
+    for d in range(g.ndim - 1, 1, -1):
+        g = g.mean(dim=d, keepdim=True)
+    return g
+
+
+def export_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose GroupNorms are AxiswiseGroupNorm (same weights, same function), for export."""
+    out = copy.deepcopy(model)
+    for module in list(out.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.GroupNorm:
+                new = AxiswiseGroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
+                new.load_state_dict(child.state_dict())
+                setattr(module, name, new)
+    return out
 
 
 def lead_embedding(lead: torch.Tensor, dim: int) -> torch.Tensor:
