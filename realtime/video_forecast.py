@@ -11,6 +11,8 @@ Hot swap: trace engines only for now; a video stage serves the engine it started
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from realtime.engine import Engine, EngineError
@@ -19,6 +21,8 @@ from realtime.metrics import Metrics
 from realtime.preprocess import Preprocessed
 from realtime.transport import Publisher
 from realtime.video_reduce import VideoGrid, VolumeReducer
+
+log = logging.getLogger(__name__)
 
 
 class VideoForecastStage(ForecastStage):
@@ -35,6 +39,9 @@ class VideoForecastStage(ForecastStage):
         self.input_shape: tuple[int, int, int] = tuple(int(s) for s in video["input_shape"])  # type: ignore
         self.crop_y: tuple[int, int] = tuple(int(v) for v in video["crop_y"])  # type: ignore[assignment]
         self.reducer = VolumeReducer(segmentation, self.grid, engine.manifest.n_neurons)
+        log.info("video engine %s: input %s, lead times %s in batches of %d; traces from the segmentation "
+                 "strided by %d (%s)", engine.version, self.input_shape, list(self.lead_times), lead_batch,
+                 self.grid.stride, self.reducer.stats)
 
     def _check(self, engine: Engine) -> None:
         m = engine.manifest
