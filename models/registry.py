@@ -50,6 +50,19 @@ def model_config(name: str, config: dict[str, Any]) -> Any:
     return from_dict(_ALL[name][0], dict(config), where=f"model.{name}")
 
 
+def check_model_options(name: str, options: dict[str, Any], derived: frozenset[str], set_by: str) -> None:
+    """Raise ValueError if `options` (a training config's model_options) set a `derived` field (one the
+    training config fills in: `set_by` says what does) or a field model `name` does not have."""
+    fields = config_fields(name)
+    clash = sorted(set(options) & derived)
+    if clash:
+        raise ValueError(f"model_options {clash} are set by {set_by}, not by model_options")
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"model_options {unknown} are not options of model {name!r}; "
+                         f"its options: {sorted(fields - derived)}")
+
+
 def build_model(name: str, config: dict[str, Any]) -> nn.Module:
     """Instantiate model `name` from a plain mapping of its config fields."""
     cfg = model_config(name, config)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from loopcast.config import from_dict, to_dict
 from models.baselines import MeanBaseline, MeanBaselineConfig
-from models.registry import MODELS, build_model, config_fields
+from models.registry import MODELS, build_model, check_model_options, config_fields
 from models.registry import model_config as typed_model_config
 from offline_training.ddp import DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
 from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
@@ -66,15 +66,7 @@ class TrainConfig:
         self._check_model_options()
 
     def _check_model_options(self) -> None:
-        fields = config_fields(self.model)
-        settable = sorted(fields - DERIVED_OPTIONS)
-        derived = sorted(set(self.model_options) & DERIVED_OPTIONS)
-        if derived:
-            raise ValueError(f"model_options {derived} are set by [train] and the data, not by model_options")
-        unknown = sorted(set(self.model_options) - fields)
-        if unknown:
-            raise ValueError(f"model_options {unknown} are not options of model {self.model!r}; "
-                             f"its options: {settable}")
+        check_model_options(self.model, self.model_options, DERIVED_OPTIONS, "[train] and the data")
         typed_model_config(self.model, self.model_config(n_neurons=1, n_covariates=1))  # types, values
 
     @property

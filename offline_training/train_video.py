@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loopcast.config import dump_toml, from_dict, to_dict
-from models.registry import VIDEO_MODELS
+from models.registry import VIDEO_MODELS, build_model, check_model_options
+from models.registry import model_config as typed_model_config
 from offline_training.ddp import DEVICES, DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
 from offline_training.splits import ConditionSplit, condition_splits, split_windows
 from offline_training.video_data import VideoData, VideoDataConfig
@@ -86,15 +87,8 @@ class VideoTrainConfig:
         self._check_model_options()
 
     def _check_model_options(self) -> None:
-        fields = {f.name for f in dataclasses.fields(VIDEO_MODELS[self.model][0])}
-        derived = sorted(set(self.model_options) & DERIVED_OPTIONS)
-        if derived:
-            raise ValueError(f"model_options {derived} are set by [train_video], not by model_options")
-        unknown = sorted(set(self.model_options) - fields)
-        if unknown:
-            raise ValueError(f"model_options {unknown} are not options of model {self.model!r}; "
-                             f"its options: {sorted(fields - DERIVED_OPTIONS)}")
-        typed_video_config(self.model, self.model_config())  # types and values
+        check_model_options(self.model, self.model_options, DERIVED_OPTIONS, "[train_video]")
+        typed_model_config(self.model, self.model_config())  # types and values
 
     def model_config(self) -> dict[str, Any]:
         """The model's own config mapping: context, horizon, then model_options."""
@@ -124,16 +118,6 @@ class VideoTrainResult:
 def video_train_config_from_dict(data: dict[str, Any]) -> VideoTrainConfig:
     """Strict VideoTrainConfig from a mapping (a TOML [train_video] table)."""
     return from_dict(VideoTrainConfig, data, where="train_video")
-
-
-def typed_video_config(name: str, config: dict[str, Any]) -> Any:
-    """The typed config of video model `name`, strictly (unknown keys and wrong types raise)."""
-    return from_dict(VIDEO_MODELS[name][0], dict(config), where=f"model.{name}")
-
-
-def build_video_model(name: str, config: dict[str, Any]) -> nn.Module:
-    """Instantiate video model `name` from a plain mapping of its config fields."""
-    return VIDEO_MODELS[name][1](typed_video_config(name, config))
 
 
 # ----------------------------------------------------------------------------------------- samples
@@ -283,10 +267,10 @@ def train_video(rec: Recording, cfg: VideoTrainConfig, run_dir: str | Path, prog
 
 def _setup(rec: Recording, cfg: VideoTrainConfig, env: DistEnv, run_dir: Path, resume: bool) -> _Run:
     device = env.device if env.distributed else torch.device(cfg.device)
-    sr = typed_video_config(cfg.model, cfg.model_config()).super_resolution
+    sr = typed_model_config(cfg.model, cfg.model_config()).super_resolution
     data = VideoData(rec, cfg.data, super_resolution=sr)
     torch.manual_seed(cfg.seed)
-    model = build_video_model(cfg.model, cfg.model_config()).to(device)
+    model = build_model(cfg.model, cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     run = _Run(cfg=cfg, env=env, device=device, model=model, ddp=wrap(model, env), opt=opt, sched=sched,

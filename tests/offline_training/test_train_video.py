@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from loopcast.config import ConfigError, load_toml
-from offline_training.train_video import (TraceIndex, VideoTrainConfig, build_video_model, sample_pairs,
+from models.registry import build_model
+from offline_training.train_video import (TraceIndex, VideoTrainConfig, sample_pairs,
                                           trace_loss, train_starts, train_video, val_mae, val_pairs,
                                           video_train_config_from_dict)
 from offline_training.video_data import VideoData, prepare_video
@@ -73,7 +74,7 @@ def test_trace_loss_equals_a_per_neuron_loop(rec: Recording) -> None:
     torch.set_num_threads(1)
     data = VideoData(rec)
     torch.manual_seed(0)
-    model = build_video_model("video_unet", CFG.model_config())
+    model = build_model("video_unet", CFG.model_config())
     pairs = np.array([[10, 1], [57, 4], [120, 2]])
     loss = trace_loss(model, data, TraceIndex(data.reducer), pairs, CFG.context, torch.device("cpu"))
     vol, traces, seg = rec.volume("df_over_f", level=2), rec.traces(), rec.segmentation()[::4, ::4, :]
@@ -114,7 +115,7 @@ def test_loss_decreases(rec: Recording, tmp_path: Path) -> None:
     assert [h["step"] for h in result.history] == [20, 40, 60]
     assert last["loss"] < 0.8 * first["loss"], result.history
     torch.manual_seed(cfg.seed)
-    fresh = build_video_model(cfg.model, cfg.model_config())
+    fresh = build_model(cfg.model, cfg.model_config())
     data = VideoData(rec)
     assert result.best_val_mae < 0.8 * val_mae(fresh, data, val_pairs(cfg, OFFSETS))
     assert last["lr"] == pytest.approx(cfg.lr_min)                      # the cosine ends at lr_min
@@ -140,7 +141,7 @@ def test_best_checkpoint_is_the_best_val(runs: dict[str, Any], rec: Recording) -
     best = torch.load(full.checkpoints["best"], weights_only=False)
     assert best["val_mae"] == full.best_val_mae == min(vals)
     assert best["step"] == full.best_step == full.history[int(np.argmin(vals))]["step"]
-    model = build_video_model(best["model_name"], best["model_config"])
+    model = build_model(best["model_name"], best["model_config"])
     model.load_state_dict(best["model"])
     assert val_mae(model, VideoData(rec), val_pairs(cfg, OFFSETS)) == pytest.approx(best["val_mae"], rel=1e-6)
     for k, v in best["model"].items():

@@ -14,7 +14,8 @@ from offline_training.evaluate import EvalConfig, baseline_forecasters, scoring_
 from offline_training.export import ExportError
 from offline_training.export_video import export_video_engine
 from offline_training.registry import list_engines
-from offline_training.train_video import VideoTrainConfig, build_video_model
+from models.registry import build_model
+from offline_training.train_video import VideoTrainConfig
 from offline_training.video_data import VideoData, VideoDataConfig, prepare_video
 from offline_training.video_eval import (VideoEngineForecaster, VideoTorchForecaster, evaluate_video,
                                          is_video_engine)
@@ -51,7 +52,7 @@ def data(recording: Path) -> VideoData:
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_video_model(CFG.model, CFG.model_config()).eval()
+    return build_model(CFG.model, CFG.model_config()).eval()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import torch
 from loopcast import app
 from loopcast.settings import load_settings
 from offline_training.export_video import export_video_engine
-from offline_training.train_video import VideoTrainConfig, build_video_model
+from models.registry import build_model
+from offline_training.train_video import VideoTrainConfig
 from offline_training.video_data import VideoData, VideoPrepConfig, prepare_video
 from realtime.engine import EngineError, load_engine
 from realtime.forecast import ForecastStage
@@ -48,7 +49,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, Path]:
     cfg = dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, crop_y=8))
     data = VideoData(root / "rec", cfg.data)
     torch.manual_seed(0)
-    model = build_video_model(cfg.model, cfg.model_config()).eval()
+    model = build_model(cfg.model, cfg.model_config()).eval()
     for name, p in model.named_parameters():  # FiLM starts at zero: make the lead time matter
         if "film" in name:
             torch.nn.init.normal_(p, std=0.2)
