@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from loopcast.settings import LoopcastConfig
+from realtime.activation import ActivationStage
 from realtime.controller import Controller
 from realtime.engine import Engine, EngineError
 from realtime.engine_watch import Loader
@@ -80,39 +81,60 @@ def engine_path(cfg: LoopcastConfig) -> Path:
 
 
 def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray) -> Pipeline:
-    """Forecast publisher first (optionally waiting for a controller), then the frame subscriber."""
-    fc, path = cfg.pipeline.forecast, engine_path(cfg)
+    """Forecast publisher first (optionally waiting for a controller), then one stage per engine
+    ([pipeline.forecast] engine, then each `also` entry), then the frame subscriber."""
+    fc = cfg.pipeline.forecast
+    paths = [engine_path(cfg), *(Path(p) for p in fc.also)]
     loader = engine_loader(fc)
-    try:
-        engine = loader(path)
-    except EngineError as exc:
-        raise UserError(str(exc)) from exc
-    log.info("engine %s (%s)", engine.version, engine.manifest.engine_dir)
+    engines = load_engines(paths, loader)
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
     if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
         log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
+    stages: list[ForecastStage] = []
     try:
-        stage = forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader)
+        for engine, path in zip(engines, paths):
+            stages.append(forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader))
     except (EngineError, ValueError) as exc:
+        for stage in stages:
+            stage.close()
         publisher.close()
         raise UserError(f"cannot start the forecaster: {exc}") from exc
     source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
     try:
-        return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stage, metrics, cfg.transport.shm_dir)
+        return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stages, metrics, cfg.transport.shm_dir)
     except (EngineError, ValueError) as exc:
         source.close()
-        stage.close()
+        for stage in stages:
+            stage.close()
         raise UserError(f"cannot start the pipeline: {exc}") from exc
+
+
+def load_engines(paths: list[Path], loader: Loader) -> list[Engine]:
+    """Every configured engine, loaded; a UserError naming the one that fails."""
+    engines = []
+    for path in paths:
+        try:
+            engine = loader(path)
+        except EngineError as exc:
+            raise UserError(str(exc)) from exc
+        log.info("engine %s: task %s, signal %s, %d stimulus covariates (%s)", engine.version,
+                 engine.manifest.task, engine.manifest.signal, engine.manifest.n_covariates,
+                 engine.manifest.engine_dir)
+        engines.append(engine)
+    return engines
 
 
 def forecast_stage(engine: Engine, publisher: Publisher, metrics: Metrics, segmentation: np.ndarray,
                    fc: ForecastConfig, path: Path, loader: Loader) -> ForecastStage:
-    """The stage for the engine's task: a video stage (volumes in) or a trace stage that hot-swaps."""
-    if engine.manifest.task == "video":
+    """The stage for the engine's task: a video stage (volumes in), an activation stage or a trace
+    forecast stage (both hot-swap)."""
+    task = engine.manifest.task
+    if task == "video":
         if fc.watch:
             log.info("hot swap serves trace engines; the video engine %s stays for this run", engine.version)
         return VideoForecastStage(engine, publisher, metrics, segmentation, fc.lead_times, fc.lead_batch)
-    return ForecastStage(engine, publisher, metrics, engine_watcher(path, fc, loader, metrics))
+    stage = ActivationStage if task == "activation" else ForecastStage
+    return stage(engine, publisher, metrics, engine_watcher(path, fc, loader, metrics))
 
 
 def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | None) -> Controller:

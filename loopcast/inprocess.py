@@ -31,10 +31,11 @@ class LoopResult:
 
     sim: SimReport
     pipeline: PipelineReport
-    forecasts: list[Forecast]
+    forecasts: list[Forecast]           # kind "forecast" messages, in arrival order
     triggers: list[dict[str, Any]]
     controller: Controller
     metrics: dict[str, Metrics] = field(default_factory=dict)
+    activations: list[Forecast] = field(default_factory=list)   # kind "activation" messages
 
 
 class TriggerListener:
@@ -66,7 +67,9 @@ def run_loop(cfg: LoopcastConfig, timeout_s: float = 120.0) -> LoopResult:
 async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
     rec = app.open_recording(cfg)
     metrics = {name: Metrics(name) for name in ("sim", "run", "controller")}
-    forecasts = Subscriber(cfg.endpoints.forecasts, topics=(b"forecast/",), rcvhwm=100_000)
+    # one subscription to everything on the forecasts endpoint (forecast/ and activation/ topics): a
+    # publisher's wait_subscribers counts subscriptions, so one per consumer keeps it counting consumers
+    forecasts = Subscriber(cfg.endpoints.forecasts, topics=(b"",), rcvhwm=100_000)
     controller = app.build_controller(cfg, metrics["controller"], rec)
     stop_ctl = asyncio.Event()
     ctl_task = asyncio.create_task(controller.run(stop_ctl))
@@ -92,7 +95,9 @@ async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
         forecasts.close()
     if "error" in holder:
         raise holder["error"]
-    return LoopResult(report, holder["report"], received, listener.triggers, controller, metrics)
+    return LoopResult(report, holder["report"], [f for f in received if f.header.kind == "forecast"],
+                      listener.triggers, controller, metrics,
+                      [f for f in received if f.header.kind == "activation"])
 
 
 def _pipeline_thread(cfg: LoopcastConfig, metrics: Metrics, seg: np.ndarray, out: dict[str, Any]) -> None:

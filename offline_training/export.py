@@ -1,8 +1,12 @@
 """Export a trained model to an engine: ONNX graph + manifest.json + config.toml, checked for parity.
 
 The real-time side loads only these files (realtime/engine.py); nothing here is imported there.
-Two tasks share the format: "forecast" (trace forecasters, lead times 1..H, output 'forecast') and
-"spikes" (causal spike inference, H = 1 at lead time 0: the current frame, output 'spikes').
+Three tasks share the format: "forecast" (trace forecasters, lead times 1..H, output 'forecast'),
+"spikes" (causal spike inference, H = 1 at lead time 0: the current frame, output 'spikes') and
+"activation" (per-neuron probability that the response over the next H frames meets a criterion:
+output 'activation' [batch, 1, N], lead_times [H], an `activation` block passed in `extra`).
+`signal` records what the context rows are: "dff" (causal dF/F) or "spike_prob" (causal spike
+probabilities); the real-time pipeline feeds each engine its signal.
 """
 from __future__ import annotations
 
@@ -27,19 +31,24 @@ from torch import nn
 from loopcast.config import dump_toml
 from offline_training.registry import engine_name, publish, staging_dir
 from offline_training.train import TrainConfig
+from realtime.manifest import EngineError, EngineManifest
 
 FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
 INPUT_NAME = "context"
 COVARIATES_NAME = "covariates"
 OUTPUT_NAME = "forecast"
-TASKS = ("forecast", "spikes")
-OUTPUT_NAMES = {"forecast": OUTPUT_NAME, "spikes": "spikes"}
+TASKS = ("forecast", "spikes", "activation")
+OUTPUT_NAMES = {"forecast": OUTPUT_NAME, "spikes": "spikes", "activation": "activation"}
+SIGNALS = ("dff", "spike_prob")
 ONNX_FILE = "model.onnx"
 TORCH_FILE = "model.pt2"
 CONFIG_FILE = "config.toml"
 MANIFEST_FILE = "manifest.json"
 PARITY_TOLERANCE = 1e-5
+CORE_FIELDS = ("format", "format_version", "name", "version", "task", "signal", "model", "model_config",
+               "context", "horizon", "lead_times", "n_neurons", "inputs", "outputs", "normalisation",
+               "metrics", "parity", "data", "code_version", "created", "files")
 log = logging.getLogger(__name__)
 
 
@@ -68,13 +77,12 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
                   n_neurons: int, metrics: dict[str, Any], data_fingerprint: str, data_source: str,
                   parity_input: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
                   name: str | None = None,
-                  tolerance: float = PARITY_TOLERANCE, task: str = "forecast") -> Path:
-    """Write a new engine version under `<registry_dir>/<name>/` and return its directory."""
-    if task not in TASKS:
-        raise ExportError(f"task must be one of {list(TASKS)}, got {task!r}")
-    if task == "spikes" and train_cfg.horizon != 1:
-        raise ExportError(f"a spikes engine estimates the current frame only: horizon must be 1, "
-                          f"got {train_cfg.horizon}")
+                  tolerance: float = PARITY_TOLERANCE, task: str = "forecast", signal: str = "dff",
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write a new engine version under `<registry_dir>/<name>/` and return its directory.
+    `signal`: what the context rows are ("dff" or "spike_prob"); `extra`: more manifest fields (e.g.
+    {"activation": {...}}, required for task "activation"), never one of the core fields."""
+    check_export_args(task, signal, train_cfg.horizon, extra)
     name = name or engine_name(train_cfg.model, train_cfg.context, train_cfg.horizon)
     model = model.eval()
     output = OUTPUT_NAMES[task]
@@ -93,7 +101,7 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
         fields = dict(name=name, model=model, cfg=train_cfg, n_neurons=n_neurons, dynamic_n=dynamic_n,
                       metrics=metrics, max_diff=max_diff, tolerance=tolerance,
                       data={"fingerprint": data_fingerprint, "source": data_source}, task=task,
-                      n_covariates=k, files=files)
+                      n_covariates=k, files=files, signal=signal, extra=extra)
 
         path = publish_engine(staged, lambda version: build_manifest(version=version, **fields))
     except BaseException:
@@ -103,12 +111,39 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
     return path
 
 
+def check_export_args(task: str, signal: str, horizon: int, extra: dict[str, Any] | None) -> None:
+    """ExportError unless task, signal and the extra manifest fields fit together."""
+    if task not in TASKS:
+        raise ExportError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if signal not in SIGNALS:
+        raise ExportError(f"signal must be one of {list(SIGNALS)}, got {signal!r}")
+    if task == "spikes" and horizon != 1:
+        raise ExportError(f"a spikes engine estimates the current frame only: horizon must be 1, got {horizon}")
+    block = (extra or {}).get("activation")
+    if task == "activation" and not (isinstance(block, dict) and block.get("window") == horizon):
+        raise ExportError(f"an activation engine needs extra={{'activation': {{'criterion': ..., 'threshold': "
+                          f"..., 'window': {horizon}}}}} (window = horizon), got {block!r}")
+    check_extra(extra)
+
+
+def check_extra(extra: dict[str, Any] | None) -> None:
+    """ExportError if an extra manifest field would override a core one."""
+    core = set(CORE_FIELDS) & set(extra or {})
+    if core:
+        raise ExportError(f"extra manifest fields may not override core fields {sorted(core)}")
+
+
 def publish_engine(staged: Path, manifest: Callable[[str], dict[str, Any]]) -> Path:
     """Publish a staged engine as the next version of its registry entry, with manifest.json written for
-    the version the registry assigns (offline_training.registry.publish: atomic, never half visible)."""
+    the version the registry assigns (offline_training.registry.publish: atomic, never half visible).
+    The manifest is validated by the reader the rig uses (realtime.manifest) before it is published."""
     def finalize(staged_dir: Path, version: str) -> None:
         text = json.dumps(manifest(version), indent=2, default=_json_default) + "\n"
         (staged_dir / MANIFEST_FILE).write_text(text)
+        try:
+            EngineManifest.load(staged_dir / MANIFEST_FILE)
+        except EngineError as exc:
+            raise ExportError(f"the exported manifest is invalid: {exc}") from exc
 
     return publish(staged, finalize)[1]
 
@@ -226,27 +261,32 @@ def check_parity(onnx_path: Path, model: nn.Module, inputs: list[tuple[np.ndarra
 def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig | ExportConfig,
                    n_neurons: int, dynamic_n: bool, metrics: dict[str, Any], max_diff: float,
                    tolerance: float, data: dict[str, str], task: str = "forecast", n_covariates: int = 0,
-                   files: dict[str, str] | None = None) -> dict[str, Any]:
-    """The manifest.json mapping (format_version 1) that realtime.engine.EngineManifest reads."""
+                   files: dict[str, str] | None = None, signal: str = "dff",
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest.json mapping (format_version 1) that realtime.engine.EngineManifest reads; `extra`
+    fields are merged in (ExportError if one would override a core field)."""
     mcfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type):
         model_config = dataclasses.asdict(mcfg)
     else:
         model_config = cfg.model_config()  # type: ignore[union-attr]
     neurons: str | int = "neurons" if dynamic_n else n_neurons
-    lead_times = [0] if task == "spikes" else list(range(1, cfg.horizon + 1))
+    lead_times = {"spikes": [0], "activation": [cfg.horizon]}.get(task, list(range(1, cfg.horizon + 1)))
+    rows = 1 if task == "activation" else cfg.horizon
+    check_extra(extra)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
-        "task": task, "model": cfg.model, "model_config": model_config,
+        "task": task, "signal": signal, "model": cfg.model, "model_config": model_config,
         "context": cfg.context, "horizon": cfg.horizon,
         "lead_times": lead_times, "n_neurons": int(n_neurons),
         "inputs": _input_specs(cfg.context, cfg.horizon, neurons, n_covariates),
-        "outputs": [{"name": OUTPUT_NAMES[task], "shape": ["batch", cfg.horizon, neurons], "dtype": "float32"}],
+        "outputs": [{"name": OUTPUT_NAMES[task], "shape": ["batch", rows, neurons], "dtype": "float32"}],
         "normalisation": None, "metrics": metrics,
         "parity": {"max_abs_diff": max_diff, "tolerance": tolerance, "runtime": "onnxruntime-cpu"},
         "data": data, "code_version": code_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "files": files or {"onnx": ONNX_FILE, "config": CONFIG_FILE},
+        **(extra or {}),
     }
 
 

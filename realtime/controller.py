@@ -1,4 +1,9 @@
-"""The optogenetic-trigger controller: forecasts (ZeroMQ SUB) -> policy -> interlocks -> MQTT trigger.
+"""The optogenetic-trigger controller: forecasts or activation predictions (ZeroMQ SUB) -> policy ->
+interlocks -> MQTT trigger.
+
+The SUB subscribes to the prefix of the messages its policy reads (`forecast/` for kind
+forecast_threshold, `activation/` for activation_threshold): one subscription per controller, so a
+publisher's `wait_subscribers` still counts consumers, and nothing is decoded that the policy ignores.
 
 MQTT topics (ARCHITECTURE.md): `loopcast/<rig>/trigger` (QoS 1 TriggerCommand JSON),
 `loopcast/<rig>/status` (retained JSON state, also the last will: offline and disarmed),
@@ -23,9 +28,9 @@ import zmq.asyncio
 
 from realtime.interlocks import InterlockConfig, Interlocks
 from realtime.metrics import Metrics
-from realtime.policy import Decision, PolicyConfig, PolicyError, ThresholdPolicy
-from realtime.wire import (FORECAST_PREFIX, Forecast, TriggerCommand, WireError, decode_forecast,
-                           mqtt_topic, parse_control)
+from realtime.policy import Decision, PolicyConfig, PolicyError, make_policy
+from realtime.wire import (ACTIVATION_PREFIX, FORECAST_PREFIX, Forecast, TriggerCommand, WireError,
+                           decode_forecast, mqtt_topic, parse_control)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ class MqttConfig:
 class ControllerConfig:
     """Everything the controller process needs."""
 
-    forecasts: str = "tcp://127.0.0.1:5556"  # ZeroMQ endpoint a SUB connects to (topic "forecast/")
+    forecasts: str = "tcp://127.0.0.1:5556"  # ZeroMQ endpoint a SUB connects to (forecast/ or activation/)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     interlocks: InterlockConfig = field(default_factory=InterlockConfig)
@@ -65,7 +70,8 @@ class Controller:
                  metrics: Metrics, n_neurons: int | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.policy = ThresholdPolicy(cfg.policy, monitor, targets, n_neurons)
+        self.policy = make_policy(cfg.policy, monitor, targets, n_neurons)
+        self.topic = ACTIVATION_PREFIX if self.policy.kind == "activation" else FORECAST_PREFIX
         self.interlocks = Interlocks(cfg.interlocks)
         self.sent: list[TriggerCommand] = []
         self.forecasts_seen = 0
@@ -83,11 +89,11 @@ class Controller:
         ctx = zmq.asyncio.Context()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, FORECAST_PREFIX.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
         sub.connect(self.cfg.forecasts)
-        log.info("controller rig=%s: forecasts from %s, broker %s:%d, policy %s, %s",
-                 self.cfg.mqtt.rig, self.cfg.forecasts, self.cfg.mqtt.host, self.cfg.mqtt.port,
-                 self.cfg.policy.name, "ARMED at start" if self.interlocks.armed else "disarmed")
+        log.info("controller rig=%s: %s* from %s, broker %s:%d, policy %s (%s), %s",
+                 self.cfg.mqtt.rig, self.topic, self.cfg.forecasts, self.cfg.mqtt.host, self.cfg.mqtt.port,
+                 self.cfg.policy.name, self.cfg.policy.kind, "ARMED at start" if self.interlocks.armed else "disarmed")
         try:
             while not stop.is_set():
                 try:

@@ -17,7 +17,11 @@ without the field are: dF/F at lead times 1..H) or "spikes" (the expected spike 
 frame: H = 1, lead time 0) or "video" (the volumetric forecaster: `volumes` [batch, C, X, Y, Z] float32
 and `lead_time` [batch] int64 in, the predicted dF/F `frame` [batch, X', Y', Z'] at that lead time out;
 the manifest's `video` block says which downsampled, cropped grid the volumes live on; see
-`realtime.video_reduce`). Video engines run through `run_video`, trace engines through `run`.
+`realtime.video_reduce`) or "activation" (one probability per neuron that its response over the next H
+frames meets the manifest's `activation` criterion: output [batch, 1, N], lead_times [H]). Video engines
+run through `run_video`, trace engines (forecast, spikes, activation) through `run`. A trace engine's
+manifest `signal` says what its context rows are: "dff" (causal dF/F) or "spike_prob" (causal spike
+probabilities).
 """
 from __future__ import annotations
 
@@ -125,7 +129,8 @@ class EngineBase:
         return self.run_batch(context[None], cov)[0]
 
     def run_batch(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
-        """(B, H, N) from a batch of contexts (B, C, N) [and covariates (B, C + H, K)]."""
+        """(B, H, N) from a batch of contexts (B, C, N) [and covariates (B, C + H, K)]; (B, 1, N) for an
+        activation engine (`manifest.output_rows`)."""
         m = self.manifest
         self._require_trace_engine()
         _check_array(self.version, "context", context, 3)
@@ -134,8 +139,9 @@ class EngineBase:
                               f"(C, N) = {(m.context, self.n_neurons)}")
         cov = self._check_covariates(covariates, context.shape[0])
         y = self._infer(np.ascontiguousarray(context), cov)
-        if y.shape != (context.shape[0], m.horizon, self.n_neurons):
-            raise EngineError(f"engine {self.version}: output shape {y.shape} != (B, H, N)")
+        if y.shape != (context.shape[0], m.output_rows, self.n_neurons):
+            raise EngineError(f"engine {self.version}: output shape {y.shape} != (B, {m.output_rows}, N) "
+                              f"(task {m.task!r})")
         return y
 
     def run_video(self, volumes: np.ndarray, lead_time: np.ndarray) -> np.ndarray:

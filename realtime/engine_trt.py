@@ -220,7 +220,7 @@ class TensorRTEngine(EngineBase):
     def _allocate(self, n: int) -> dict[str, Any]:
         """One (max_batch, ...) float32 CUDA buffer per IO tensor, its address bound once."""
         m, torch = self.manifest, self._torch
-        shapes = {self._in: (m.context, n), self._out: (m.horizon, n)}
+        shapes = {self._in: (m.context, n), self._out: (m.output_rows, n)}
         if m.n_covariates:
             shapes[COVARIATES_INPUT] = (m.context + m.horizon, m.n_covariates)
         buffers = {}

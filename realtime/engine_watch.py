@@ -2,9 +2,10 @@
 
 `EngineWatcher` polls `<registry>/<name>/` in a daemon thread. When a version newer than the one serving
 appears (training publishes it by an atomic rename; hidden `.staging-*` dirs are never looked at), it is
-loaded and validated in that thread, never in the frame loop: task "forecast", the serving context C
-(the pipeline's context buffer is fixed), the pipeline's neuron count, no covariate input (the live
-pipeline has no stimulus feed) and a finite (H, N) warm-up forecast on zeros. Only then is it put in a
+loaded and validated in that thread, never in the frame loop: it must serve the serving engine's stage
+(same task, signal and stimulus covariate count K), the serving context C (the pipeline's context buffer
+is fixed) and the pipeline's neuron count, and give a finite warm-up output on zeros (zero covariates
+where it takes them). Only then is it put in a
 lock-protected slot; the forecast stage `take()`s it at a frame boundary. A refused version is counted
 in `loopcast_engine_load_failures_total{reason}`, logged, and not retried until its directory changes.
 """
@@ -92,9 +93,12 @@ class EngineWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._serving, self._serving_name, self._context, self._n = -1, "", 0, 0
+        self._like: EngineManifest | None = None
 
     def start(self, serving: Engine, n_neurons: int) -> None:
-        """Watch for versions newer than `serving`, valid for its context and `n_neurons`."""
+        """Watch for versions newer than `serving` that could replace it in its stage (task, signal,
+        covariates, context) for `n_neurons`."""
+        self._like = serving.manifest
         self._serving = version_number(serving.manifest.engine_dir.name)
         self._serving_name = serving.version
         self._context, self._n = serving.manifest.context, n_neurons
@@ -152,27 +156,34 @@ class EngineWatcher:
         return engine
 
     def _check_manifest(self, m: EngineManifest) -> None:
-        if m.task != "forecast":
-            raise CandidateRefused("task", f"a {m.task!r} engine cannot replace the forecaster")
+        like = self._like
+        if like is None:
+            raise RuntimeError("EngineWatcher.start() first")
+        if m.task != like.task:
+            raise CandidateRefused("task", f"a {m.task!r} engine cannot replace the {like.task!r} engine")
         if m.context != self._context:
             raise CandidateRefused("context", f"context {m.context} != the pipeline's {self._context}")
-        if m.n_covariates:
-            raise CandidateRefused("covariates", f"needs {m.n_covariates} stimulus covariates; the live "
-                                   f"pipeline feeds none")
+        if m.n_covariates != like.n_covariates:
+            raise CandidateRefused("covariates", f"takes {m.n_covariates} stimulus covariates; the stage "
+                                   f"feeds {like.n_covariates}")
+        if m.signal != like.signal:
+            raise CandidateRefused("signal", f"reads {m.signal!r}; the stage feeds {like.signal!r}")
 
     def _check_engine(self, engine: Engine) -> None:
         try:
             engine.check_neurons(self._n)
         except EngineError as exc:
             raise CandidateRefused("neurons", str(exc)) from exc
-        want = (engine.manifest.horizon, self._n)
+        m = engine.manifest
+        want = (m.output_rows, self._n)
+        cov = np.zeros((m.context + m.horizon, m.n_covariates), np.float32) if m.n_covariates else None
         try:
-            y = engine.run(np.zeros((self._context, self._n), np.float32))
+            y = engine.run(np.zeros((self._context, self._n), np.float32), cov)
         except Exception as exc:
             raise CandidateRefused("warmup", f"warm-up run failed: {exc}") from exc
         if not isinstance(y, np.ndarray) or y.shape != want or not np.all(np.isfinite(y)):
             got = y.shape if isinstance(y, np.ndarray) else type(y).__name__
-            raise CandidateRefused("warmup", f"warm-up forecast must be finite {want}, got {got}")
+            raise CandidateRefused("warmup", f"warm-up output must be finite {want}, got {got}")
 
     def _offer(self, path: Path, engine: Engine) -> None:
         with self._lock:

@@ -1,5 +1,11 @@
 """Forecast stage: context window -> engine -> forecast published on ZeroMQ with the frame's header.
 
+Each stage feeds its engine the per-neuron signal its manifest names (`signal`: causal dF/F, or the
+causal spike probabilities of the preprocess stage) and, for an engine with a `covariates` input, the
+frames' stimulus covariates: a context row is then [signal (N); stimulus (K)] and the engine gets the C
+context steps' stimuli followed by the newest one held for the H future steps. That hold is a known
+train/serve skew (offline training sees the true future protocol); the live rig has no future feed.
+
 With an `EngineWatcher` the stage hot-swaps engines: a newer registry version, loaded and validated in
 the background, replaces the serving engine at the start of a `process` call (the frame boundary), so
 no frame is dropped and every forecast's header names the engine version that produced it.
@@ -11,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +33,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    """Which engine to run, on what, whether to follow new registry versions, how forecasts are published."""
+    """Which engine(s) to run, on what, whether to follow new registry versions, how forecasts are published."""
 
     engine: str = ""        # a registry entry (newest version) or one version dir; "" = what `train` makes
+    also: tuple[str, ...] = ()               # more engines served beside `engine`, same runtime settings
     runtime: str = "onnxruntime"
     threads: int = 1
     device: str = "cpu"                      # "cpu" or "cuda[:k]"
@@ -55,17 +63,15 @@ def engine_watcher(path: str | Path, cfg: ForecastConfig, loader: Loader,
     return EngineWatcher(name_dir, loader, metrics, cfg.watch_interval_s)
 
 
-def _check_forecaster(engine: Engine) -> None:
-    if engine.manifest.task != "forecast":
-        raise EngineError(f"{engine.manifest.path}: a {engine.manifest.task!r} engine cannot run as the "
-                          f"forecaster; point [pipeline.forecast] engine at a forecast engine")
-    if engine.manifest.n_covariates:
-        raise EngineError(f"{engine.manifest.path}: engine {engine.version} needs future stimulus covariates "
-                          f"and the live pipeline has no stimulus feed; serve a trace-only engine")
-
-
 class ForecastStage:
-    """Stage 3. One forecast per call, stamped with the producing frame's seq and t_src_ns."""
+    """Stage 3. One forecast per call, stamped with the producing frame's seq and t_src_ns.
+
+    Serves task "forecast" engines; subclasses serve other tasks (`task`) and publish other message
+    kinds (`kind`: the header kind, topic prefix and latency label)."""
+
+    task = "forecast"
+    kind = "forecast"
+    role = "forecaster"
 
     def __init__(self, engine: Engine, publisher: Publisher, metrics: Metrics,
                  watcher: EngineWatcher | None = None) -> None:
@@ -73,32 +79,106 @@ class ForecastStage:
         self.publisher = publisher
         self.metrics = metrics
         self.watcher = watcher
-        self._latency = metrics.latency("forecast")
-        self.context = engine.manifest.context  # fixed for the stage's life: a swap keeps it
+        self._latency = metrics.latency(self.kind)
+        m = engine.manifest
+        self.context = m.context  # fixed for the stage's life: a swap keeps it
+        self.signal = m.signal                 # ... and so are the signal and the covariate count K
+        self.n_covariates = m.n_covariates
         self.published = 0
         self.swaps = 0
+        self.missing_stimulus = 0
+        self._row: np.ndarray | None = None     # scratch row [signal (N); stimulus (K)] of a covariate engine
         self._serve(engine)
 
+    @property
+    def name(self) -> str:
+        """'<kind>/<model>': the topic the stage publishes on (and its key in pipeline reports)."""
+        return f"{self.kind}/{self.model}"
+
     def _serve(self, engine: Engine) -> None:
+        m = engine.manifest
         self.engine = engine
-        self.model = engine.manifest.model
-        self.lead_times = tuple(engine.manifest.lead_times)
-        self._count = self.metrics.forecasts.labels(model=self.model)
-        self.metrics.engine_info.info({"engine": engine.version, "model": self.model})
+        self.model = m.model
+        self.lead_times = tuple(m.lead_times)
+        self._cov = np.zeros((m.context + m.horizon, m.n_covariates), np.float32) if m.n_covariates else None
+        self._count = self._counter().labels(model=self.model)
+        self.metrics.stage_engine.labels(stage=self.name).info({"engine": engine.version, "model": self.model})
+        if self.kind == "forecast":
+            self.metrics.engine_info.info({"engine": engine.version, "model": self.model})
+
+    def _counter(self) -> Any:
+        """The published-messages counter (labelled by model) of this stage's kind."""
+        return self.metrics.forecasts
 
     def _check(self, engine: Engine) -> None:
-        _check_forecaster(engine)
+        m = engine.manifest
+        if m.task != self.task:
+            raise EngineError(f"{m.path}: a {m.task!r} engine cannot run as the {self.role}; point "
+                              f"[pipeline.forecast] engine (or an `also` entry) at a {self.task!r} engine")
+
+    def check_stimulus(self, rig_covariates: int) -> None:
+        """EngineError unless the rig sends the K stimulus covariates a covariate engine takes."""
+        k = self.n_covariates
+        if k and k != rig_covariates:
+            raise EngineError(f"engine {self.engine.version} takes {k} stimulus covariates; the rig sends "
+                              f"rig.n_covariates = {rig_covariates}")
 
     def row_size(self, n_neurons: int) -> int:
-        """Values per frame in the context buffer: one dF/F value per neuron."""
-        return n_neurons
+        """Values per frame in the context buffer: one signal value per neuron (+ K stimulus values)."""
+        return n_neurons + self.n_covariates
 
     def row(self, pre: Preprocessed) -> np.ndarray:
-        """What one preprocessed frame adds to the context: its per-neuron dF/F (N,)."""
-        return pre.dff
+        """What one preprocessed frame adds to the context: its per-neuron signal (N,)."""
+        return pre.spikes.prob if self.signal == "spike_prob" else pre.dff
+
+    def frame_row(self, pre: Preprocessed, frame: FrameHeader) -> np.ndarray:
+        """The context row of one frame: `row(pre)`, then the frame's stimulus for a covariate engine
+        (zeros, counted in loopcast_values_invalid_total{kind="missing_stimulus"}, if it has none)."""
+        signal = self.row(pre)
+        if not self.n_covariates:
+            return signal
+        if self._row is None or self._row.shape[0] != signal.shape[0] + self.n_covariates:
+            self._row = np.empty(signal.shape[0] + self.n_covariates, np.float32)
+        n = signal.shape[0]
+        self._row[:n] = signal
+        if len(frame.stimulus) == self.n_covariates:
+            self._row[n:] = frame.stimulus
+        else:
+            self._row[n:] = 0.0
+            self._on_missing_stimulus(frame.seq)
+        return self._row
+
+    def _on_missing_stimulus(self, seq: int) -> None:
+        self.missing_stimulus += 1
+        self.metrics.values_invalid.labels(kind="missing_stimulus").inc()
+        if self.missing_stimulus == 1:
+            log.warning("frame seq %d carries no stimulus; engine %s gets zeros for it (counted in "
+                        "loopcast_values_invalid_total{kind=\"missing_stimulus\"})", seq, self.engine.version)
+
+    def takes_row(self, pre: Preprocessed) -> bool:
+        """Whether this frame's row enters the context: always for dF/F (warm-up rows are dF/F against a
+        provisional baseline, as offline), for spike probabilities only once the estimator is past its
+        warm-up (before, its output is zeros, not an estimate)."""
+        return self.signal != "spike_prob" or pre.spikes_ready
+
+    def ready(self, pre: Preprocessed) -> bool:
+        """Whether the stage may run on this frame: dF/F (and voxel) baselines past warm-up, and for a
+        spike-signal engine the spike estimator too."""
+        return pre.ready and (self.signal != "spike_prob" or pre.spikes_ready)
+
+    def inputs(self, window: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """window (C, N [+ K]) -> context (C, N) and, for a covariate engine, covariates (C + H, K): the
+        context steps' stimuli, then the newest held for the H future steps."""
+        if self._cov is None:
+            return window, None
+        n, c = window.shape[1] - self.n_covariates, window.shape[0]
+        self._cov[:c] = window[:, n:]
+        self._cov[c:] = window[-1, n:]
+        return window[:, :n], self._cov
 
     def _predict(self, engine: Engine, window: np.ndarray) -> np.ndarray:
-        return engine.run(window)
+        context, cov = self.inputs(window)
+        return engine.run(context) if cov is None else engine.run(context, cov)
 
     def setup(self, n_neurons: int) -> None:
         """Check the neuron count; start watching for newer versions (valid for it) if configured."""
@@ -118,14 +198,16 @@ class ForecastStage:
         close_engine(old)
 
     def process(self, window: np.ndarray, frame: FrameHeader) -> tuple[ForecastHeader, np.ndarray]:
-        """window (C, N) float32 -> forecast (H, N) float32, published; returns both. A validated newer
-        engine takes over here, before the forecast, so the header names the engine that made it."""
+        """window (C, N [+ K]) float32 -> output (H, N) float32 ((1, N) for activation), published;
+        returns both. A validated newer engine takes over here, before the forecast, so the header names
+        the engine that made it."""
         self._swap_if_ready(frame.seq)
         engine = self.engine
         pred = self._predict(engine, window)
         header = ForecastHeader(seq=frame.seq, t_src_ns=frame.t_src_ns, model=self.model,
                                 engine_version=engine.version, lead_times=self.lead_times,
-                                shape=tuple(pred.shape), t_pub_ns=time.time_ns(), frame=frame.to_wire())
+                                shape=tuple(pred.shape), kind=self.kind, t_pub_ns=time.time_ns(),
+                                frame=frame.to_wire())
         self.publisher.send(encode_forecast(header, pred))
         self._latency.observe_since_ns(frame.t_src_ns, time.time_ns())
         self._count.inc()

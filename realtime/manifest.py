@@ -2,11 +2,13 @@
 
 The real-time side loads an artifact, not code: this is the whole contract between offline_training
 (which writes manifests) and the runtimes of realtime.engine (which read them). See realtime.engine for
-what the tasks ("forecast", "spikes", "video") mean.
+what the tasks ("forecast", "spikes", "video", "activation") mean, and for `signal` which per-neuron
+values ("dff" or "spike_prob") a trace engine's context rows hold.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,9 +16,11 @@ from typing import Any, Callable
 FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-TASKS = ("forecast", "spikes", "video")
+TASKS = ("forecast", "spikes", "video", "activation")
+SIGNALS = ("dff", "spike_prob")
 COVARIATES_INPUT = "covariates"
 LEAD_INPUT = "lead_time"
+ACTIVATION_KEYS = ("criterion", "threshold", "window")
 VIDEO_KEYS = ("level", "factor", "crop_y", "super_resolution", "input_shape", "output_shape", "volume_shape")
 
 
@@ -57,6 +61,14 @@ class EngineManifest:
     code_version: str = ""
     created: str = ""
     video: dict[str, Any] | None = None
+    signal: str = "dff"
+    activation: dict[str, Any] | None = None
+
+    @property
+    def output_rows(self) -> int:
+        """Rows of the output [batch, rows, N]: 1 for an activation engine (one probability per neuron
+        over the next H frames), H otherwise."""
+        return 1 if self.task == "activation" else self.horizon
 
     @property
     def n_covariates(self) -> int:
@@ -104,7 +116,8 @@ def _parse_manifest(p: Path, raw: Any) -> EngineManifest:
         task=get.optional("task", str, "forecast"),
         normalisation=raw.get("normalisation"), metrics=raw.get("metrics"), parity=raw.get("parity"),
         data=raw.get("data"), code_version=str(raw.get("code_version", "")),
-        created=str(raw.get("created", "")), video=get.optional("video", dict, None))
+        created=str(raw.get("created", "")), video=get.optional("video", dict, None),
+        signal=get.optional("signal", str, "dff"), activation=get.optional("activation", dict, None))
     _validate(m)
     return m
 
@@ -149,9 +162,13 @@ def _validate(m: EngineManifest) -> None:
     if m.task == "spikes" and (m.horizon != 1 or m.lead_times != (0,)):
         raise bad(f"a 'spikes' engine estimates the current frame: horizon must be 1 and lead_times [0], "
                   f"got {m.horizon} and {list(m.lead_times)}")
+    if m.signal not in SIGNALS:
+        raise bad(f"field 'signal' must be one of {list(SIGNALS)}, got {m.signal!r}")
     if m.context < 1 or m.horizon < 1 or m.n_neurons < 1:
         raise bad(f"context, horizon and n_neurons must be >= 1 ({m.context}, {m.horizon}, {m.n_neurons})")
-    if len(m.lead_times) != m.horizon or not all(isinstance(t, int) for t in m.lead_times):
+    if m.task == "activation":
+        _validate_activation(m, bad)
+    elif len(m.lead_times) != m.horizon or not all(isinstance(t, int) for t in m.lead_times):
         raise bad(f"lead_times must be {m.horizon} integers, got {list(m.lead_times)}")
     if m.task == "video":
         _validate_video(m, bad)
@@ -164,7 +181,7 @@ def _validate(m: EngineManifest) -> None:
 def _validate_trace_io(m: EngineManifest, bad: Callable[[str], EngineError]) -> None:
     if len(m.inputs) not in (1, 2) or len(m.outputs) != 1:
         raise bad("one input (plus an optional 'covariates' input) and one output are supported")
-    for spec, steps in ((m.inputs[0], m.context), (m.outputs[0], m.horizon)):
+    for spec, steps in ((m.inputs[0], m.context), (m.outputs[0], m.output_rows)):
         if len(spec.shape) != 3 or spec.shape[1] != steps or spec.dtype != "float32":
             raise bad(f"'{spec.name}' must be float32 [batch, {steps}, neurons], got "
                       f"{list(spec.shape)} {spec.dtype}")
@@ -175,6 +192,24 @@ def _validate_trace_io(m: EngineManifest, bad: Callable[[str], EngineError]) -> 
         if not ok:
             raise bad(f"a second input must be float32 '{COVARIATES_INPUT}' [batch, C + H = "
                       f"{m.context + m.horizon}, K >= 1], got {cov.name!r} {list(cov.shape)} {cov.dtype}")
+
+
+def _validate_activation(m: EngineManifest, bad: Callable[[str], EngineError]) -> None:
+    """One probability per neuron for the next H frames: lead_times [H] and an 'activation' block
+    {criterion (str), threshold (finite number), window == H}."""
+    if m.lead_times != (m.horizon,):
+        raise bad(f"an 'activation' engine predicts one window of H = {m.horizon} frames: lead_times must be "
+                  f"[{m.horizon}], got {list(m.lead_times)}")
+    a = m.activation
+    if a is None or any(k not in a for k in ACTIVATION_KEYS):
+        raise bad(f"an 'activation' engine needs an 'activation' block with {list(ACTIVATION_KEYS)}, got {a!r}")
+    threshold = a["threshold"]
+    if (not isinstance(a["criterion"], str) or isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
+        raise bad(f"activation criterion must be a string and threshold a finite number, got "
+                  f"{a['criterion']!r} and {threshold!r}")
+    if a["window"] != m.horizon or isinstance(a["window"], bool):
+        raise bad(f"activation window {a['window']!r} != horizon {m.horizon}")
 
 
 def _validate_video(m: EngineManifest, bad: Callable[[str], EngineError]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-STAGES = ("ingest", "preprocess", "forecast", "trigger")
+STAGES = ("ingest", "preprocess", "forecast", "activation", "trigger")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -80,6 +80,8 @@ class Metrics:
                                       ["reason"], registry=r)
         self.frames_sent = Counter("loopcast_frames_sent_total", "Frames published by a source", registry=r)
         self.forecasts = Counter("loopcast_forecasts_published_total", "Forecasts published", ["model"], registry=r)
+        self.activations = Counter("loopcast_activations_published_total", "Activation predictions published",
+                                   ["model"], registry=r)
         self.values_invalid = Counter("loopcast_values_invalid_total", "Non-finite or clamped values "
                                       "handled in preprocessing", ["kind"], registry=r)
         self.triggers_sent = Counter("loopcast_triggers_sent_total", "Triggers acknowledged by the broker",
@@ -94,6 +96,8 @@ class Metrics:
         self.engine_load_failures = Counter("loopcast_engine_load_failures_total", "Newer engine versions "
                                             "refused: failed to load or validate", ["reason"], registry=r)
         self.engine_info = Info("loopcast_engine", "The engine serving forecasts", registry=r)
+        self.stage_engine = Info("loopcast_stage_engine", "The engine serving each forecast or activation "
+                                 "stage (stage = its topic, e.g. activation/quantformer)", ["stage"], registry=r)
         self.armed = Gauge("loopcast_controller_armed", "1 when the controller is armed", registry=r)
         self._latency = {s: LatencyRecorder(self.stage_latency.labels(stage=s), self.config.keep_samples)
                          for s in STAGES}

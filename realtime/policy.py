@@ -1,4 +1,10 @@
-"""Trigger policies: turn a forecast into a wish to stimulate (a `Decision`), or nothing.
+"""Trigger policies: turn a forecast (or an activation prediction) into a wish to stimulate (a
+`Decision`), or nothing. Two kinds (`PolicyConfig.kind`):
+
+- `forecast_threshold`    the mean predicted dF/F of the monitored neurons at one lead time vs a level
+- `activation_threshold`  a reduction of the monitored neurons' activation probabilities (kind
+                          "activation" messages: P(response over the next H frames meets the engine's
+                          criterion)) vs a probability level; `lead` must equal the message's window H
 
 A policy only decides; whether a trigger is actually sent is up to the interlocks. Neuron sets
 (what to monitor, what to stimulate) are written as specs and resolved once, at start-up, against
@@ -18,17 +24,22 @@ import numpy as np
 
 from realtime.wire import Forecast, TriggerCommand
 
+POLICY_KINDS = ("forecast_threshold", "activation_threshold")
+REDUCTIONS = ("mean", "max", "any")
+PROB_TOLERANCE = 1e-6
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """A forecast-threshold trigger policy and the stimulation it asks for."""
+    """A threshold trigger policy and the stimulation it asks for."""
 
     name: str = "ensemble-threshold"
-    kind: Literal["forecast_threshold"] = "forecast_threshold"
-    model: str = ""               # only forecasts from this model ("" = any)
-    monitor: str = "ensemble:0"   # neuron set spec whose mean predicted dF/F is watched
-    lead: int = 1                 # lead time h (1-based, as in header.lead_times) that is read
-    level: float = 0.2            # threshold on that mean
+    kind: Literal["forecast_threshold", "activation_threshold"] = "forecast_threshold"
+    model: str = ""               # only messages from this model ("" = any)
+    monitor: str = "ensemble:0"   # neuron set spec whose mean predicted dF/F (or probabilities) is watched
+    lead: int = 1                 # forecast: lead time h read (1-based); activation: the window H expected
+    level: float = 0.2            # threshold on the value (activation: a probability)
+    reduce: Literal["mean", "max", "any"] = "mean"  # activation: how the monitored probabilities combine
     mode: Literal["above", "rising"] = "rising"  # rising = only on a below->above crossing
     pattern: str = "ensemble-0"
     targets: str = "ensemble:0"   # neurons to stimulate, same spec syntax
@@ -36,6 +47,10 @@ class PolicyConfig:
     duration_ms: float = 500.0
 
     def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"policy kind must be one of {list(POLICY_KINDS)}, got {self.kind!r}")
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {self.reduce!r}")
         if self.lead < 1:
             raise ValueError(f"lead must be >= 1 (1-based lead time), got {self.lead}")
         if not math.isfinite(self.level):
@@ -126,6 +141,8 @@ class ThresholdPolicy:
     or below the level (the first forecast seen, or one after an unusable one, is never a crossing).
     """
 
+    kind = "forecast"   # the message kind (header.kind) the policy reads
+
     def __init__(self, cfg: PolicyConfig, monitor: np.ndarray, targets: np.ndarray,
                  n_neurons: int | None = None) -> None:
         self.cfg = cfg
@@ -139,9 +156,9 @@ class ThresholdPolicy:
         self.last_value: float | None = None
 
     def accepts(self, forecast: Forecast) -> bool:
-        """Whether this forecast is one the policy reads (kind and model)."""
+        """Whether this message is one the policy reads (kind and model)."""
         h = forecast.header
-        return h.kind == "forecast" and (not self.cfg.model or h.model == self.cfg.model)
+        return h.kind == self.kind and (not self.cfg.model or h.model == self.cfg.model)
 
     def evaluate(self, forecast: Forecast) -> Decision | None:
         """A Decision if the policy wants a trigger; None otherwise. PolicyError if unusable."""
@@ -157,15 +174,18 @@ class ThresholdPolicy:
         self._was_above, self.last_value = above, value
         return self._decision(forecast, value) if fire else None
 
+    def _check_neurons(self, forecast: Forecast) -> None:
+        n = forecast.data.shape[1]
+        if (self.n_neurons is not None and n != self.n_neurons) or n < self._needed:
+            want = self.n_neurons if self.n_neurons is not None else f">= {self._needed}"
+            raise PolicyError("neuron_count", f"{forecast.header.kind} has {n} neurons, policy needs {want}")
+
     def _value(self, forecast: Forecast) -> float:
         h, data = forecast.header, forecast.data
         if self.cfg.lead not in h.lead_times:
             raise PolicyError("lead_missing", f"lead {self.cfg.lead} not in forecast lead_times "
                               f"{list(h.lead_times)} (model {h.model})")
-        n = data.shape[1]
-        if (self.n_neurons is not None and n != self.n_neurons) or n < self._needed:
-            want = self.n_neurons if self.n_neurons is not None else f">= {self._needed}"
-            raise PolicyError("neuron_count", f"forecast has {n} neurons, policy needs {want}")
+        self._check_neurons(forecast)
         row = data[h.lead_times.index(self.cfg.lead)]
         value = float(np.mean(row[self.monitor], dtype=np.float64))
         if not math.isfinite(value):
@@ -179,10 +199,59 @@ class ThresholdPolicy:
                         targets=self.targets, power_mw=c.power_mw, duration_ms=c.duration_ms)
 
 
+class ActivationPolicy(ThresholdPolicy):
+    """Fire when the monitored neurons' activation probabilities, reduced to one value, pass `level`.
+
+    Reads kind "activation" messages (data (1, N): P(neuron's response over the next H frames meets the
+    engine's criterion)); `lead` must equal the message's window H (lead_times[0]). Reductions:
+    `mean` - the expected fraction of the monitored neurons that activate; `max` - the most likely
+    one; `any` - P(at least one activates) = 1 - prod(1 - p), which assumes the neurons activate
+    independently (they rarely do within an ensemble: read it as an upper bound). Same modes
+    (above / rising) as ThresholdPolicy.
+    """
+
+    kind = "activation"
+
+    def _value(self, forecast: Forecast) -> float:
+        h = forecast.header
+        if tuple(h.lead_times) != (self.cfg.lead,):
+            raise PolicyError("window_mismatch", f"policy {self.cfg.name} expects an activation window of "
+                              f"{self.cfg.lead} frames, model {h.model} predicts lead_times {list(h.lead_times)}")
+        self._check_neurons(forecast)
+        p = forecast.data[0, self.monitor].astype(np.float64)
+        if not np.all(np.isfinite(p)):
+            raise PolicyError("non_finite", f"activation probabilities of monitored neurons include "
+                              f"{p[~np.isfinite(p)][0]}")
+        if p.min() < -PROB_TOLERANCE or p.max() > 1 + PROB_TOLERANCE:
+            raise PolicyError("not_a_probability", f"activation values outside [0, 1]: "
+                              f"[{p.min():.4g}, {p.max():.4g}]")
+        return reduce_probabilities(np.clip(p, 0.0, 1.0), self.cfg.reduce)
+
+
+def reduce_probabilities(p: np.ndarray, how: str) -> float:
+    """mean, max, or 1 - prod(1 - p) ('any', independence assumed, computed in log space) of p in [0, 1]."""
+    if how == "mean":
+        return float(p.mean())
+    if how == "max":
+        return float(p.max())
+    if how == "any":
+        with np.errstate(divide="ignore"):
+            return float(-np.expm1(np.sum(np.log1p(-p))))
+    raise ValueError(f"unknown reduction {how!r}; available: {list(REDUCTIONS)}")
+
+
+def make_policy(cfg: PolicyConfig, monitor: np.ndarray, targets: np.ndarray,
+                n_neurons: int | None = None) -> ThresholdPolicy:
+    """The policy class `cfg.kind` names, on resolved neuron sets."""
+    if cfg.kind == "forecast_threshold":
+        return ThresholdPolicy(cfg, monitor, targets, n_neurons)
+    if cfg.kind == "activation_threshold":
+        return ActivationPolicy(cfg, monitor, targets, n_neurons)
+    raise ValueError(f"unknown policy kind {cfg.kind!r}; available: {list(POLICY_KINDS)}")
+
+
 def build_policy(cfg: PolicyConfig, n_neurons: int, groups: Mapping[str, np.ndarray]) -> ThresholdPolicy:
     """Resolve the config's neuron sets and build the policy its `kind` names."""
     monitor = resolve_neuron_set(cfg.monitor, n_neurons, groups)
     targets = resolve_neuron_set(cfg.targets, n_neurons, groups)
-    if cfg.kind == "forecast_threshold":
-        return ThresholdPolicy(cfg, monitor, targets, n_neurons)
-    raise ValueError(f"unknown policy kind {cfg.kind!r}")
+    return make_policy(cfg, monitor, targets, n_neurons)

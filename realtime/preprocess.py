@@ -56,7 +56,8 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class Preprocessed:
     """Per-neuron results for one frame (arrays (N,) float32); voxel_dff (X/f, Y/f, Z) when enabled.
-    `ready`: the dF/F baselines (and, with the voxel stage, the voxel baselines) are past warm-up."""
+    `ready`: the dF/F baselines (and, with the voxel stage, the voxel baselines) are past warm-up;
+    `spikes_ready`: the spike estimator is past its warm-up (its estimates are zeros before)."""
 
     seq: int
     fluorescence: np.ndarray
@@ -64,6 +65,7 @@ class Preprocessed:
     spikes: SpikeEstimate
     ready: bool
     voxel_dff: np.ndarray | None = None
+    spikes_ready: bool = True
 
 
 class _NumpyPath:
@@ -159,7 +161,7 @@ class Preprocess:
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
         f_np = f if isinstance(f, np.ndarray) else f.cpu().numpy()
         ready = self.path.dff.ready and (self.voxels is None or self.voxels.ready)
-        return Preprocessed(frame.header.seq, f_np, dff, spikes, ready, voxel_dff)
+        return Preprocessed(frame.header.seq, f_np, dff, spikes, ready, voxel_dff, bool(self.spikes.ready))
 
     def _downsample(self, volume: np.ndarray) -> np.ndarray | None:
         if self.voxels is None:

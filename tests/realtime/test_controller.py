@@ -30,13 +30,16 @@ TIMEOUT = 5.0
 class Harness:
     """A controller on its own rig name, a ZeroMQ XPUB feeding it and an MQTT observer."""
 
-    def __init__(self, broker: Broker, interlocks: InterlockConfig | None = None) -> None:
+    def __init__(self, broker: Broker, interlocks: InterlockConfig | None = None,
+                 policy: PolicyConfig | None = None) -> None:
         self.rig = f"rig-{uuid.uuid4().hex[:8]}"  # the session broker is shared: unique topics
         self.broker = broker
         self.interlocks = interlocks or InterlockConfig(min_interval_s=0.0, max_per_minute=1000)
         self.metrics = Metrics("controller-test", MetricsConfig(enabled=False))
         self.triggers: asyncio.Queue[TriggerCommand] = asyncio.Queue()
         self.statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.policy = policy or PolicyConfig(mode="above", level=0.5, lead=2, pattern="p0", power_mw=2.5,
+                                             duration_ms=100.0)
         self.seq = 0
 
     async def __aenter__(self) -> "Harness":
@@ -49,8 +52,7 @@ class Harness:
             forecasts=endpoint, heartbeat_s=0.2,
             mqtt=MqttConfig(host=self.broker.host, port=self.broker.port, rig=self.rig,
                             client_id=f"ctl-{self.rig}", reconnect_s=0.2),
-            policy=PolicyConfig(mode="above", level=0.5, lead=2, pattern="p0", power_mw=2.5, duration_ms=100.0),
-            interlocks=self.interlocks)
+            policy=self.policy, interlocks=self.interlocks)
         self.controller = Controller(cfg, np.array([0, 1]), np.array([2, 3]), self.metrics)
         # The observer subscribes before the controller connects: amqtt 0.12 can crash a session
         # whose CONNECT overlaps another client's SUBSCRIBE ("dictionary changed size").
@@ -61,7 +63,7 @@ class Harness:
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.controller.run(self.stop))
         async with asyncio.timeout(TIMEOUT):  # slow joiner: wait until the SUB's subscription is in
-            assert await self.pub.recv() == b"\x01forecast/"
+            assert await self.pub.recv() == b"\x01" + self.controller.topic.encode()
             await self.controller.ready.wait()
         return self
 
@@ -91,6 +93,14 @@ class Harness:
         self.seq += 1
         header = ForecastHeader(seq=self.seq, t_src_ns=t_src_ns or time.time_ns(), model="tsmixer",
                                 engine_version="e1", lead_times=(1, 2), shape=data.shape)
+        await self.pub.send_multipart(encode_forecast(header, data))
+
+    async def send_activation(self, probs: list[float], window: int = 8, model: str = "quantformer") -> None:
+        """An activation message: (1, N) probabilities over a window of `window` frames."""
+        data = np.asarray(probs, dtype=np.float32)[None]
+        self.seq += 1
+        header = ForecastHeader(seq=self.seq, t_src_ns=time.time_ns(), model=model, engine_version="qf/v0001",
+                                lead_times=(window,), shape=data.shape, kind="activation")
         await self.pub.send_multipart(encode_forecast(header, data))
 
     async def control(self, command: str) -> None:
@@ -323,6 +333,39 @@ def test_broker_loss_disarms_and_reconnects(kind: BrokerKind) -> None:
         broker.stop()
 
 
+ACTIVATION = PolicyConfig(name="qf-any", kind="activation_threshold", reduce="any", lead=8, level=0.5,
+                          mode="above", model="quantformer", pattern="p1", power_mw=1.5, duration_ms=50.0)
+
+
+def test_activation_policy_triggers_on_activation_messages(mqtt_broker: Broker) -> None:
+    async def body(h: Harness) -> None:
+        assert h.controller.topic == "activation/"
+        await h.arm()
+        await h.send_forecast(0.9)                       # forecast/ topic: not subscribed, never seen
+        await h.send_activation([0.2, 0.2, 0.9, 0.9])    # monitored 0, 1: any = 1 - 0.8 * 0.8 = 0.36
+        await h.send_activation([0.5, 0.4, 0.0, 0.0])    # 1 - 0.5 * 0.6 = 0.7 > 0.5
+        async with asyncio.timeout(TIMEOUT):
+            cmd = await h.triggers.get()
+        assert (cmd.seq, cmd.model, cmd.engine_version, cmd.policy, cmd.lead) == (3, "quantformer", "qf/v0001",
+                                                                                   "qf-any", 8)
+        assert cmd.value == pytest.approx(0.7) and cmd.targets == (2, 3) and cmd.pattern == "p1"
+        assert h.controller.forecasts_seen == 2 and h.controller.invalid == 0
+    run(mqtt_broker, body, policy=ACTIVATION)
+
+
+def test_activation_window_mismatch_is_counted(mqtt_broker: Broker) -> None:
+    async def body(h: Harness) -> None:
+        await h.arm()
+        await h.send_activation([0.9] * N, window=4)
+        await h.send_activation([0.9] * N, model="other")   # another model: ignored, no error
+        await h.send_activation([0.9] * N)
+        async with asyncio.timeout(TIMEOUT):
+            assert (await h.triggers.get()).seq == 3
+        assert h.metrics.count("loopcast_errors_total", kind="policy_window_mismatch") == 1
+        assert h.triggers.empty() and len(h.controller.sent) <= 1
+    run(mqtt_broker, body, policy=ACTIVATION)
+
+
 def test_config_loads_strictly_from_toml_tables() -> None:
     from loopcast.config import ConfigError, from_dict
     cfg = from_dict(ControllerConfig, {
@@ -334,5 +377,9 @@ def test_config_loads_strictly_from_toml_tables() -> None:
     assert cfg.interlocks.max_per_minute == 4 and cfg.interlocks.min_interval_s == 2.0
     with pytest.raises(ConfigError, match="policy.mode"):
         from_dict(ControllerConfig, {"policy": {"mode": "sometimes"}})
+    act = from_dict(ControllerConfig, {"policy": {"kind": "activation_threshold", "reduce": "max", "lead": 8}})
+    assert act.policy.kind == "activation_threshold" and act.policy.reduce == "max"
+    with pytest.raises(ConfigError, match="policy.reduce"):
+        from_dict(ControllerConfig, {"policy": {"reduce": "median"}})
     with pytest.raises(ConfigError, match="interlocks"):
         from_dict(ControllerConfig, {"interlocks": {"max_per_minute": 0}})

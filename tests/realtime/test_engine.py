@@ -112,3 +112,55 @@ def test_realtime_engine_imports_no_torch() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'offline_training')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+# --- activation task and signal (toy engines from conftest.export_toy) -----------------------------------
+
+def test_activation_engine_outputs_one_row_of_probabilities(toy_engines: dict[str, Path]) -> None:
+    engine = OnnxEngine(toy_engines["act"])
+    m = engine.manifest
+    assert (m.task, m.signal, m.horizon, m.lead_times, m.output_rows) == ("activation", "dff", 2, (2,), 1)
+    assert m.activation == {"criterion": "mean_dff_above", "threshold": 0.1, "window": 2}
+    assert m.outputs[0].name == "activation"
+    x = np.random.default_rng(0).normal(0, 0.3, size=(3, 10)).astype(np.float32)
+    y = engine.run(x)
+    assert y.shape == (1, 10) and y.dtype == np.float32
+    np.testing.assert_allclose(y[0], 1 / (1 + np.exp(-(4 * x.mean(axis=0) - 1))), rtol=1e-5)
+    assert engine.run_batch(np.stack([x, x, x])).shape == (3, 1, 10)
+
+
+def test_signal_is_recorded_and_defaults_to_dff(toy_engines: dict[str, Path], engine_dir: Path) -> None:
+    assert EngineManifest.load(toy_engines["spk"]).signal == "spike_prob"
+    assert EngineManifest.load(toy_engines["mean"]).signal == "dff"
+    assert json.loads((engine_dir / "manifest.json").read_text())["signal"] == "dff"
+    assert EngineManifest.load(engine_dir).output_rows == 8
+
+
+def test_forecaster_with_an_activation_shaped_output_is_refused(toy_engines: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """A manifest that claims 'forecast' for the activation graph: the output-rows check catches it."""
+    vdir = tmp_path / "toyact-c3-h2" / "v0001"
+    shutil.copytree(toy_engines["act"], vdir)
+    raw = json.loads((vdir / "manifest.json").read_text())
+    raw.update(task="forecast", lead_times=[1, 2])
+    del raw["activation"]
+    raw["outputs"][0]["shape"] = ["batch", 2, "neurons"]
+    (vdir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(EngineError, match=r"output shape \(1, 1, 10\) != \(B, 2, N\)"):
+        OnnxEngine(vdir).run(np.zeros((3, 10), np.float32))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(task="activation"), "needs extra="),
+    (dict(task="activation", extra={"activation": {"criterion": "x", "threshold": 0.1, "window": 3}}),
+     "window = horizon"),
+    (dict(signal="spikes"), "signal must be one of"),
+    (dict(extra={"horizon": 2}), r"may not override core fields \['horizon'\]"),
+    (dict(task="activation", extra={"activation": {"criterion": "x", "threshold": "high", "window": 8}}),
+     "exported manifest is invalid.*threshold a finite number"),
+])
+def test_export_checks_activation_signal_and_extra(model: NLinear, tmp_path: Path, kw: dict, match: str) -> None:
+    from offline_training.export import ExportError
+    with pytest.raises(ExportError, match=match):
+        export_engine(model, CFG, tmp_path, N, {}, "sha256:test", "unit-test", **kw)
+    assert not [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.startswith("v")]

@@ -1,4 +1,5 @@
-"""Threshold policy semantics (above vs rising, lead selection) and neuron-set specs."""
+"""Threshold policy semantics (above vs rising, lead selection), the activation policy (reductions,
+window check) and neuron-set specs."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from realtime.policy import PolicyConfig, PolicyError, ThresholdPolicy, build_policy, resolve_neuron_set
+from realtime.policy import (ActivationPolicy, PolicyConfig, PolicyError, ThresholdPolicy, build_policy,
+                             reduce_probabilities, resolve_neuron_set)
 from realtime.wire import Forecast, ForecastHeader
 
 pytestmark = pytest.mark.timeout(5)
@@ -132,4 +134,86 @@ def test_grouping_with_wrong_length_is_rejected() -> None:
                                 dict(level=float("inf"))])
 def test_policy_config_validation(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
+        PolicyConfig(**kw)  # type: ignore[arg-type]
+
+
+# --- activation_threshold -------------------------------------------------------------------------------
+
+def activation(probs: list[float] | float, window: int = 8, model: str = "quantformer", seq: int = 0,
+               n: int = N) -> Forecast:
+    """An activation message: (1, n) probabilities for a window of `window` frames."""
+    row = np.full(n, probs, dtype=np.float32) if np.isscalar(probs) else np.asarray(probs, np.float32)
+    data = row[None]
+    header = ForecastHeader(seq=seq, t_src_ns=time.time_ns(), model=model, engine_version="qf/v0001",
+                            lead_times=(window,), shape=data.shape, kind="activation")
+    return Forecast(header=header, data=data, t_recv_ns=time.time_ns())
+
+
+def act_policy(**kw: object) -> ThresholdPolicy:
+    cfg = PolicyConfig(**{"kind": "activation_threshold", "monitor": "ensemble:1", "targets": "indices:0,5",
+                          "lead": 8, "level": 0.5, **kw})  # type: ignore[arg-type]
+    return build_policy(cfg, N, GROUPS)
+
+
+P = [0.9, 0.9, 0.2, 0.5, 0.6, 0.0]   # monitored (ensemble 1): neurons 2, 3, 4 -> 0.2, 0.5, 0.6
+
+
+@pytest.mark.parametrize("reduce, value", [("mean", (0.2 + 0.5 + 0.6) / 3), ("max", 0.6),
+                                           ("any", 1 - 0.8 * 0.5 * 0.4)])
+def test_activation_reductions_over_the_monitored_neurons(reduce: str, value: float) -> None:
+    p = act_policy(reduce=reduce, mode="above", level=0.0)
+    assert isinstance(p, ActivationPolicy)
+    d = p.evaluate(activation(P))
+    assert d is not None and d.value == pytest.approx(value) and d.lead == 8 and d.model == "quantformer"
+    assert d.engine_version == "qf/v0001" and d.targets == (0, 5)
+
+
+def test_any_handles_certain_and_impossible_neurons() -> None:
+    assert reduce_probabilities(np.array([0.0, 1.0, 0.3]), "any") == pytest.approx(1.0)
+    assert reduce_probabilities(np.zeros(3), "any") == 0.0
+    with pytest.raises(ValueError, match="unknown reduction"):
+        reduce_probabilities(np.zeros(3), "median")
+
+
+def test_activation_above_and_rising() -> None:
+    values = [0.1, 0.6, 0.7, 0.5, 0.9]
+    above = act_policy(mode="above")
+    assert [above.evaluate(activation(v, seq=i)) is not None for i, v in enumerate(values)] == \
+        [False, True, True, False, True]
+    rising = act_policy(mode="rising")
+    assert [rising.evaluate(activation(v, seq=i)) is not None for i, v in enumerate([0.9, *values])] == \
+        [False, False, True, False, False, True]
+
+
+def test_activation_window_must_match_lead() -> None:
+    p = act_policy(mode="rising")
+    assert p.evaluate(activation(0.1)) is None
+    with pytest.raises(PolicyError, match=r"window_mismatch: .*expects an activation window of 8 frames.*\[4\]"):
+        p.evaluate(activation(0.9, window=4))
+    assert p.evaluate(activation(0.9)) is None   # the unusable message reset the rising state
+
+
+def test_activation_policy_reads_only_activation_messages_of_its_model() -> None:
+    p = act_policy(mode="above", model="quantformer")
+    assert p.evaluate(activation(0.9, model="other")) is None
+    assert p.evaluate(forecast({8: 0.9}, model="quantformer")) is None
+    assert p.evaluate(activation(0.9)) is not None
+
+
+@pytest.mark.parametrize("probs, reason", [([0.1, 0.1, float("nan"), 0.1, 0.1, 0.1], "non_finite"),
+                                           ([0.1, 0.1, 1.5, 0.1, 0.1, 0.1], "not_a_probability"),
+                                           ([0.1, 0.1, -0.2, 0.1, 0.1, 0.1], "not_a_probability")])
+def test_activation_values_must_be_probabilities(probs: list[float], reason: str) -> None:
+    with pytest.raises(PolicyError, match=reason):
+        act_policy().evaluate(activation(probs))
+
+
+def test_activation_neuron_count_is_checked() -> None:
+    with pytest.raises(PolicyError, match="neuron_count: activation has 7 neurons"):
+        act_policy().evaluate(activation(0.5, n=N + 1))
+
+
+@pytest.mark.parametrize("kw", [dict(kind="trigger_happy"), dict(reduce="median")])
+def test_policy_kind_and_reduce_are_validated(kw: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="must be one of"):
         PolicyConfig(**kw)  # type: ignore[arg-type]

@@ -95,11 +95,17 @@ def test_torch_covariate_engine(engines: dict[str, Path]) -> None:
         torch_engine.run(x[0])
 
 
-def test_forecast_stage_refuses_covariate_engine(engines: dict[str, Path]) -> None:
+def test_forecast_stage_serves_covariate_engine_of_the_rigs_k(engines: dict[str, Path]) -> None:
+    """The stage feeds the frames' stimulus (see tests/realtime/test_multi_engine.py); it refuses a rig
+    that sends another number of covariates."""
     from realtime.forecast import ForecastStage
     from realtime.metrics import Metrics, MetricsConfig
-    with pytest.raises(EngineError, match="no stimulus feed"):
-        ForecastStage(OnnxEngine(engines["tide"]), None, Metrics("test", MetricsConfig(enabled=False)))  # type: ignore[arg-type]
+    metrics = Metrics("test", MetricsConfig(enabled=False))
+    stage = ForecastStage(OnnxEngine(engines["tide"]), None, metrics)  # type: ignore[arg-type]
+    assert stage.n_covariates == K and stage.row_size(N) == N + K
+    stage.check_stimulus(K)
+    with pytest.raises(EngineError, match=f"takes {K} stimulus covariates; the rig sends rig.n_covariates = 26"):
+        stage.check_stimulus(26)
 
 
 def test_load_engine_picks_runtime(engines: dict[str, Path]) -> None:
