@@ -330,8 +330,16 @@ def evaluate_engines(engines: Sequence[str | Path], traces: np.ndarray, offsets:
 
 
 def _engine_forecaster(engine: Engine, recording: Any, grids: dict[tuple[int, int, int], Any]) -> Forecaster:
-    """A trace engine as is; a video engine over the recording's volumes (one VideoData per grid)."""
-    if engine.manifest.task != "video":
+    """A trace engine as is; a video engine over the recording's volumes (one VideoData per grid).
+    Engines that do not forecast dF/F (activation probabilities, spike-probability forecasts such as the
+    SBM's) are refused: their metrics come from their own training (metrics.json and the manifest)."""
+    m = engine.manifest
+    if m.task == "activation" or m.signal != "dff":
+        what = "activation probabilities" if m.task == "activation" else f"{m.signal!r} forecasts"
+        raise ValueError(f"engine {engine.version} gives {what}, not dF/F: `loopcast evaluate` scores dF/F "
+                         f"forecasters; its test metrics are in its manifest ('metrics') and in the "
+                         f"metrics.json of the run that trained it")
+    if m.task != "video":
         return EngineForecaster(engine)
     if recording is None:
         raise ValueError(f"engine {engine.version} is a video engine: evaluating it needs the recording "

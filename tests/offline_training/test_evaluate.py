@@ -151,3 +151,11 @@ def test_cli_evaluate_end_to_end(loop_setup, tmp_path: Path, capsys: pytest.Capt
     assert all(float(r["mean"]) > 0 and int(r["windows"]) > 0 for r in engines_ok)
     assert main(["evaluate", *sets, "--engines", str(tmp_path / "nowhere")]) == 2
     assert "no engine at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, what", [("act", "activation probabilities"), ("spk", "'spike_prob' forecasts")])
+def test_engines_that_do_not_forecast_dff_are_refused(toy_engines: dict[str, Path], kind: str, what: str) -> None:
+    from offline_training.evaluate import evaluate_engines
+    traces = np.zeros((200, 10), np.float32)
+    with pytest.raises(ValueError, match=f"gives {what}, not dF/F"):
+        evaluate_engines([toy_engines[kind]], traces, (0, 100, 200), progress=False)
