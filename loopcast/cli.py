@@ -187,6 +187,52 @@ def cmd_train_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path
     return 0
 
 
+def cmd_train_sbm(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import train_sbm_on_recording
+    from replay.layout import RecordingError
+    rec = app.open_recording(cfg, args.data)
+    try:
+        result = train_sbm_on_recording(cfg, rec, run_dir)
+    except (RecordingError, ValueError) as exc:
+        raise app.UserError(str(exc)) from exc
+    m = result.metrics
+    for group in ("train_conditions", "holdout"):
+        row = m.get("next_step", {}).get(group)
+        if row:
+            print(f"next-step MAE ({group}): SBM {row['model']:.4f}, "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "model"))
+    for group, cal in m.get("calibration", {}).items():
+        print(f"calibration ({group}): per-neuron mean r {cal.get('neuron_r', float('nan')):.3f}, "
+              f"slope {cal.get('slope', float('nan')):.3f}, ECE {cal.get('ece', float('nan')):.4f}")
+    _print_outputs(result.engine, run_dir)
+    return 0
+
+
+def cmd_train_quantformer(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.workflows import train_quantformer_on_recording
+    from replay.layout import RecordingError
+    rec = app.open_recording(cfg, args.data)
+    try:
+        result = train_quantformer_on_recording(cfg, rec, run_dir)
+    except (RecordingError, ValueError) as exc:
+        raise app.UserError(str(exc)) from exc
+    for split in ("test", "holdout"):
+        row = result.metrics.get(split)
+        if row:
+            act, fc = row["activation"], row["forecast"]
+            print(f"{split}: activation AUROC {act['auroc']:.3f}, F1 {act['f1']:.3f} (base rate "
+                  f"{act['base_rate']:.3f}); forecast MAE " + ", ".join(f"{k} {v['mae']:.4f}" for k, v in fc.items()))
+    _print_outputs(result.engine, run_dir)
+    if result.forecast_engine is not None:
+        print(f"forecast engine {result.forecast_engine}")
+    return 0
+
+
+def _print_outputs(engine: Path | None, run_dir: Path) -> None:
+    print(f"engine {engine}" if engine else "no engine exported")
+    print(f"metrics, figures and checkpoint in {run_dir}")
+
+
 def cmd_control(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.control import send_control
     status = asyncio.run(send_control(cfg, args.action, timeout_s=args.timeout))
@@ -210,6 +256,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "evaluate": (cmd_evaluate, "score engines and baselines on the test split: MAE per step ahead per condition"),
     "prepare-video": (cmd_prepare_video, "write a recording's 4x-downsampled dF/F volumes for the video model"),
     "train-video": (cmd_train_video, "train the volumetric video forecaster (4D UNet); export its engine"),
+    "train-sbm": (cmd_train_sbm, "train the Sparse Brain Model on causal spike probabilities; export its engine"),
+    "train-quantformer": (cmd_train_quantformer, "pretrain and fine-tune QuantFormer; export its activation engine"),
     "train-spikes": (cmd_train_spikes, "train the causal spike-inference net on simulated fish; export it"),
     "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
     "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
@@ -266,6 +314,8 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", help="recording with prepared dF/F volumes (default: paths.recording)")
         p.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
         p.add_argument("--no-export", action="store_true", help="keep the checkpoint, do not export an engine")
+    elif name in ("train-sbm", "train-quantformer"):
+        p.add_argument("--data", help="recording to train on (default: paths.recording)")
     elif name == "train-spikes":
         p.add_argument("--work-dir", help="cache of simulated recordings (default: <paths.recording>/../spike-train)")
     elif name == "export":

@@ -13,6 +13,8 @@ from typing import Any, Literal, Sequence
 
 from loopcast.config import (ConfigError, apply_overrides, dump_toml, from_dict, load_toml, merge_dicts,
                              to_dict)
+from offline_training.quantformer_train import QuantFormerTrainConfig
+from offline_training.sbm_train import SBMTrainConfig
 from offline_training.spike_train import SpikeTrainConfig
 from offline_training.train import TrainConfig
 from offline_training.train_video import VideoTrainConfig
@@ -94,6 +96,8 @@ class LoopcastConfig:
     train_spikes: SpikeTrainConfig = field(default_factory=SpikeTrainConfig)
     prepare_video: VideoPrepConfig = field(default_factory=VideoPrepConfig)
     train_video: VideoTrainConfig = field(default_factory=VideoTrainConfig)
+    train_sbm: SBMTrainConfig = field(default_factory=SBMTrainConfig)
+    train_quantformer: QuantFormerTrainConfig = field(default_factory=QuantFormerTrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:

@@ -1,5 +1,6 @@
 """Offline workflows: synthesize a recording, train, export an engine (what `synth`, `train`,
-`export`, `train-spikes`, `prepare-video`, `train-video`, `evaluate` and the demo's first run do).
+`export`, `train-spikes`, `prepare-video`, `train-video`, `train-sbm`, `train-quantformer`, `evaluate` and
+the demo's first run do).
 The only app module that imports offline_training."""
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from loopcast.settings import LoopcastConfig
 from models.registry import build_model
 from offline_training.ddp import dist_env
 from offline_training.export import export_engine
+from offline_training.quantformer_train import QuantFormerResult, train_quantformer
 from offline_training.registry import engine_name
+from offline_training.sbm_train import SBMResult, train_sbm
 from offline_training.spike_train import train_spike_net
 from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, first_window,
                                     first_window_with_covariates, train)
@@ -162,6 +165,26 @@ def train_video_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
                                result.data_source)
     log.info("exported video engine %s", path)
     return result, path
+
+
+def train_sbm_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
+                           progress: bool = True) -> SBMResult:
+    """Train [train_sbm] on the recording's causal spike probabilities as the pipeline computes them
+    ([pipeline.preprocess]); evaluate; export `sbm-c<C>-h<H>` into the engine registry."""
+    sc = cfg.train_sbm
+    log.info("training the Sparse Brain Model (tau=%d, rollout %d) on %s: %d frames x %d neurons", sc.context,
+             sc.horizon, rec.root, rec.n_frames, rec.n_neurons)
+    return train_sbm(rec, sc, cfg.paths.engines, run_dir, progress=progress, pre=cfg.pipeline.preprocess)
+
+
+def train_quantformer_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
+                                   progress: bool = True) -> QuantFormerResult:
+    """Pretrain and fine-tune [train_quantformer] on the recording's causal dF/F
+    ([pipeline.preprocess.dff]); evaluate; export the activation engine (and the forecaster)."""
+    qc = cfg.train_quantformer
+    log.info("training QuantFormer (C=%d, H=%d, codebook %d) on %s: %d frames x %d neurons", qc.context,
+             qc.horizon, qc.codebook_size, rec.root, rec.n_frames, rec.n_neurons)
+    return train_quantformer(rec, qc, cfg.paths.engines, run_dir, progress=progress, dff=cfg.pipeline.preprocess.dff)
 
 
 def _mae_line(metrics: dict[str, Any]) -> str:

@@ -141,3 +141,24 @@ def test_video_prepare_train_evaluate_commands(tmp_path: Path, capsys: pytest.Ca
     table = capsys.readouterr().out
     assert "video_unet-c4-h4/v0001" in table and "mean-c4" in table
     assert (out / "table.md").is_file() and (out / "figure.png").is_file()
+
+
+def test_train_sbm_and_quantformer_commands(loop_setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, overrides = loop_setup
+    argv = [a for s in [*overrides, f'paths.engines="{tmp_path}/engines"', "train_sbm.context=4",
+                        "train_sbm.max_steps=3", "train_sbm.optimizer=\"adamw\"", "train_sbm.eval.rollout_steps=2",
+                        "train_sbm.model_options.d_model=8", "train_sbm.model_options.n_layers=1",
+                        "train_quantformer.context=8", "train_quantformer.horizon=4",
+                        "train_quantformer.d_model=16", "train_quantformer.n_layers=1",
+                        "train_quantformer.codebook_size=16", "train_quantformer.pretrain_epochs=1",
+                        "train_quantformer.finetune_epochs=1", "train_quantformer.max_train_windows=32",
+                        "train_quantformer.max_eval_windows=16", "train_quantformer.max_context=8",
+                        "train_quantformer.export_forecaster=false"] for a in ("-s", s)]
+    assert main(["train-sbm", *argv, "--run-dir", str(tmp_path / "sbm")]) == 0
+    out = capsys.readouterr().out
+    assert "next-step MAE (train_conditions): SBM" in out and "calibration (train_conditions)" in out
+    assert (tmp_path / "engines" / "sbm-c4-h1").is_dir() and (tmp_path / "sbm" / "metrics.json").is_file()
+    assert main(["train-quantformer", *argv, "--run-dir", str(tmp_path / "qf")]) == 0
+    out = capsys.readouterr().out
+    assert "test: activation AUROC" in out
+    assert (tmp_path / "engines" / "quantformer-act-c8-h4").is_dir()
