@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from loopcast import app
 from loopcast.config import ConfigError
@@ -176,12 +176,8 @@ def cmd_prepare_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Pa
 
 def cmd_train_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import train_video_on_recording
-    from replay.layout import RecordingError
-    rec = app.open_recording(cfg, args.data)
-    try:
-        result, path = train_video_on_recording(cfg, rec, run_dir, resume=args.resume, export=not args.no_export)
-    except (RecordingError, ValueError) as exc:
-        raise app.UserError(str(exc)) from exc
+    result, path = _train(cfg, args, run_dir, lambda c, rec, d: train_video_on_recording(
+        c, rec, d, resume=args.resume, export=not args.no_export))
     print(f"best val MAE {result.best_val_mae:.4f} at step {result.best_step}"
           + (f"; engine {path}" if path else f"; checkpoint {result.checkpoints.get('best')}"))
     return 0
@@ -189,12 +185,7 @@ def cmd_train_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path
 
 def cmd_train_sbm(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import train_sbm_on_recording
-    from replay.layout import RecordingError
-    rec = app.open_recording(cfg, args.data)
-    try:
-        result = train_sbm_on_recording(cfg, rec, run_dir)
-    except (RecordingError, ValueError) as exc:
-        raise app.UserError(str(exc)) from exc
+    result = _train(cfg, args, run_dir, train_sbm_on_recording)
     m = result.metrics
     for group in ("train_conditions", "holdout"):
         row = m.get("next_step", {}).get(group)
@@ -210,12 +201,7 @@ def cmd_train_sbm(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) 
 
 def cmd_train_quantformer(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.workflows import train_quantformer_on_recording
-    from replay.layout import RecordingError
-    rec = app.open_recording(cfg, args.data)
-    try:
-        result = train_quantformer_on_recording(cfg, rec, run_dir)
-    except (RecordingError, ValueError) as exc:
-        raise app.UserError(str(exc)) from exc
+    result = _train(cfg, args, run_dir, train_quantformer_on_recording)
     for split in ("test", "holdout"):
         row = result.metrics.get(split)
         if row:
@@ -226,6 +212,17 @@ def cmd_train_quantformer(cfg: LoopcastConfig, args: argparse.Namespace, run_dir
     if result.forecast_engine is not None:
         print(f"forecast engine {result.forecast_engine}")
     return 0
+
+
+def _train(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path,
+           workflow: Callable[[LoopcastConfig, Any, Path], Any]) -> Any:
+    """workflow(cfg, recording, run_dir) on --data (or paths.recording); bad data -> a UserError."""
+    from replay.layout import RecordingError
+    rec = app.open_recording(cfg, args.data)
+    try:
+        return workflow(cfg, rec, run_dir)
+    except (RecordingError, ValueError) as exc:
+        raise app.UserError(str(exc)) from exc
 
 
 def _print_outputs(engine: Path | None, run_dir: Path) -> None:

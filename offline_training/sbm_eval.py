@@ -302,11 +302,17 @@ def plot_calibration(cal: dict[str, Any], path: Path, title: str = "SBM calibrat
           title=f"reliability: ECE={cal['ece']:.4f}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
+    return _save(fig, path, title)
+
+
+def _save(fig: Any, path: Path, title: str) -> Path:
+    """Title, tighten, write (making the directory) and close a figure; returns its path."""
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.clf()
+    _pyplot().close(fig)
     return path
 
 
@@ -333,12 +339,7 @@ def plot_rollout(roll: dict[str, Any], path: Path, title: str = "SBM autoregress
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def evaluate_predictor(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None,

@@ -29,8 +29,8 @@ CFG = VideoTrainConfig(context=C, horizon=H, seed=3, model_options={
     "lead_dim": 8})
 NAME = f"video_unet-c{C}-h{H}"
 EVAL = EvalConfig(max_context=4, batch_size=8)
-MANIFEST_KEYS = {"format", "format_version", "name", "version", "task", "model", "model_config", "context",
-                 "horizon", "lead_times", "n_neurons", "inputs", "outputs", "video", "normalisation",
+MANIFEST_KEYS = {"format", "format_version", "name", "version", "task", "signal", "model", "model_config",
+                 "context", "horizon", "lead_times", "n_neurons", "inputs", "outputs", "video", "normalisation",
                  "metrics", "parity", "data", "code_version", "created", "files"}
 
 
