@@ -100,7 +100,9 @@ class OasisSpikes:
 
     @property
     def ready(self) -> bool:
-        return self.oasis.ready and self.oasis.frames > self.cfg.oasis.lag
+        """True from the first frame after the warm-up with a real estimate (the frame that ends the
+        warm-up still reports zeros)."""
+        return self.oasis.ready and self.oasis.frames > self.cfg.oasis.warmup + self.cfg.oasis.lag
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
         s = self.oasis.process(dff)
