@@ -15,8 +15,8 @@ from loopcast.config import load_config
 from models.sbm import SBMConfig, SparseBrainModel
 from offline_training.sbm_eval import (SBMEvalConfig, calibration, evaluate_predictor, growth, next_step_frames,
                                        next_step_mae, next_step_predictions, rollout, torch_predictor)
-from offline_training.sbm_train import (SBMData, SBMResult, SBMTrainConfig, load_data, make_optimizers,
-                                        teacher_loss, train_sbm, warmup_end)
+from offline_training.sbm_fit import make_optimizers, teacher_loss
+from offline_training.sbm_train import SBMData, SBMResult, SBMTrainConfig, load_data, train_sbm, warmup_end
 from offline_training.splits import condition_splits
 from realtime.dff import DffConfig
 from realtime.engine import load_engine
