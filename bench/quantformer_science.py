@@ -39,6 +39,7 @@ from common import write_result  # noqa: E402
 from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig  # noqa: E402
 from models.quantformer import QuantFormer, QuantFormerConfig  # noqa: E402
 from offline_training import quantformer_eval as qe  # noqa: E402
+from offline_training.eval_plot import pyplot, save_figure  # noqa: E402
 from offline_training.quantformer_train import (QuantFormerTrainConfig, activation_threshold,  # noqa: E402
                                                 load_data, train_quantformer)
 from offline_training.splits import gather_windows  # noqa: E402
@@ -128,10 +129,7 @@ def comparison(qf: dict[str, Any], models: dict[str, torch.nn.Module], dff: np.n
 
 def plot(table: dict[str, dict[str, Any]], curves: dict[str, Curve], path: Path) -> Path:
     """ROC curves (test) and MAE vs step ahead (test, holdout) of every model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     colours = {name: f"C{i}" for i, name in enumerate(table["test"])}
     for name, (fpr, tpr) in curves.items():
         row = table["test"][name]
@@ -148,11 +146,7 @@ def plot(table: dict[str, dict[str, Any]], curves: dict[str, Curve], path: Path)
                     label=f"{name} ({row['mae']:.4f})")
         ax.set(xlabel="step ahead", ylabel="MAE (dF/F)", title=f"forecasting MAE, {split}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:

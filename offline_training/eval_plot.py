@@ -68,10 +68,8 @@ def write_report(result: "EvalResult", out: Path) -> dict[str, Path]:
 def plot_panels(panels: Sequence[Panel], path: Path, dashed: Collection[str] = (),
                 title: str = "", ncols: int = 4) -> Path:
     """One subplot per (title, {model: (H,) MAE}) panel; saved as PNG at `path`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    plt = pyplot()
 
     models = list(dict.fromkeys(m for _, curves in panels for m in curves))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
@@ -97,4 +95,23 @@ def plot_panels(panels: Sequence[Panel], path: Path, dashed: Collection[str] = (
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(models) / 4), 1, 0.97))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are only written to files)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig: Any, path: Path, title: str | None = None) -> Path:
+    """Title (if given), tighten, write at 120 dpi (making the directory) and close a figure."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
     return path

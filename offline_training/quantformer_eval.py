@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.quantformer import DECODES, QuantFormer
+from offline_training.eval_plot import pyplot, save_figure
 from offline_training.splits import gather_windows
 from offline_training.train import covariate_windows
 
@@ -116,10 +117,7 @@ def split_metrics(scores: Scores, f1_threshold: float) -> dict[str, Any]:
 
 def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, Any], path: Path) -> Path:
     """ROC curves (per split) and MAE vs step ahead (test split) side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_roc, ax_mae) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_roc, ax_mae) = pyplot().subplots(1, 2, figsize=(10, 4))
     for split, (fpr, tpr) in curves.items():
         auc = metrics[split]["activation"]["auroc"]
         ax_roc.plot(fpr, tpr, label=f"{split} (AUROC {auc:.3f})")
@@ -131,11 +129,7 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, An
         ax_mae.plot(steps, row["mae_per_step"], marker="o", ms=3, label=f"{name} ({row['mae']:.4f})")
     ax_mae.set(xlabel="step ahead", ylabel="MAE (dF/F)", title="forecasting, test split")
     ax_mae.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["auroc", "roc_curve", "f1_at", "best_f1_threshold", "activation_labels", "Scores", "score_windows",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from offline_training.eval_plot import pyplot, save_figure
 from offline_training.splits import ConditionSplit, gather_windows, split_windows
 from offline_training.train import covariate_windows
 
@@ -277,16 +278,9 @@ def _lists(curves: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, list
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def _pyplot() -> Any:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_calibration(cal: dict[str, Any], path: Path, title: str = "SBM calibration (test)") -> Path:
     """Two panels: per-neuron mean predicted vs observed probability, and the reliability curve."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.8))
     obs, pred = cal["neuron_means"]["observed"], cal["neuron_means"]["predicted"]
     top = max(max(obs), max(pred), 1e-6) * 1.05
@@ -302,24 +296,13 @@ def plot_calibration(cal: dict[str, Any], path: Path, title: str = "SBM calibrat
           title=f"reliability: ECE={cal['ece']:.4f}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    return _save(fig, path, title)
-
-
-def _save(fig: Any, path: Path, title: str) -> Path:
-    """Title, tighten, write (making the directory) and close a figure; returns its path."""
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    fig.clf()
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_rollout(roll: dict[str, Any], path: Path, title: str = "SBM autoregressive rollout (test)") -> Path:
     """MAE per rollout step of the model and the held baselines (training conditions, holdout), and
     MAE(r) / MAE(1) against r beside the linear-growth line."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter, ScalarFormatter
     groups = [g for g in ("train_conditions", "holdout") if g in roll]
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8))
@@ -339,7 +322,7 @@ def plot_rollout(roll: dict[str, Any], path: Path, title: str = "SBM autoregress
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def evaluate_predictor(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None,
