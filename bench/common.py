@@ -13,6 +13,21 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEVICES = ("cpu", "cuda")
+
+
+def parse_devices(text: str) -> frozenset[str]:
+    """A `--devices` value ("cpu,cuda", "cuda", ...) -> the set of device kinds whose rows are timed."""
+    devices = frozenset(filter(None, (d.strip() for d in text.split(","))))
+    unknown = sorted(devices - set(DEVICES))
+    if unknown or not devices:
+        raise ValueError(f"--devices must be a comma list of {list(DEVICES)}, got {text!r}")
+    return devices
+
+
+def device_skip(device: str, devices: frozenset[str]) -> str:
+    """Why a row on `device` is not timed ("" when it is): the run's --devices leaves it out."""
+    return "" if device in devices else f"{device} not selected (--devices {','.join(sorted(devices))})"
 
 
 def machine() -> dict[str, Any]:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import quantiles, write_result  # noqa: E402
+from common import device_skip, parse_devices, quantiles, write_result  # noqa: E402
 
 from models.registry import MODELS, model_config  # noqa: E402
 from models.tsmixer import TSMixerConfig, count_parameters  # noqa: E402
@@ -221,6 +221,8 @@ def bench_spec(spec: Spec, args: argparse.Namespace, dff: np.ndarray) -> dict:
     def record(runtime: str, device: str, fn: Callable | None, skip: str = "",
                sync: Callable[[], None] | None = None) -> None:
         row: dict[str, Any] = {"runtime": runtime, "device": device}
+        if fn is not None and device_skip(device, args.devices):
+            fn, skip = None, device_skip(device, args.devices)
         if fn is None:
             row.update(status="skipped", reason=skip)
         else:
@@ -382,6 +384,8 @@ def main() -> int:
                          "the row's n says how many were timed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default="", help="comma list of model names to run (default: all)")
+    ap.add_argument("--devices", type=parse_devices, default="cpu,cuda",
+                    help="device kinds whose rows are timed (parity checks still run): cpu, cuda or cpu,cuda")
     ap.add_argument("--quick", action="store_true", help="smoke run: N=2000, 30 frames, 5 warm-up")
     ap.add_argument("--name", default="", help="result name (default forecast-latency; --quick writes "
                                                "no result unless --name is given)")
@@ -412,6 +416,7 @@ def main() -> int:
                                    "neurons": args.neurons, "horizon": args.horizon, "frames": args.frames,
                                    "warmup": args.warmup, "budget_s": args.budget_s, "threads": args.threads,
                                    "seed": args.seed, "tolerance": args.tolerance,
+                                   "devices": sorted(args.devices),
                                    "cuda_available": torch.cuda.is_available(),
                                    "tide_registered": "tide" in MODELS, "rows": rows, "configs": results,
                                    "wall_s": round(time.monotonic() - t0, 1)})

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import quantiles, write_result  # noqa: E402
+from common import parse_devices, quantiles, write_result  # noqa: E402
 from forecast_latency import Windows, dff_recording, eager_fn, engine_fn, parity, stimulus_recording, timed  # noqa: E402
 
 from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig  # noqa: E402
@@ -133,21 +134,36 @@ def bench_case(case: Case, device: str, n: int, signal: np.ndarray, stim: np.nda
                            "config": dataclasses.asdict(model.config), "rows": []}
     print(f"\n{case.name} on {device}: {params:,} parameters")
     with tempfile.TemporaryDirectory(prefix="sbm-qf-latency-") as registry:
-        t0 = time.monotonic()
-        try:
-            path = export(model, case, n, windows, registry)
-            res["export"] = {"ok": True, "seconds": round(time.monotonic() - t0, 1)}
-        except Exception as exc:  # record and go on with torch
-            path = None
-            res["export"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            print(f"  export failed: {res['export']['error'][:200]}")
+        path, why = export_for(model, case, device, n, windows, registry, res)
         runners = runners_for(model, path, device, args.threads)
+        if "onnxruntime" not in runners:
+            res["rows"].append({"runtime": "onnxruntime", "status": "skipped", "reason": why})
+            print(f"  {'onnxruntime':<12} skipped: {why[:200]}")
         for name, fn in runners.items():
             res["rows"].append(time_row(name, fn, windows, device, args))
         if "onnxruntime" in runners and "torch-eager" in runners:
             res["parity_ort_vs_torch"] = parity(runners["onnxruntime"], runners["torch-eager"], windows)
             print(f"  parity ORT vs torch: {res['parity_ort_vs_torch']:.2g}")
     return res
+
+
+def export_for(model: nn.Module, case: Case, device: str, n: int, windows: Windows, registry: str,
+               res: dict[str, Any]) -> tuple[Path | None, str]:
+    """Export the engine for the ONNX Runtime row on `device`, or (None, why not)."""
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        why = ("onnxruntime has no CUDAExecutionProvider here (onnxruntime-gpu is not installed): "
+               f"providers {ort.get_available_providers()}")
+        res["export"] = {"ok": False, "skipped": why}
+        return None, why
+    t0 = time.monotonic()
+    try:
+        path = export(model, case, n, windows, registry)
+        res["export"] = {"ok": True, "seconds": round(time.monotonic() - t0, 1)}
+        return path, ""
+    except Exception as exc:  # record and go on with torch
+        res["export"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"  export failed: {res['export']['error'][:200]}")
+        return None, f"export failed: {res['export']['error']}"
 
 
 def runners_for(model: nn.Module, path: Path | None, device: str,
@@ -191,6 +207,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop timing a row after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--devices", type=parse_devices, default="cpu,cuda",
+                    help="device kinds to time: cpu (the small config), cuda (the seed's sizes)")
     ap.add_argument("--quick", action="store_true", help="N = 5000, 10 frames, no result file")
     args = ap.parse_args()
     if args.quick:
@@ -202,7 +220,7 @@ def main() -> int:
     probs = (-np.expm1(-np.clip(dff, 0.0, None) / 0.1)).astype(np.float32)      # spike-probability-like
     stim = stimulus_recording(length + 8, K, args.seed + 2)
     results = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in ("cpu", "cuda") if d in args.devices and (d == "cpu" or torch.cuda.is_available())]
     for device in devices:
         for case in cases(n, device == "cuda", args.seed):
             signal = probs if case.export.signal == "spike_prob" else dff
@@ -215,6 +233,7 @@ def main() -> int:
         path = write_result("sbm-quantformer-latency", {
             "description": __doc__, "neurons": n, "frames": args.frames, "warmup": args.warmup,
             "threads": args.threads, "frame_period_ms": FRAME_PERIOD_MS, "cuda": cuda_note or "run",
+            "devices": devices,
             "results": results, "wall_s": round(time.monotonic() - t0, 1)})
         print(f"\nwrote {path}")
     return 0

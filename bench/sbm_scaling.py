@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, write_result  # noqa: E402
+from common import machine, parse_devices, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "figures" / "sbm_scaling.png"
@@ -241,6 +241,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ort-modes", default=",".join(MODES), help="modes with ORT rows (comma list)")
     ap.add_argument("--ort-no-arena", action="store_true", help="ORT sessions without the CPU memory arena "
                                                                  "(the arena's growth dominates ORT peak memory)")
+    ap.add_argument("--devices", default="cpu,cuda", help="device kinds: cpu (the --runtimes rows), cuda "
+                    "(torch rows where torch.cuda is available)")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop a row's repeats past this (>= 1 call)")
@@ -269,7 +271,9 @@ def main() -> int:
 def plan(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
     """Row specs: every (runtime, device) x (mode, N); ORT on CPU only, N <= --ort-max-n."""
     sizes = {"sorted": args.neurons, "topk": args.topk, "dense": args.dense}
-    targets = [(rt, "cpu") for rt in args.runtimes.split(",")] + ([("torch", "cuda")] if cuda else [])
+    devices = parse_devices(args.devices)
+    targets = [(rt, "cpu") for rt in filter(None, args.runtimes.split(",")) if "cpu" in devices]
+    targets += [("torch", "cuda")] if cuda and "cuda" in devices else []
     common = dict(threads=args.threads, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
                   budget_s=args.budget_s, ort_arena=not args.ort_no_arena)
     return [dict(runtime=rt, device=dev, mode=mode, n=int(n), **common) for rt, dev in targets
