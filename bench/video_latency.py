@@ -9,11 +9,16 @@ Per runtime two rows, each frame a fresh (1, C, X, Y, Z) float32 window, numpy i
   onnxruntime cpu|cuda  load_engine(runtime="onnxruntime") on an export_video_onnx graph + video manifest
   torch       cpu|cuda  the nn.Module in float32 under torch.inference_mode
   torch-bf16 / torch-bf16-graph  cuda: autocast bfloat16, eager / captured in one CUDA graph per batch size
+  torch-bf16-graph-cl  cuda: the graph with weights and input channels-last 3-D (NDHWC)
   tensorrt    cuda      skipped: the TensorRT runtime serves trace engines only
-  reduce      cpu       VolumeReducer.reduce of the predicted frames to traces (synthetic blocky segmentation,
-                        71,721 neurons at zapbench-ds4, ~800 on the small grids)
+  reduce      cpu|cuda  the predicted frames reduced to traces (synthetic blocky segmentation, 71,721
+                        neurons at zapbench-ds4, ~800 on the small grids): VolumeReducer.reduce on the
+                        CPU; on CUDA the torch runtime's on-device reduction of frames already there,
+                        (B, N) copied back
 CUDA rows need torch.cuda (else skipped). A row stops after `--budget-s` of timed frames (see its n); CPU
-rows whose one frame is estimated (GFLOP / CPU GFLOP/s measured on smaller grids) past it are skipped.
+rows whose one frame is estimated (GFLOP / CPU GFLOP/s measured on a smaller grid) past it are skipped.
+GFLOP per lead are counted exactly on the meta device; on a GPU, GFLOP / the measured bf16 matrix-product
+rate is recorded as the floor no runtime can beat (cuda_floor_ms_per_lead).
 Writes bench/results/video-latency-<date>-<host>.json.
 
     .venv/bin/python bench/video_latency.py [--grids synth,demo,zapbench-ds4] [--models small,paper]
@@ -37,13 +42,13 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import quantiles, write_result  # noqa: E402
+from common import device_skip, parse_devices, quantiles, write_result  # noqa: E402
+from video_runners import GraphRunner, Runner, bf16_matmul_tflops, count_gflop, frame_fn, torch_runner  # noqa: E402
 
 from models.video_unet import VideoUNet, VideoUNetConfig, count_parameters  # noqa: E402
 from offline_training.export import MANIFEST_FILE, ONNX_FILE  # noqa: E402
@@ -51,13 +56,13 @@ from offline_training.export_video import (VIDEO_PARITY_TOLERANCE, build_video_m
                                            export_video_onnx)
 from offline_training.train_video import VideoTrainConfig  # noqa: E402
 from realtime.engine import load_engine  # noqa: E402
+from realtime.engine_torch import reduce_frames, reduction_index  # noqa: E402
 from realtime.video_reduce import VideoGrid, VolumeReducer  # noqa: E402
 
 C, H, FACTOR = 4, 32, 4
 FRAME_PERIOD_MS, ONE_LEAD_TARGET_MS = 914.0, 100.0
 REF_SHAPE = (64, 64, 16)  # where FLOPs and CPU GFLOP/s are first measured (big enough not to be overhead-bound)
-RUNTIMES = ("onnxruntime", "torch", "torch-bf16", "torch-bf16-graph", "tensorrt", "reduce")
-Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (b, C, X, Y, Z), (b,) int64 -> (b, X', Y', Z')
+RUNTIMES = ("onnxruntime", "torch", "torch-bf16", "torch-bf16-graph", "torch-bf16-graph-cl", "tensorrt", "reduce")
 DESCRIPTION = (
     "Per-frame latency of the video UNet forecaster (C=4, H=32, super_resolution 0), seeded random weights. "
     "Each frame feeds a fresh (1, C, X, Y, Z) float32 window; 'leads' = '1' is one lead time (batch 1), "
@@ -123,87 +128,14 @@ def timed(fn: Callable[[np.ndarray], Any], volumes: Volumes, warmup: int, frames
     return out, warm
 
 
-def frame_fn(runner: Runner, leads: int, lead_batch: int) -> Callable[[np.ndarray], None]:
-    """One frame's forecast as VideoForecastStage._predict batches it: lead times 1..leads."""
-    def run(vols: np.ndarray) -> None:
-        for i in range(1, leads + 1, lead_batch):
-            chunk = np.arange(i, min(i + lead_batch, leads + 1), dtype=np.int64)
-            b = len(chunk)
-            runner(vols if b == 1 else np.ascontiguousarray(np.broadcast_to(vols, (b, *vols.shape[1:]))), chunk)
-    return run
-
-
-def torch_runner(model: torch.nn.Module, device: str, bf16: bool = False) -> Runner:
-    dev = torch.device(device)
-
-    def run(v: np.ndarray, lead: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-            y = model(torch.from_numpy(v).to(dev), torch.from_numpy(lead).to(dev))
-        return y.float().cpu().numpy()
-    return run
-
-
-class GraphRunner:
-    """bf16-autocast forward captured in one CUDA graph per batch size (static input/output buffers)."""
-
-    def __init__(self, model: torch.nn.Module, shape: tuple[int, ...]) -> None:
-        self.model, self.shape, self.graphs = model, shape, {}
-
-    def _capture(self, b: int) -> tuple:
-        x = torch.zeros((b, *self.shape), device="cuda")
-        lead = torch.ones(b, dtype=torch.int64, device="cuda")
-        amp = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode(), torch.autocast(**amp):
-            for _ in range(3):                                               # warm up off the capture stream
-                self.model(x, lead)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph), torch.autocast(**amp):
-            out = self.model(x, lead).float()                                # (b, X', Y', Z')
-        return graph, x, lead, out
-
-    def __call__(self, v: np.ndarray, lead: np.ndarray) -> np.ndarray:
-        if len(lead) not in self.graphs:
-            self.graphs[len(lead)] = self._capture(len(lead))
-        graph, x, lead_t, out = self.graphs[len(lead)]
-        x.copy_(torch.from_numpy(v))
-        lead_t.copy_(torch.from_numpy(lead))
-        graph.replay()
-        return out.cpu().numpy()
-
-
-def count_gflop(model: torch.nn.Module, shape: tuple[int, int, int]) -> tuple[float, float]:
-    """GFLOP of one batch-1 CPU forward on `shape` (FlopCounterMode) and its wall seconds."""
-    x, lead = torch.zeros(1, C, *shape), torch.ones(1, dtype=torch.int64)
-    t = time.perf_counter()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x, lead)
-    return counter.get_total_flops() / 1e9, time.perf_counter() - t
-
-
-def padded_voxels(cfg: VideoUNetConfig, shape: tuple[int, int, int]) -> int:
-    return math.prod(-(-s // f) * f for s, f in zip(shape, cfg.total_factor))
-
-
-def gflop_for(model: VideoUNet, name: str, shape: tuple[int, int, int], budget_s: float,
-              cal: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """GFLOP per lead: counted on this grid when the CPU forward fits the budget, else scaled from
-    REF_SHAPE by padded voxel count (convolutions dominate and scale exactly with it). Updates the
-    model's CPU GFLOP/s calibration `cal[name]`."""
+def gflop_for(model: VideoUNet, name: str, shape: tuple[int, int, int], cal: dict[str, dict[str, float]]) -> dict:
+    """GFLOP per lead on this grid, counted on the meta device; the model's CPU GFLOP/s calibration
+    `cal[name]` is measured once on REF_SHAPE (a real CPU forward)."""
     if name not in cal:
         g, s = count_gflop(model, REF_SHAPE)
         cal[name] = {"ref_gflop": g, "cpu_gflops": g / s}
-    c = cal[name]
-    scaled = c["ref_gflop"] * padded_voxels(model.config, shape) / padded_voxels(model.config, REF_SHAPE)
-    est = scaled / c["cpu_gflops"]
-    if budget_s and est > budget_s:
-        return {"gflop_per_lead": scaled, "source": f"scaled from {list(REF_SHAPE)} by padded voxel count "
-                f"(a direct count would take ~{est:.0f} s on this CPU)"}
-    g, s = count_gflop(model, shape)
-    c["cpu_gflops"] = max(c["cpu_gflops"], g / s)
-    return {"gflop_per_lead": g, "source": "FlopCounterMode on this grid"}
+    g, _ = count_gflop(model, shape, "meta")
+    return {"gflop_per_lead": g, "source": "FlopCounterMode on this grid (meta device)"}
 
 
 def segmentation(out_shape: tuple[int, int, int], neurons: int, cell: tuple[int, int, int], stride: int,
@@ -247,6 +179,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.rows, self.configs = args, [], []
         self.cal: dict[str, dict[str, float]] = {}
+        self.peak_tflops = 0.0                                             # measured once on the GPU
 
     def record(self, base: dict, runtime: str, device: str, make: Callable[[], Runner] | None,
                volumes: Volumes | None, skip: str = "", sec_per_lead: float = 0.0) -> None:
@@ -254,6 +187,7 @@ class Bench:
         a = self.args
         if runtime not in a.runtimes:
             return
+        skip = skip or device_skip(device, a.devices)
         for leads, target in ((1, ONE_LEAD_TARGET_MS), (H, FRAME_PERIOD_MS)):
             row = {**base, "runtime": runtime, "device": device, "target_ms": target,
                    "leads": "1" if leads == 1 else f"{H}/{a.lead_batch}"}
@@ -305,6 +239,12 @@ class Bench:
         frames = np.random.default_rng(0).standard_normal((self.args.lead_batch, *grid.shape), np.float32)
         self.record(base, "reduce", "cpu", lambda: lambda v, lead: reducer.reduce(frames[:len(lead)]),
                     Volumes((1, 1, 1), 0))
+        if not torch.cuda.is_available():
+            self.record(base, "reduce", "cuda", None, None, "torch.cuda is not available on this machine")
+            return
+        gpu_frames, index = torch.from_numpy(frames).cuda(), reduction_index(reducer, "cuda")
+        self.record(base, "reduce", "cuda", lambda: lambda v, lead: reduce_frames(
+            gpu_frames[:len(lead)], index, reducer.n_neurons).cpu().numpy(), Volumes((1, 1, 1), 0))
 
 
 def bench_pair(bench: Bench, gname: str, grid: Grid, mname: str, root: Path) -> None:
@@ -312,7 +252,7 @@ def bench_pair(bench: Bench, gname: str, grid: Grid, mname: str, root: Path) -> 
     a = bench.args
     torch.manual_seed(a.seed)
     model = VideoUNet(model_config(mname)).eval()
-    flops = gflop_for(model, mname, grid.shape, a.budget_s, bench.cal)
+    flops = gflop_for(model, mname, grid.shape, bench.cal)
     base = {"grid": gname, "model": mname, "params": count_parameters(model),
             "input_shape": [C, *grid.shape], "output_shape": list(grid.shape),
             "gflop_per_lead": round(flops["gflop_per_lead"], 3)}
@@ -337,7 +277,7 @@ def bench_pair(bench: Bench, gname: str, grid: Grid, mname: str, root: Path) -> 
     if torch.cuda.is_available():
         bench_cuda(bench, base, info, model, volumes, engine_dir, skip, cuda_ort)
     else:
-        for rt in ("torch", "torch-bf16", "torch-bf16-graph", "onnxruntime", "tensorrt"):
+        for rt in ("torch", "torch-bf16", "torch-bf16-graph", "torch-bf16-graph-cl", "onnxruntime", "tensorrt"):
             bench.record(base, rt, "cuda", None, None, "torch.cuda is not available on this machine")
 
 
@@ -371,7 +311,13 @@ def bench_cuda(bench: Bench, base: dict, info: dict, model: VideoUNet, volumes: 
     ref = torch_runner(gpu, "cuda")
     makers: dict[str, Callable[[], Runner]] = {
         "torch": lambda: ref, "torch-bf16": lambda: torch_runner(gpu, "cuda", bf16=True),
-        "torch-bf16-graph": lambda: GraphRunner(gpu, tuple(base["input_shape"]))}
+        "torch-bf16-graph": lambda: GraphRunner(gpu, tuple(base["input_shape"])),
+        "torch-bf16-graph-cl": lambda: GraphRunner(gpu, tuple(base["input_shape"]), channels_last=True)}
+    bench.peak_tflops = bench.peak_tflops or round(bf16_matmul_tflops(), 1)
+    info["cuda_floor_ms_per_lead"] = {"bf16_matmul_tflops": bench.peak_tflops,
+                                      "ms": round(base["gflop_per_lead"] / bench.peak_tflops, 2)}
+    print(f"  GPU floor: {base['gflop_per_lead']:,.0f} GFLOP per lead at {bench.peak_tflops} TFLOP/s "
+          f"(bf16 matmul) = {info['cuda_floor_ms_per_lead']['ms']} ms")
     for rt, make in makers.items():
         bench.record(base, rt, "cuda", make, volumes)
         if rt != "torch" and rt in bench.args.runtimes:
@@ -395,7 +341,7 @@ def bench_cuda(bench: Bench, base: dict, info: dict, model: VideoUNet, volumes: 
 
 
 def print_row(r: dict) -> None:
-    head = f"{r['grid']:<13}{r['model']:<7}{r['runtime']:<18}{r['device']:<6}{r['leads']:>6}"
+    head = f"{r['grid']:<13}{r['model']:<7}{r['runtime']:<21}{r['device']:<6}{r['leads']:>6}"
     if r["status"] == "ok":
         verdict = f"{'yes' if r['meets_target'] else 'no'} (< {r['target_ms']:g})"
         print(f"{head}{r['p50_ms']:>11.2f}{r['p99_ms']:>11.2f}{r['n']:>5}  {verdict}")
@@ -404,7 +350,7 @@ def print_row(r: dict) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'grid':<13}{'model':<7}{'runtime':<18}{'dev':<6}{'leads':>6}{'p50 ms':>11}{'p99 ms':>11}{'n':>5}"
+    print(f"\n{'grid':<13}{'model':<7}{'runtime':<21}{'dev':<6}{'leads':>6}{'p50 ms':>11}{'p99 ms':>11}{'n':>5}"
           f"  target met (ms)")
     for r in rows:
         print_row(r)
@@ -421,6 +367,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=60.0, help="seconds of timed frames per row (0: no limit)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for ONNX Runtime and torch (CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--devices", type=parse_devices, default="cpu,cuda",
+                    help="device kinds whose rows are timed: cpu, cuda or cpu,cuda")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16x12x8 grid, 3 frames, no file")
     ap.add_argument("--name", default="", help="result name (default video-latency; --quick writes none)")
     args = ap.parse_args()
@@ -445,10 +393,10 @@ def main() -> int:
     def save(done: bool) -> Path | None:
         if not name:
             return None
-        payload = {k: v for k, v in vars(args).items() if k not in ("grids", "runtimes", "quick", "name")}
+        payload = {k: v for k, v in vars(args).items() if k not in ("grids", "runtimes", "quick", "name", "devices")}
         return write_result(name, {"description": DESCRIPTION, "complete": done, "context": C, "horizon": H,
                                    "grids": {g: dataclasses.asdict(v) for g, v in args.grids.items()},
-                                   "runtimes": sorted(args.runtimes), **payload,
+                                   "runtimes": sorted(args.runtimes), "devices": sorted(args.devices), **payload,
                                    "cuda_available": torch.cuda.is_available(), "rows": bench.rows,
                                    "configs": bench.configs, "wall_s": round(time.monotonic() - t0, 1)})
 
