@@ -59,6 +59,8 @@ class Engine(Protocol):
 
     def run_video(self, volumes: np.ndarray, lead_time: np.ndarray) -> np.ndarray: ...
 
+    def run_video_traces(self, volumes: np.ndarray, lead_time: np.ndarray, reducer: Any) -> np.ndarray: ...
+
     def close(self) -> None: ...
 
 
@@ -147,6 +149,28 @@ class EngineBase:
     def run_video(self, volumes: np.ndarray, lead_time: np.ndarray) -> np.ndarray:
         """A video engine's predicted frames (B, X', Y', Z') float32 from volumes (B, C, X, Y, Z) float32
         and integer lead times (B,) in [1, H]."""
+        lead = self._check_video(volumes, lead_time)
+        return self._check_frames(self._infer(np.ascontiguousarray(volumes), lead), volumes.shape[0])
+
+    def run_video_traces(self, volumes: np.ndarray, lead_time: np.ndarray, reducer: Any) -> np.ndarray:
+        """run_video's frames reduced to per-neuron traces (B, N) float32 by `reducer`
+        (realtime.video_reduce.VolumeReducer). A runtime on a GPU overrides `_infer_traces` to reduce
+        there and copy back only (B, N) values instead of B whole frames."""
+        lead = self._check_video(volumes, lead_time)
+        if tuple(reducer.output_shape) != tuple(self.manifest.video["output_shape"]):
+            raise EngineError(f"engine {self.version}: the reducer's grid {tuple(reducer.output_shape)} is "
+                              f"not the engine's output {tuple(self.manifest.video['output_shape'])}")
+        y = self._infer_traces(np.ascontiguousarray(volumes), lead, reducer)
+        if y.shape != (volumes.shape[0], reducer.n_neurons):
+            raise EngineError(f"engine {self.version}: traces shape {y.shape} != (B, N) = "
+                              f"{(volumes.shape[0], reducer.n_neurons)}")
+        return y
+
+    def _infer_traces(self, x: np.ndarray, lead: np.ndarray, reducer: Any) -> np.ndarray:
+        return reducer.reduce(self._check_frames(self._infer(x, lead), x.shape[0]))
+
+    def _check_video(self, volumes: np.ndarray, lead_time: np.ndarray) -> np.ndarray:
+        """Validate a video call's inputs; the lead times as int64 (B,)."""
         m = self.manifest
         if m.task != "video" or m.video is None:
             raise EngineError(f"engine {self.version} is a {m.task!r} engine; run_video needs a video engine")
@@ -161,9 +185,12 @@ class EngineBase:
         if lead.size and (lead.min() < 1 or lead.max() > m.horizon):
             raise EngineError(f"engine {self.version}: lead times must lie in [1, {m.horizon}], got "
                               f"{sorted(set(lead.tolist()))}")
-        y = self._infer(np.ascontiguousarray(volumes), lead.astype(np.int64))
-        if y.shape != (volumes.shape[0], *m.video["output_shape"]):
-            raise EngineError(f"engine {self.version}: output shape {y.shape} != (B, X', Y', Z')")
+        return lead.astype(np.int64)
+
+    def _check_frames(self, y: Any, batch: int) -> Any:
+        """The runtime's predicted frames, if they are (B, X', Y', Z')."""
+        if tuple(y.shape) != (batch, *self.manifest.video["output_shape"]):
+            raise EngineError(f"engine {self.version}: output shape {tuple(y.shape)} != (B, X', Y', Z')")
         return y
 
     def _require_trace_engine(self) -> None:

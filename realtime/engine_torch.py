@@ -3,6 +3,8 @@
 The program takes `context` (B, C, N) and, for a covariate engine, `covariates` (B, C + H, K)
 positionally, as the ONNX graph does. It is loaded with `torch.export.load(path).module()`; no model
 code (`models`, `offline_training`) is imported. Useful on CUDA without TensorRT, and as a reference.
+A video engine's frames are reduced to traces on the engine's device (`run_video_traces`), so a GPU
+copies back (B, N) values rather than B whole predicted volumes.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ class TorchEngine(EngineBase):
             self._torch.set_num_threads(threads)
         self.program_path = self._program_path()
         self.module = self._load(self.program_path)
+        self._reducer: Any = None                    # the reducer whose index tensors are on the device
+        self._reduce_index: tuple[Any, Any, Any] | None = None
 
     def _program_path(self) -> Path:
         m = self.manifest
@@ -55,21 +59,57 @@ class TorchEngine(EngineBase):
     def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            args = [torch.from_numpy(x).to(self.device)]
-            if cov is not None:
-                args.append(torch.from_numpy(cov).to(self.device))
-            try:
-                y = self.module(*args)
-            except Exception as exc:  # shape guards of the exported program, device mismatches, ...
-                raise EngineError(f"{self.program_path}: the torch program failed on input "
-                                  f"{tuple(x.shape)} ({type(exc).__name__}: {exc})") from exc
-            if isinstance(y, (tuple, list)):
-                y = y[0]
-            return np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy())
+            return np.ascontiguousarray(self._forward(x, cov).to("cpu", torch.float32).numpy())
+
+    def _infer_traces(self, x: np.ndarray, lead: np.ndarray, reducer: Any) -> np.ndarray:
+        """Frames (B, X', Y', Z') on the device -> per-neuron means (B, N), reduced there."""
+        torch = self._torch
+        with torch.inference_mode():
+            y = self._check_frames(self._forward(x, lead), x.shape[0])             # (B, X', Y', Z')
+            traces = reduce_frames(y, self._reduction(reducer), reducer.n_neurons)  # (B, N)
+            return np.ascontiguousarray(traces.to("cpu").numpy())
+
+    def _forward(self, x: np.ndarray, extra: np.ndarray | None) -> Any:
+        """The program's output on the device (call under inference_mode)."""
+        torch = self._torch
+        args = [torch.from_numpy(x).to(self.device)]
+        if extra is not None:
+            args.append(torch.from_numpy(extra).to(self.device))
+        try:
+            y = self.module(*args)
+        except Exception as exc:  # shape guards of the exported program, device mismatches, ...
+            raise EngineError(f"{self.program_path}: the torch program failed on input "
+                              f"{tuple(x.shape)} ({type(exc).__name__}: {exc})") from exc
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+    def _reduction(self, reducer: Any) -> tuple[Any, Any, Any]:
+        """The reducer's (voxel, neuron, 1 / count) index arrays as device tensors, made once."""
+        if self._reducer is not reducer or self._reduce_index is None:
+            self._reduce_index = reduction_index(reducer, self.device)
+            self._reducer = reducer
+        return self._reduce_index
 
     def close(self) -> None:
-        """Drop the module (and its device memory)."""
+        """Drop the module and the reduction's index tensors (and their device memory)."""
         self.module = None
+        self._reducer = self._reduce_index = None
+
+
+def reduction_index(reducer: Any, device: Any) -> tuple[Any, Any, Any]:
+    """A VolumeReducer's voxel (M,), neuron (M,) and weight 1 / count (M,) arrays as tensors on `device`."""
+    torch = _import_torch()
+    weights = (1.0 / reducer.counts[reducer.neuron_index]).astype(np.float32)
+    arrays = (reducer.voxel_index, reducer.neuron_index, weights)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)  # type: ignore[return-value]
+
+
+def reduce_frames(frames: Any, index: tuple[Any, Any, Any], n_neurons: int) -> Any:
+    """Frames (B, X', Y', Z') tensor -> per-neuron means (B, N) float32 on the frames' device."""
+    torch = _import_torch()
+    voxels, neurons, weights = index
+    flat = frames.reshape(frames.shape[0], -1).float()                          # (B, V')
+    traces = torch.zeros(frames.shape[0], n_neurons, device=frames.device)
+    return traces.index_add_(1, neurons, flat[:, voxels] * weights)             # (B, N)
 
 
 def _import_torch() -> Any:

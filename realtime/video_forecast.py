@@ -4,8 +4,9 @@ The pipeline's context buffer holds the last C causal dF/F volumes of the prepro
 (`pipeline.preprocess.voxels`, 4x mean-downsampled in xy), each centre-cropped in y to the engine's
 grid and flattened. Per frame the engine predicts one volume per configured lead time (batched over
 lead times, `lead_batch` per call), every predicted volume is reduced to per-neuron means through the
-strided segmentation (realtime.video_reduce), and the (L, N) forecast is published exactly like a
-trace model's, with the same header (lead_times = the configured ones).
+strided segmentation (realtime.video_reduce; on the engine's device for the torch runtime), and the
+(L, N) forecast is published exactly like a trace model's, with the same header (lead_times = the
+configured ones).
 
 Hot swap: trace engines only for now; a video stage serves the engine it started with.
 """
@@ -88,6 +89,5 @@ class VideoForecastStage(ForecastStage):
         for i in range(0, len(self.lead_times), self.lead_batch):
             leads = np.asarray(self.lead_times[i:i + self.lead_batch], dtype=np.int64)
             batch = np.ascontiguousarray(np.broadcast_to(vols, (len(leads), *vols.shape[1:])))
-            frames = engine.run_video(batch, leads)                          # (b, X', Y', Z')
-            out.append(self.reducer.reduce(frames))                         # (b, N)
+            out.append(engine.run_video_traces(batch, leads, self.reducer))  # (b, N)
         return np.concatenate(out, axis=0)                                  # (L, N)

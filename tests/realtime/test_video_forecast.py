@@ -114,6 +114,27 @@ def test_the_loop_forecasts_match_the_offline_reference(setup: tuple[Recording, 
     assert np.ptp(forecasts[-1].data, axis=0).max() > 1e-4   # lead times give different forecasts
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_runtime_reduced_traces_equal_reduced_frames(setup: tuple[Recording, Path], runtime: str) -> None:
+    """run_video_traces (the torch runtime reduces on the engine's device) == reduce(run_video(...))."""
+    rec, path = setup
+    engine = load_engine(path, runtime=runtime)
+    video = engine.manifest.video
+    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(video), rec.n_neurons)
+    x = np.random.default_rng(3).standard_normal((3, C, *video["input_shape"])).astype(np.float32)
+    lead = np.array([1, 2, 4])
+    got = engine.run_video_traces(x, lead, reducer)
+    assert got.shape == (3, rec.n_neurons) and got.dtype == np.float32
+    np.testing.assert_allclose(got, reducer.reduce(engine.run_video(x, lead)), rtol=1e-5, atol=1e-6)
+    assert np.ptp(got, axis=0).max() > 1e-4                                   # the lead times differ
+    x_full, y_full = SHAPE[0] // 4, SHAPE[1] // 4
+    whole = VolumeReducer(rec.segmentation(), VideoGrid(4, (0, y_full), 0, (x_full, y_full, SHAPE[2])),
+                          rec.n_neurons)
+    assert whole.output_shape != tuple(video["output_shape"])
+    with pytest.raises(EngineError, match="reducer's grid"):
+        engine.run_video_traces(x, lead, whole)
+
+
 def test_video_engine_needs_the_voxel_stage(setup: tuple[Recording, Path]) -> None:
     rec, path = setup
     cfg = load_settings(overrides=[*overrides(rec, path), "pipeline.preprocess.voxels.enabled=false"])
