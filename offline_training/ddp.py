@@ -11,8 +11,8 @@ rank's loss is scaled so that DDP's gradient average equals the gradient of the 
 loss. So N ranks reproduce one process with the same config (up to float summation order).
 
 Backend: gloo on CPU; nccl with one GPU per rank (cuda:LOCAL_RANK) where CUDA has a GPU for every local
-rank ([train] ddp_device = "auto"); "cpu" or "cuda" forces the choice. A single process always trains
-on the CPU.
+rank ([train] ddp_device = "auto"); "cpu" or "cuda" forces the choice. A single process trains on its
+config's `device` instead (offline_training/device.py).
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.pnm import PNM, PNMConfig
+from offline_training.device import check_device, resolve_device
 from offline_training.sbm_eval import pearson
 from offline_training.splits import ConditionSplit, condition_splits, split_windows
 
@@ -52,6 +53,7 @@ class PNMTrainConfig:
     high_frac: float = 0.5             # share of each batch drawn from them
     seed: int = 0
     threads: int = 2
+    device: str = "auto"               # training device: auto, cpu, cuda, cuda:N (scoring: CPU)
     holdout: tuple[int, ...] = (3,)
     val_frac: float = 0.1
     test_frac: float = 0.2
@@ -65,6 +67,7 @@ class PNMTrainConfig:
             raise ValueError("need 0 < scale_quantile <= 1, 0 <= high_quantile < 1 and 0 <= high_frac <= 1")
         if not (self.lr > 0 and self.grad_clip > 0 and 0 <= self.warmup_frac < 1 and self.weight_decay >= 0):
             raise ValueError("need lr > 0, grad_clip > 0, 0 <= warmup_frac < 1 and weight_decay >= 0")
+        check_device(self.device)
         object.__setattr__(self, "model_options", dict(self.model_options))
         bad = sorted(set(self.model_options) - ({f.name for f in dataclasses.fields(PNMConfig)} - DERIVED))
         if bad:
@@ -159,12 +162,14 @@ def balanced_batch(train: np.ndarray, high: np.ndarray, cfg: PNMTrainConfig, rng
 
 def predict(model: nn.Module, data: BehaviourData, frames: np.ndarray, probs: np.ndarray | None = None,
             batch_size: int = 256) -> np.ndarray:
-    """Scaled behaviour predictions (B,) at target frames `frames`."""
+    """Scaled behaviour predictions (B,) at target frames `frames` (computed on the model's device)."""
     model.eval()
     out = []
+    device = _device(model)
     with torch.no_grad():
         for i in range(0, len(frames), batch_size):
-            out.append(model(data.inputs(frames[i:i + batch_size], probs), data.positions)[:, 0].numpy())
+            x = data.inputs(frames[i:i + batch_size], probs).to(device)
+            out.append(model(x, data.positions.to(device))[:, 0].cpu().numpy())
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 
@@ -176,11 +181,12 @@ def train_pnm(probs: np.ndarray, behaviour: np.ndarray, positions: np.ndarray, o
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = build_data(probs, behaviour, positions, offsets, cfg)
-    model = PNM(cfg.model_config())
-    history = _fit(model, data, cfg, progress)
+    model, device = PNM(cfg.model_config()), resolve_device(cfg.device)
+    history = _fit(model.to(device), data, cfg, progress)
+    model.to("cpu")
     names = {cs.index: cs.name for cs in cfg.splits(offsets)}
     holdout = set(cfg.holdout)
-    metrics: dict[str, Any] = {"scale": data.scale, "history": history,
+    metrics: dict[str, Any] = {"scale": data.scale, "device": str(device), "history": history,
                                "ground_truth": score(model, data, names, holdout)}
     if predicted is not None:
         if predicted.shape != probs.shape:
@@ -203,14 +209,16 @@ def _fit(model: nn.Module, data: BehaviourData, cfg: PNMTrainConfig, progress: b
     thr = np.quantile(data.target[train], cfg.high_quantile)
     high = train[data.target[train] > thr]
     rng = np.random.default_rng([cfg.seed, 7])
+    device = _device(model)
+    positions = data.positions.to(device)
     best, best_state, bad = math.inf, copy.deepcopy(model.state_dict()), 0
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.steps + 1), desc="train pnm", unit="step", disable=not progress)
     for step in bar:
         model.train()
         frames = balanced_batch(train, high, cfg, rng)
-        loss = nn.functional.l1_loss(model(data.inputs(frames), data.positions)[:, 0],
-                                     torch.from_numpy(data.target[frames]))
+        loss = nn.functional.l1_loss(model(data.inputs(frames).to(device), positions)[:, 0],
+                                     torch.from_numpy(data.target[frames]).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -227,6 +235,11 @@ def _fit(model: nn.Module, data: BehaviourData, cfg: PNMTrainConfig, progress: b
     model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are."""
+    return next(model.parameters()).device
 
 
 def score(model: nn.Module, data: BehaviourData, names: dict[int, str], holdout: set[int],

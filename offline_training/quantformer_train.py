@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
 from offline_training import quantformer_eval as qe
+from offline_training.device import check_device, resolve_device
 from offline_training.export import export_engine
 from offline_training.loop_signals import loop_dff
 from offline_training.splits import condition_splits, gather_windows, split_windows
@@ -86,6 +87,7 @@ class QuantFormerTrainConfig:
     padding: int = 1
     max_context: int = 256
     threads: int = 2
+    device: str = "auto"              # training device: auto, cpu, cuda, cuda:N (evaluation / export: CPU)
     export_forecaster: bool = True
     tolerance: float = 1e-4
 
@@ -103,6 +105,7 @@ class QuantFormerTrainConfig:
             raise ValueError(f"activation_quantile must be in (0, 1), got {self.activation_quantile}")
         if self.normalisation not in ("global", "neuron"):
             raise ValueError(f"normalisation must be 'global' or 'neuron', got {self.normalisation!r}")
+        check_device(self.device)
         object.__setattr__(self, "holdout", tuple(self.holdout))
         self.build_model_config(1, 0)  # validates the model fields
 
@@ -143,14 +146,14 @@ class Data:
     def n_neurons(self) -> int:
         return int(self.dff.shape[1])
 
-    def batch(self, starts: np.ndarray, neurons: np.ndarray | None,
-              cfg: QuantFormerTrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def batch(self, starts: np.ndarray, neurons: np.ndarray | None, cfg: QuantFormerTrainConfig,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Windows (B, C + H, n) of `neurons` (None = all), their ids (n,) and covariates (B, C + H, K)."""
         ids = np.arange(self.n_neurons) if neurons is None else neurons
         x, y = gather_windows(self.dff[:, ids], starts, cfg.context, cfg.horizon)
         cov = None if self.cov is None else torch.from_numpy(covariate_windows(self.cov, starts, cfg.context,
-                                                                               cfg.horizon))
-        return torch.from_numpy(np.concatenate([x, y], axis=1)), torch.from_numpy(ids), cov
+                                                                               cfg.horizon)).to(device)
+        return torch.from_numpy(np.concatenate([x, y], axis=1)).to(device), torch.from_numpy(ids).to(device), cov
 
 
 def load_data(rec: Recording, cfg: QuantFormerTrainConfig, dff_config: DffConfig = DffConfig(),
@@ -235,13 +238,14 @@ class Steps:
 def pretrain(model: QuantFormer, data: Data, cfg: QuantFormerTrainConfig, progress: bool) -> list[dict[str, float]]:
     """Masked auto-encoding epochs; returns per-epoch mean train parts and the val loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps, gen = Steps(data, cfg, 1), torch.Generator().manual_seed(cfg.seed)
+    steps, dev = Steps(data, cfg, 1), model.mean.device  # the model's device (a buffer's)
+    gen = torch.Generator(dev).manual_seed(cfg.seed)
     history, step = [], 0
     for epoch in tqdm(range(1, cfg.pretrain_epochs + 1), desc="quantformer pretrain", disable=not progress):
         model.train()
         parts = []
         for starts, neurons in steps.epoch():
-            x, ids, cov = data.batch(starts, neurons, cfg)
+            x, ids, cov = data.batch(starts, neurons, cfg, dev)
             loss, p = model.pretrain_loss(x, ids, cov, generator=gen)
             _step(opt, loss)
             parts.append(p)
@@ -257,9 +261,9 @@ def pretrain(model: QuantFormer, data: Data, cfg: QuantFormerTrainConfig, progre
 @torch.no_grad()
 def _val_pretrain(model: QuantFormer, data: Data, cfg: QuantFormerTrainConfig) -> dict[str, float]:
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator(model.mean.device).manual_seed(cfg.seed + 1)
     starts = _thin(data.starts["val"], 4 * cfg.batch_size)
-    x, ids, cov = data.batch(starts, _thin(np.arange(data.n_neurons), 256), cfg)
+    x, ids, cov = data.batch(starts, _thin(np.arange(data.n_neurons), 256), cfg, model.mean.device)
     return model.pretrain_loss(x, ids, cov, generator=gen)[1]
 
 
@@ -275,7 +279,7 @@ class FinetuneLoss:
     def __init__(self, model: QuantFormer, threshold: float, pos_weight: float, cfg: QuantFormerTrainConfig) -> None:
         self.teacher = copy.deepcopy(model).eval()
         self.threshold, self.cfg = threshold, cfg
-        self.bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+        self.bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=model.mean.device))
 
     def __call__(self, model: QuantFormer, x: torch.Tensor, ids: torch.Tensor,
                  cov: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -305,7 +309,7 @@ def finetune(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerT
         model.train()
         parts = []
         for starts, neurons in steps.epoch():
-            loss, p = criterion(model, *data.batch(starts, neurons, cfg))
+            loss, p = criterion(model, *data.batch(starts, neurons, cfg, model.mean.device))
             _step(opt, loss)
             parts.append(p)
         val = _val_finetune(model, data, criterion, cfg)
@@ -322,7 +326,8 @@ def _val_finetune(model: QuantFormer, data: Data, criterion: FinetuneLoss,
                   cfg: QuantFormerTrainConfig) -> dict[str, float]:
     model.eval()
     starts = _thin(data.starts["val"], 4 * cfg.batch_size)
-    return criterion(model, *data.batch(starts, _thin(np.arange(data.n_neurons), 256), cfg))[1]
+    neurons = _thin(np.arange(data.n_neurons), 256)
+    return criterion(model, *data.batch(starts, neurons, cfg, model.mean.device))[1]
 
 
 def evaluate(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerTrainConfig,
@@ -373,12 +378,14 @@ def train_quantformer(rec: Recording, cfg: QuantFormerTrainConfig, registry_dir:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = load_data(rec, cfg, dff, progress)
+    device = resolve_device(cfg.device)
     model = QuantFormer(cfg.build_model_config(data.n_neurons, 0 if data.cov is None else data.cov.shape[1]))
-    normalise(model, data, cfg)
+    normalise(model.to(device), data, cfg)
     threshold = activation_threshold(data, cfg)
     history = {"pretrain": pretrain(model, data, cfg, progress)}
     history["finetune"] = finetune(model, data, threshold, cfg, progress)
-    metrics, figures = evaluate(model, data, threshold, cfg, run_dir)
+    metrics, figures = evaluate(model.to("cpu"), data, threshold, cfg, run_dir)  # evaluation, export: CPU
+    metrics["device"] = str(device)
     last = history["pretrain"][-1]
     metrics["codebook"] = {"size": cfg.codebook_size, "val_usage": last["val_usage"],
                            "val_perplexity": last["val_perplexity"]}

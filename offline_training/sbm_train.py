@@ -26,6 +26,7 @@ from torch import nn
 
 from loopcast.config import dump_toml
 from models.sbm import SBMConfig, SparseBrainModel
+from offline_training.device import check_device, resolve_device
 from offline_training.export import export_engine
 from offline_training.loop_signals import loop_spike_probs
 from offline_training.sbm_eval import SBMEvalConfig, evaluate_predictor, torch_predictor
@@ -68,7 +69,7 @@ class SBMTrainConfig:
     val_windows: int = 256            # evenly spaced val windows per validation (0 = all)
     patience: int = 8                 # validations without improvement before stopping
     threads: int = 2
-    device: str = "auto"              # "auto" (cuda if available), "cpu", "cuda"
+    device: str = "auto"              # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     holdout: tuple[int, ...] = (3,)
     val_frac: float = 0.1
     test_frac: float = 0.2
@@ -95,8 +96,7 @@ class SBMTrainConfig:
                 and self.grad_clip > 0 and self.weight_decay >= 0):
             raise ValueError("need lr, muon_lr, grad_clip > 0, weight_decay >= 0, 0 <= warmup_frac < 1 and "
                              "0 <= min_lr_frac <= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device)
         object.__setattr__(self, "model_options", dict(self.model_options))
         self._check_model_options()
 
@@ -124,10 +124,8 @@ class SBMTrainConfig:
                                 max_context=self.max_context or self.context)
 
     def torch_device(self) -> torch.device:
-        """The training device."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """The training device (offline_training.device.resolve_device)."""
+        return resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -233,7 +231,8 @@ def train_on_data(data: SBMData, cfg: SBMTrainConfig, registry_dir: str | Path, 
                                           data.covariates, splits, cfg.context, cfg.eval, run_dir / "figures",
                                           progress)
     model.to("cpu").eval()
-    metrics = {**metrics, "training": {"optimizer": cfg.optimizer, **state.summary()}, "data": {
+    metrics = {**metrics, "training": {"optimizer": cfg.optimizer, "device": str(cfg.torch_device()),
+                                       **state.summary()}, "data": {
         "frames": int(data.probs.shape[0]), "neurons": int(data.probs.shape[1]),
         "covariates": data.n_covariates, "first_frame": data.first, "source": source}}
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

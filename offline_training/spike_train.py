@@ -33,6 +33,7 @@ import realtime.dff as dff_module
 from loopcast.config import to_dict
 from models.registry import SPIKE_MODELS, build_model
 from models.spikenet import causal_windows, gather_windows
+from offline_training.device import check_device, resolve_device
 from offline_training.export import export_engine
 from realtime.dff import CausalDff, DffConfig
 from realtime.engine import Engine, load_engine
@@ -70,6 +71,7 @@ class SpikeTrainConfig:
     val_samples: int = 262144                 # random val windows for the per-epoch val loss (early stopping)
     seed: int = 0
     threads: int = 1                          # 2 is no faster for this small MLP and much slower on a busy host
+    device: str = "auto"                      # training device: auto, cpu, cuda, cuda:N (evaluation: CPU)
     engine_neurons: int = 0                   # N the engine declares (the pipeline's); 0 = fish.n_neurons
 
     def __post_init__(self) -> None:
@@ -84,6 +86,7 @@ class SpikeTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.val_frac < 1.0 or self.lr <= 0 or self.weight_decay < 0 or self.engine_neurons < 0:
             raise ValueError("need 0 < val_frac < 1, lr > 0, weight_decay >= 0 and engine_neurons >= 0")
+        check_device(self.device)
         need = self.first_frame + 2 * self.context + 2   # some train targets, then val windows of val frames
         if self.n_frames < need:
             raise ValueError(f"n_frames={self.n_frames} is too short for context {self.context} after the "
@@ -220,27 +223,28 @@ def spike_loss(rate: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
     return nn.functional.mse_loss(rate, target)
 
 
-def sample_batch(data: SpikeData, rng: np.random.Generator, batch: int,
-                 split: Literal["train", "val"] = "train") -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(data: SpikeData, rng: np.random.Generator, batch: int, split: Literal["train", "val"] = "train",
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random (frame, neuron) targets of `split`: windows (1, C, B) and true counts (1, 1, B)."""
     lo, hi = (data.first, data.split) if split == "train" else (int(data.val_frames[0]), data.dff.shape[0])
     frames = rng.integers(lo, hi, size=batch)
     neurons = rng.integers(0, data.dff.shape[1], size=batch)
     x = gather_windows(data.dff, frames, neurons, data.context)          # (1, C, B)
     y = data.spikes[frames, neurons][None, None]                         # (1, 1, B)
-    return torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y))
+    return torch.from_numpy(x).to(device), torch.from_numpy(np.ascontiguousarray(y)).to(device)
 
 
 def fit_spike_net(cfg: SpikeTrainConfig, data: SpikeData, progress: bool = True) -> SpikeTrainResult:
     """Train with AdamW on random windows; early-stop on the val loss; keep the best epoch's weights."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.model_config())
-    history, best_epoch = _fit(model, data, cfg, progress)
+    model, device = build_model(cfg.model, cfg.model_config()), resolve_device(cfg.device)
+    history, best_epoch = _fit(model.to(device), data, cfg, progress)
+    model.to("cpu")
     t = int(data.val_frames[0])
     window = np.ascontiguousarray(data.dff[t - cfg.context + 1:t + 1, :cfg.fish.n_neurons])   # (C, N_fish)
-    return SpikeTrainResult(model.eval(), tuple(history), {"val": validate(model, data, cfg)},
-                            data.fingerprint(), window, best_epoch)
+    metrics = {"val": validate(model, data, cfg), "device": str(device)}
+    return SpikeTrainResult(model.eval(), tuple(history), metrics, data.fingerprint(), window, best_epoch)
 
 
 def _fit(model: nn.Module, data: SpikeData, cfg: SpikeTrainConfig,
@@ -249,7 +253,8 @@ def _fit(model: nn.Module, data: SpikeData, cfg: SpikeTrainConfig,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
-    val_x, val_y = sample_batch(data, np.random.default_rng([cfg.seed, 2]), cfg.val_samples, "val")
+    device = next(model.parameters()).device
+    val_x, val_y = sample_batch(data, np.random.default_rng([cfg.seed, 2]), cfg.val_samples, "val", device)
     bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"train {cfg.model}", disable=not progress)
     for epoch in bar:
         train_loss = _train_epoch(model, opt, data, cfg, epoch)
@@ -271,7 +276,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: SpikeData, 
     rng = np.random.default_rng([cfg.seed, 1, epoch])          # ([seed, 2] drew the val sample)
     total = 0.0
     for _ in range(cfg.steps_per_epoch):
-        x, y = sample_batch(data, rng, cfg.batch_size)
+        x, y = sample_batch(data, rng, cfg.batch_size, device=next(model.parameters()).device)
         loss = spike_loss(model(x), y, cfg.loss)                          # model(x): (1, 1, B)
         opt.zero_grad(set_to_none=True)
         loss.backward()

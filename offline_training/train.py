@@ -24,6 +24,7 @@ from models.baselines import MeanBaseline, MeanBaselineConfig
 from models.registry import MODELS, build_model, check_model_options, config_fields
 from models.registry import model_config as typed_model_config
 from offline_training.ddp import DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
+from offline_training.device import check_device, train_env
 from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
 
 # Model config fields that training fills in itself (from [train] and from the data).
@@ -46,6 +47,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = every train window once per epoch
     seed: int = 0
     threads: int = 2
+    device: str = "auto"  # single process: auto, cpu, cuda, cuda:N (torchrun ranks use ddp_device)
     ddp_device: str = "auto"  # under torchrun: auto (one GPU per rank, else CPU), cpu, cuda
     holdout: tuple[int, ...] = (3,)
     val_frac: float = 0.1
@@ -62,6 +64,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patience < 1 or self.steps_per_epoch < 0:
             raise ValueError("patience must be >= 1 and steps_per_epoch >= 0")
+        check_device(self.device)
         object.__setattr__(self, "model_options", dict(self.model_options))
         self._check_model_options()
 
@@ -189,12 +192,12 @@ def train(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig = TrainCo
     if len(train_starts) == 0 or not any(len(v) for v in val_starts.values()):
         raise ValueError("traces too short: no train or no val windows for this context/horizon")
     model = build_model(cfg.model, cfg.model_config(data.n_neurons, data.n_covariates))
-    env = dist_env(device=cfg.ddp_device)
+    env = train_env(dist_env(device=cfg.ddp_device), cfg.device)
     with process_group(env):
         state = _fit_model(model, data, train_starts, val_starts, cfg, env, progress, checkpoint)
     model.load_state_dict(state.best_state)
     model.eval()
-    metrics = {"val": evaluate(model, traces, val_starts, splits, cfg, data.covariates)}
+    metrics = {"val": evaluate(model, traces, val_starts, splits, cfg, data.covariates), "device": str(env.device)}
     return TrainResult(model=model, history=tuple(state.history), metrics=metrics, config=cfg,
                        best_epoch=state.best_epoch)
 
@@ -387,7 +390,7 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, c
         return None
 
     def same(d: dict[str, Any]) -> dict[str, Any]:  # resuming may extend training; absent keys = defaults
-        return {k: v for k, v in {**to_dict(TrainConfig()), **d}.items() if k != "max_epochs"}
+        return {k: v for k, v in {**to_dict(TrainConfig()), **d}.items() if k not in ("max_epochs", "device")}
 
     if same(ckpt.get("config", {})) != same(to_dict(cfg)):
         raise ValueError(f"{path}: checkpoint was written with a different training config")

@@ -30,6 +30,7 @@ from loopcast.config import dump_toml, from_dict, to_dict
 from models.registry import VIDEO_MODELS, build_model, check_model_options
 from models.registry import model_config as typed_model_config
 from offline_training.ddp import DEVICES, DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
+from offline_training.device import check_device, resolve_device
 from offline_training.splits import ConditionSplit, condition_splits, split_windows
 from offline_training.video_data import VideoData, VideoDataConfig
 from replay.layout import Recording
@@ -58,7 +59,7 @@ class VideoTrainConfig:
     patience: int = 0  # val checks without improvement before stopping; 0 = never stop early
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    device: str = "cpu"  # single process: "cpu", "cuda" or "cuda:N"
+    device: str = "auto"  # single process: auto, cpu, cuda, cuda:N (torchrun ranks use ddp_device)
     ddp_device: str = "auto"  # under torchrun: auto (one GPU per rank, else CPU), cpu, cuda
     holdout: tuple[int, ...] = (3,)
     max_context: int = 256
@@ -79,8 +80,7 @@ class VideoTrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lr_min <= self.lr:
             raise ValueError(f"need 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_device(self.device)
         if self.ddp_device not in DEVICES:
             raise ValueError(f"ddp_device must be one of {list(DEVICES)}, got {self.ddp_device!r}")
         object.__setattr__(self, "model_options", dict(self.model_options))
@@ -266,7 +266,7 @@ def train_video(rec: Recording, cfg: VideoTrainConfig, run_dir: str | Path, prog
 
 
 def _setup(rec: Recording, cfg: VideoTrainConfig, env: DistEnv, run_dir: Path, resume: bool) -> _Run:
-    device = env.device if env.distributed else torch.device(cfg.device)
+    device = env.device if env.distributed else resolve_device(cfg.device)
     sr = typed_model_config(cfg.model, cfg.model_config()).super_resolution
     data = VideoData(rec, cfg.data, super_resolution=sr)
     torch.manual_seed(cfg.seed)
@@ -349,7 +349,7 @@ def _save_best(run: _Run) -> None:
         _atomic_save({"config": to_dict(run.cfg), "model_name": run.cfg.model,
                       "model_config": run.cfg.model_config(), "model": run.best_state,
                       "step": run.state.best_step, "val_mae": run.state.best_val,
-                      "n_neurons": run.index.n_neurons}, run.run_dir / BEST_FILE)
+                      "n_neurons": run.index.n_neurons, "device": str(run.device)}, run.run_dir / BEST_FILE)
 
 
 def _save_last(run: _Run) -> None:

@@ -26,7 +26,8 @@ OFFSETS = (0, 120, 240, 360, 480)
 # Batches of 5 split 3 + 2 over two ranks; 6 steps per epoch; val MAE rises after epoch 4 of 10, so early
 # stopping must happen alike on every rank. (Few steps: L1's sign gradients amplify float-order noise.)
 CFG = TrainConfig(model="tsmixer", context=4, horizon=4, batch_size=5, max_epochs=10, patience=1, threads=1,
-                  lr=1e-1, steps_per_epoch=6, model_options={"mlp_dim": 16, "n_blocks": 1}, ddp_device="cpu")
+                  lr=1e-1, steps_per_epoch=6, model_options={"mlp_dim": 16, "n_blocks": 1}, ddp_device="cpu",
+                  device="cpu")  # the single-process reference: CPU numerics, as the gloo ranks
 # the gradient check adds a batch of 1: rank 1's shard is empty
 GRAD_BATCHES = (np.array([11, 40, 7, 99, 150]), np.array([23]))
 

@@ -32,8 +32,9 @@ from replay.synth import SynthConfig, synthesize
 ROOT = Path(__file__).resolve().parents[2]
 OFFSETS = [0, 50, 100, 150, 200]
 MODEL = {"features": 8, "features_sr": 8, "groups": 4, "downsample": [[2, 2, 1]], "lead_dim": 8}
+# device="cpu": CPU numerics for the exact resume, the CPU val_mae check and the gloo DDP reference
 CFG = VideoTrainConfig(context=4, horizon=4, lr=3e-3, lr_min=1e-4, batch_size=2, steps=12, val_every=4,
-                       val_windows=16, val_frac=0.2, model_options=MODEL)
+                       val_windows=16, val_frac=0.2, model_options=MODEL, device="cpu")
 
 
 def make_recording(out: Path) -> Recording:
