@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One phase of a GPU session on a device machine (docs/gpu.md). Run from the repository root, with .whl/
+# carried (bench/gpu/fetch_wheels.sh); each phase ends well inside the device tool's 10-minute command limit.
+#
+#   bench/gpu/session.sh check    # environment report, then the whole test suite with CUDA visible
+#   bench/gpu/session.sh traces   # issue 5 and 7 latency: forecast_latency, sbm_quantformer_latency, sbm_scaling
+#   bench/gpu/session.sh video    # issue 6 latency: the video UNet at paper width on 512 x 288 x 72
+#   bench/gpu/session.sh PHASE --quick   # the same commands as smoke runs (any machine; writes no results)
+#
+# Logs and the result JSON files written by the phase go to $OUT when it is set (the device tool's
+# return folder), else to bench/results/gpu-out/.
+set -uo pipefail
+phase=${1:?usage: bench/gpu/session.sh check|traces|video [--quick]}
+quick=${2:-}
+cd "$(dirname "$0")/../.."
+py=python3
+[ -x .venv/bin/python ] && [ -z "${OUT:-}" ] && py=.venv/bin/python
+out=${OUT:-bench/results/gpu-out}
+mkdir -p "$out"
+log="$out/$phase.log"
+: > "$log"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" | tee -a "$log"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+threads=$(( $(nproc) / 2 )); [ "$threads" -lt 1 ] && threads=1
+started=$(date +%s)
+
+step() {  # step SECONDS CMD...: run with a time limit, tee'd into the log, never stopping the phase
+  local limit=$1; shift
+  echo "+ [$(( $(date +%s) - started )) s] timeout $limit $*" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "= exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+q() { [ "$quick" = "--quick" ] && echo "$1" || echo "$2"; }  # q QUICK_ARGS FULL_ARGS
+
+case $phase in
+  check)
+    step 30 nvidia-smi
+    step 60 "$py" -c "import torch, onnxruntime as ort, numpy
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')
+print('onnxruntime', ort.__version__, ort.get_available_providers(), 'numpy', numpy.__version__)"
+    step "$(q 120 480)" "$py" -m pytest -q -p no:cacheprovider -rs $(q "tests/models tests/realtime/test_runtimes.py" "")
+    ;;
+  traces)
+    step "$(q 200 240)" "$py" bench/forecast_latency.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --frames 200 --warmup 20 --budget-s 20")
+    step "$(q 200 150)" "$py" bench/sbm_quantformer_latency.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --frames 50 --warmup 5 --budget-s 30")
+    step "$(q 200 150)" "$py" bench/sbm_scaling.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --repeats 10 --budget-s 15 --timeout-s 60")
+    ;;
+  video)
+    step "$(q 300 540)" "$py" bench/video_latency.py --threads "$threads" \
+      $(q "--quick" "--grids zapbench-ds4 --models paper,small --devices cuda --runtimes torch,torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,reduce --frames 20 --warmup 2 --lead-batch 2 --budget-s 20")
+    ;;
+  *)
+    echo "unknown phase $phase: check, traces or video" >&2; exit 2 ;;
+esac
+
+if [ "$quick" != "--quick" ]; then   # this phase's result files (today's, this host's) travel back
+  find bench/results -maxdepth 1 -name "*-$(date +%F)-$(hostname).json" -newermt "@$started" \
+    -exec cp {} "$out"/ \;
+fi
+echo "phase $phase done in $(( $(date +%s) - started )) s; in $out: $(ls "$out" | tr '\n' ' ')" | tee -a "$log"
