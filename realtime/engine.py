@@ -230,7 +230,7 @@ class OnnxEngine(EngineBase):
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu", memory_arena: bool = True) -> None:
         super().__init__(path)
         onnx_path = self.manifest.file("onnx")
         if not onnx_path.is_file():
@@ -238,6 +238,7 @@ class OnnxEngine(EngineBase):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = memory_arena   # off: buffers go back to the OS between calls
         self.device = device
         try:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=ort_providers(device))
@@ -267,12 +268,14 @@ def ort_providers(device: str) -> list[str]:
 
 
 def load_engine(path: str | Path, runtime: str = "onnxruntime", threads: int = 1,
-                device: str = "cpu") -> Engine:
+                device: str = "cpu", memory_arena: bool = True) -> Engine:
     """Open an engine with the named runtime on `device` ('cpu' or 'cuda').
 
     'onnxruntime' runs the ONNX file; 'tensorrt' the fp16 plan (built from the ONNX file on first use
     and cached beside it; CUDA only; trace engines only); 'torch' the saved torch.export program; 'auto'
-    picks TensorRT on CUDA when importable (trace engines), else ONNX Runtime.
+    picks TensorRT on CUDA when importable (trace engines), else ONNX Runtime. `memory_arena` is ONNX
+    Runtime's CPU arena: on, it keeps the largest call's buffers for reuse (faster); off, a large
+    engine's peak goes back to the OS after each call.
     """
     if runtime not in RUNTIMES:
         raise EngineError(f"unknown engine runtime {runtime!r}; available: {list(RUNTIMES)}")
@@ -280,7 +283,7 @@ def load_engine(path: str | Path, runtime: str = "onnxruntime", threads: int = 1
         trt = device.startswith("cuda") and _importable("tensorrt")
         runtime = "tensorrt" if trt and EngineManifest.load(resolve_engine(path)).task != "video" else "onnxruntime"
     if runtime == "onnxruntime":
-        return OnnxEngine(path, threads=threads, device=device)
+        return OnnxEngine(path, threads=threads, device=device, memory_arena=memory_arena)
     if runtime == "tensorrt":
         from realtime.engine_trt import TensorRTEngine
         return TensorRTEngine(path, device=device)

@@ -40,6 +40,7 @@ class ForecastConfig:
     runtime: str = "onnxruntime"
     threads: int = 1
     device: str = "cpu"                      # "cpu" or "cuda[:k]"
+    memory_arena: bool = True                # ONNX Runtime CPU arena (off: large engines free their peak)
     watch: bool = True                       # hot swap to newer versions of a registry entry
     watch_interval_s: float = 1.0
     lead_times: tuple[int, ...] = ()         # video engines: lead times to forecast (() = all 1..H)
@@ -51,7 +52,8 @@ class ForecastConfig:
 
 def engine_loader(cfg: ForecastConfig) -> Loader:
     """path -> engine with the configured runtime, threads and device."""
-    return functools.partial(load_engine, runtime=cfg.runtime, threads=cfg.threads, device=cfg.device)
+    return functools.partial(load_engine, runtime=cfg.runtime, threads=cfg.threads, device=cfg.device,
+                             memory_arena=cfg.memory_arena)
 
 
 def engine_watcher(path: str | Path, cfg: ForecastConfig, loader: Loader,

@@ -108,6 +108,18 @@ def test_forecast_stage_serves_covariate_engine_of_the_rigs_k(engines: dict[str,
         stage.check_stimulus(26)
 
 
+def test_onnxruntime_without_memory_arena(engines: dict[str, Path]) -> None:
+    """pipeline.forecast.memory_arena = false reaches the session; the outputs do not change."""
+    from realtime.forecast import ForecastConfig, engine_loader
+    off = engine_loader(ForecastConfig(memory_arena=False))(engines["tsmixer"])
+    on = load_engine(engines["tsmixer"])
+    assert isinstance(off, OnnxEngine) and isinstance(on, OnnxEngine)
+    assert off.session.get_session_options().enable_cpu_mem_arena is False
+    assert on.session.get_session_options().enable_cpu_mem_arena is True
+    x, _ = _batch(2)
+    np.testing.assert_array_equal(off.run_batch(x), on.run_batch(x))
+
+
 def test_load_engine_picks_runtime(engines: dict[str, Path]) -> None:
     assert isinstance(load_engine(engines["nlinear"], runtime="torch", threads=2), TorchEngine)
     assert isinstance(load_engine(engines["nlinear"], runtime="auto", device="cpu"), OnnxEngine)
