@@ -62,10 +62,11 @@ def ensure_data(path: Path, frames: int, neurons: int, progress: bool) -> Record
 
 def quantformer_config(args: argparse.Namespace) -> QuantFormerTrainConfig:
     if args.quick:
-        return QuantFormerTrainConfig(d_model=32, n_heads=2, n_layers=1, codebook_size=64, code_dim=8,
+        return QuantFormerTrainConfig(model_options={"d_model": 32, "n_heads": 2, "n_layers": 1, "codebook_size": 64,
+                                                     "code_dim": 8},
                                       pretrain_epochs=1, finetune_epochs=1, steps_per_epoch=5, max_context=16,
                                       threads=args.threads, max_eval_windows=64)
-    return QuantFormerTrainConfig(codebook_size=args.codebook, pretrain_epochs=args.pretrain_epochs,
+    return QuantFormerTrainConfig(model_options={"codebook_size": args.codebook}, pretrain_epochs=args.pretrain_epochs,
                                   finetune_epochs=args.finetune_epochs, steps_per_epoch=args.steps_per_epoch,
                                   threads=args.threads, max_context=args.max_context)
 

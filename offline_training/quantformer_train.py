@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loopcast.config import from_dict
 from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
 from offline_training import quantformer_eval as qe
 from offline_training.device import check_device, resolve_device
@@ -40,8 +41,8 @@ from offline_training.train import covariate_windows, data_fingerprint
 from realtime.dff import DffConfig
 from replay.layout import Recording
 
-MODEL_FIELDS = ("patch", "d_model", "n_heads", "n_layers", "ffn_mult", "codebook_size", "code_dim", "commitment",
-                "mask_ratio", "visible_weight", "dropout", "decode")
+DERIVED = frozenset({"n_neurons", "n_covariates", "context", "horizon"})   # set by the trainer and the data
+OPTIONS = {f.name: f.default for f in dataclasses.fields(QuantFormerConfig) if f.name not in DERIVED}  # + defaults
 
 
 @dataclass(frozen=True)
@@ -51,19 +52,8 @@ class QuantFormerTrainConfig:
     model: str = "quantformer"
     context: int = 16
     horizon: int = 8
-    patch: int = 4
     seed: int = 0
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 3
-    ffn_mult: int = 2
-    codebook_size: int = 512
-    code_dim: int = 32
-    commitment: float = 0.25
-    mask_ratio: float = 0.5
-    visible_weight: float = 0.5
-    dropout: float = 0.0
-    decode: str = "expected"          # forecasting engine: "expected" (probability-weighted code) or "argmax"
+    model_options: dict[str, Any] = field(default_factory=dict)   # other QuantFormerConfig fields (patch, ...)
     covariates: bool = True           # stimulus token from the recording's covariates
     normalisation: str = "global"     # input mean / std: "global" (all neurons) or "neuron"
     pretrain_epochs: int = 10
@@ -97,8 +87,7 @@ class QuantFormerTrainConfig:
         for name in ("pretrain_epochs", "finetune_epochs", "batch_size", "eval_batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "neurons_per_batch", "restart_every", "max_train_windows",
-                     "max_eval_windows"):
+        for name in ("steps_per_epoch", "neurons_per_batch", "restart_every", "max_train_windows", "max_eval_windows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.activation_quantile < 1.0:
@@ -107,20 +96,28 @@ class QuantFormerTrainConfig:
             raise ValueError(f"normalisation must be 'global' or 'neuron', got {self.normalisation!r}")
         check_device(self.device)
         object.__setattr__(self, "holdout", tuple(self.holdout))
-        self.build_model_config(1, 0)  # validates the model fields
+        object.__setattr__(self, "model_options", dict(self.model_options))
+        clash = sorted(set(self.model_options) & DERIVED)
+        if clash:
+            raise ValueError(f"model_options {clash} are set by [train_quantformer] and the data, not by model_options")
+        unknown = sorted(set(self.model_options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"model_options {unknown} are not options of model 'quantformer'; "
+                             f"its options: {sorted(OPTIONS)}")
+        self.build_model_config(1, 0)  # the model's own types and validation
 
     def model_config(self, n_neurons: int | None = None, n_covariates: int | None = None) -> dict[str, Any]:
-        """QuantFormerConfig fields as a mapping (n_neurons / n_covariates when given)."""
-        out: dict[str, Any] = {"context": self.context, "horizon": self.horizon,
-                               **{k: getattr(self, k) for k in MODEL_FIELDS}}
-        if n_neurons is not None:
-            out["n_neurons"] = n_neurons
-        if n_covariates is not None:
-            out["n_covariates"] = n_covariates
-        return out
+        """QuantFormerConfig fields: context, horizon, its defaults under model_options, N / K when given."""
+        given = {"n_neurons": n_neurons, "n_covariates": n_covariates}
+        return {"context": self.context, "horizon": self.horizon, **OPTIONS, **self.model_options,
+                **{k: v for k, v in given.items() if v is not None}}
 
     def build_model_config(self, n_neurons: int, n_covariates: int) -> QuantFormerConfig:
-        return QuantFormerConfig(**self.model_config(n_neurons, n_covariates))
+        return from_dict(QuantFormerConfig, self.model_config(n_neurons, n_covariates), where="model.quantformer")
+
+    @property
+    def codebook_size(self) -> int:  # the model's: model_options or QuantFormerConfig's default
+        return int(self.model_config()["codebook_size"])
 
 
 @dataclass(frozen=True)
@@ -339,7 +336,7 @@ def evaluate(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerT
     _, future = gather_windows(data.dff, data.starts["train"], cfg.context, cfg.horizon)
     metrics: dict[str, Any] = {"activation_threshold": threshold, "activation_criterion": "mean_dff_above",
                                "train_base_rate": float(qe.activation_labels(future, threshold).mean()),
-                               "decode": cfg.decode}
+                               "decode": model.config.decode}
     metrics.update({s: qe.split_metrics(sc, f1_thr) for s, sc in scores.items()})
     curves = {s: qe.roc_curve(*scores[s].probs()) for s in ("test", "holdout") if s in scores}
     return metrics, [qe.plot(curves, metrics, run_dir / "quantformer.png")]
@@ -387,7 +384,7 @@ def train_quantformer(rec: Recording, cfg: QuantFormerTrainConfig, registry_dir:
     metrics, figures = evaluate(model.to("cpu"), data, threshold, cfg, run_dir)  # evaluation, export: CPU
     metrics["device"] = str(device)
     last = history["pretrain"][-1]
-    metrics["codebook"] = {"size": cfg.codebook_size, "val_usage": last["val_usage"],
+    metrics["codebook"] = {"size": model.config.codebook_size, "val_usage": last["val_usage"],
                            "val_perplexity": last["val_perplexity"]}
     metrics["history"] = history
     ckpt = run_dir / "quantformer.pt"

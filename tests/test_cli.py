@@ -149,8 +149,8 @@ def test_train_sbm_and_quantformer_commands(loop_setup, tmp_path: Path, capsys: 
                         "train_sbm.max_steps=3", "train_sbm.optimizer=\"adamw\"", "train_sbm.eval.rollout_steps=2",
                         "train_sbm.model_options.d_model=8", "train_sbm.model_options.n_layers=1",
                         "train_quantformer.context=8", "train_quantformer.horizon=4",
-                        "train_quantformer.d_model=16", "train_quantformer.n_layers=1",
-                        "train_quantformer.codebook_size=16", "train_quantformer.pretrain_epochs=1",
+                        "train_quantformer.model_options.d_model=16", "train_quantformer.model_options.n_layers=1",
+                        "train_quantformer.model_options.codebook_size=16", "train_quantformer.pretrain_epochs=1",
                         "train_quantformer.finetune_epochs=1", "train_quantformer.max_train_windows=32",
                         "train_quantformer.max_eval_windows=16", "train_quantformer.max_context=8",
                         "train_quantformer.export_forecaster=false"] for a in ("-s", s)]

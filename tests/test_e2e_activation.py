@@ -20,9 +20,10 @@ from loopcast.workflows import train_quantformer_on_recording, train_sbm_on_reco
 from replay.layout import Recording
 
 N_FRAMES = 70
-QF = ["train_quantformer.context=8", "train_quantformer.horizon=4", "train_quantformer.patch=4",
-      "train_quantformer.d_model=16", "train_quantformer.n_heads=2", "train_quantformer.n_layers=1",
-      "train_quantformer.codebook_size=16", "train_quantformer.code_dim=8",
+QF = ["train_quantformer.context=8", "train_quantformer.horizon=4", "train_quantformer.model_options.patch=4",
+      "train_quantformer.model_options.d_model=16", "train_quantformer.model_options.n_heads=2",
+      "train_quantformer.model_options.n_layers=1", "train_quantformer.model_options.codebook_size=16",
+      "train_quantformer.model_options.code_dim=8",
       "train_quantformer.pretrain_epochs=1", "train_quantformer.finetune_epochs=1",
       "train_quantformer.max_train_windows=64", "train_quantformer.neurons_per_batch=32",
       "train_quantformer.max_eval_windows=32", "train_quantformer.export_forecaster=false",

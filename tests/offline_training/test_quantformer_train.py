@@ -3,13 +3,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from loopcast.config import ConfigError
+from loopcast.settings import DEFAULT_CONFIG, load_settings
 from offline_training import quantformer_eval as qe
-from models.quantformer import QuantFormer
+from models.quantformer import QuantFormer, QuantFormerConfig
 from offline_training.quantformer_train import (QuantFormerResult, QuantFormerTrainConfig, activation_threshold,
                                                 load_data, pretrain, train_quantformer)
 from realtime.engine import load_engine
@@ -17,8 +20,9 @@ from replay.fish import FishConfig
 from replay.layout import Recording
 from replay.synth import SynthConfig, synthesize
 
-CFG = QuantFormerTrainConfig(context=8, horizon=4, patch=4, d_model=32, n_heads=2, n_layers=2, codebook_size=32,
-                             code_dim=8, pretrain_epochs=3, finetune_epochs=2, batch_size=16, neurons_per_batch=32,
+CFG = QuantFormerTrainConfig(context=8, horizon=4, model_options={"patch": 4, "d_model": 32, "n_heads": 2,
+                                                                  "n_layers": 2, "codebook_size": 32, "code_dim": 8},
+                             pretrain_epochs=3, finetune_epochs=2, batch_size=16, neurons_per_batch=32,
                              max_context=8, threads=1, restart_every=5)
 
 
@@ -40,7 +44,7 @@ def trained(recording: Recording, tmp_path_factory: pytest.TempPathFactory) -> Q
 
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="patch 3 must divide"):
-        QuantFormerTrainConfig(patch=3)
+        QuantFormerTrainConfig(model_options={"patch": 3})
     with pytest.raises(ValueError, match="model must be 'quantformer'"):
         QuantFormerTrainConfig(model="nlinear")
     with pytest.raises(ValueError, match="activation_quantile"):
@@ -49,6 +53,31 @@ def test_config_validation() -> None:
         QuantFormerTrainConfig(normalisation="batch")
     cfg = QuantFormerTrainConfig().model_config(n_neurons=5, n_covariates=26)
     assert cfg["codebook_size"] == 512 and cfg["n_neurons"] == 5 and cfg["context"] == 16
+    model_defaults = dataclasses.asdict(QuantFormerConfig(n_neurons=1))   # no model_options: the model's defaults
+    assert QuantFormerTrainConfig().model_config(1, 0) == model_defaults
+
+
+def test_unknown_model_option_is_refused_with_the_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"model_options \['d_modle'\] are not options of model 'quantformer'; "
+                                         r"its options: \['code_dim', 'codebook_size', .*'d_model'"):
+        QuantFormerTrainConfig(model_options={"d_modle": 32})
+
+
+def test_derived_model_option_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model_options \['context'\] are set by \[train_quantformer\] and the data"):
+        QuantFormerTrainConfig(model_options={"context": 8})
+
+
+def test_model_options_from_toml_and_dotted_override(tmp_path: Path) -> None:
+    toml = tmp_path / "qf.toml"
+    toml.write_text("[train_quantformer.model_options]\nn_heads = 2\ncode_dim = 8\n")
+    cfg = load_settings([DEFAULT_CONFIG, toml], ["train_quantformer.model_options.d_model=32"]).train_quantformer
+    assert cfg.model_options == {"patch": 4, "codebook_size": 512, "d_model": 32, "n_layers": 3, "n_heads": 2,
+                                 "code_dim": 8}   # configs/loopcast.toml's, then the file's and the override
+    built = cfg.build_model_config(5, 26)
+    assert (built.d_model, built.n_heads, built.code_dim, built.decode) == (32, 2, 8, "expected")
+    with pytest.raises(ConfigError, match="model_options \\['d_modle'\\]"):
+        load_settings(toml, ["train_quantformer.model_options.d_modle=32"])
 
 
 def test_auto_threshold_sets_the_train_base_rate(recording: Recording) -> None:
