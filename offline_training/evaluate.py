@@ -15,6 +15,7 @@ wrap exported engines, the mean/last baselines and the stimulus baseline.
 """
 from __future__ import annotations
 
+import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from offline_training.splits import ConditionSplit, condition_splits, gather_win
 from realtime.engine import Engine
 
 BASELINES = ("mean", "last", "stimulus")
+SPLIT_KEYS = ("holdout", "val_frac", "test_frac", "padding")  # what decides an engine's training windows
 
 
 class Forecaster(Protocol):
@@ -315,6 +317,7 @@ def evaluate_engines(engines: Sequence[str | Path], traces: np.ndarray, offsets:
     for path in engines:
         engine = load_engine(path, runtime=runtime, threads=threads, device=device)
         engine.check_neurons(traces.shape[1])
+        check_training_splits(engine, config)
         models[engine.version] = _engine_forecaster(engine, recording, grids)
     if not models:
         raise ValueError("no engines to evaluate")
@@ -327,6 +330,29 @@ def evaluate_engines(engines: Sequence[str | Path], traces: np.ndarray, offsets:
     engine_meta = {k: str(m.engine.manifest.engine_dir) for k, m in models.items() if hasattr(m, "engine")}
     return evaluate_models(traces, offsets, models, names, covariates, config, progress,
                            {"engines": engine_meta, **(meta or {})})
+
+
+def check_training_splits(engine: Engine, config: EvalConfig) -> None:
+    """Refuse an engine trained with other split parameters than this evaluation's: its training windows
+    could overlap the test windows scored here. An engine without its training config is only warned about."""
+    m = engine.manifest
+    path = m.file("config") if "config" in m.files else None
+    if path is None or not path.is_file():
+        warnings.warn(f"engine {engine.version} has no training config: its train/test split cannot be "
+                      f"checked against this evaluation's", stacklevel=2)
+        return
+    trained = tomllib.loads(path.read_text())
+    differ = {k: (trained[k], getattr(config, k)) for k in SPLIT_KEYS
+              if k in trained and _split_value(trained[k]) != _split_value(getattr(config, k))}
+    if differ:
+        detail = ", ".join(f"{k} {a} (this evaluation: {b})" for k, (a, b) in differ.items())
+        raise ValueError(f"engine {engine.version} was trained with {detail}; its training windows may "
+                         f"overlap the test windows scored here. Evaluate it with its own split parameters "
+                         f"(e.g. -s train.{next(iter(differ))}=...)")
+
+
+def _split_value(v: Any) -> Any:
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else float(v)
 
 
 def _engine_forecaster(engine: Engine, recording: Any, grids: dict[tuple[int, int, int], Any]) -> Forecaster:

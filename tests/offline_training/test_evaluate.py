@@ -159,3 +159,17 @@ def test_engines_that_do_not_forecast_dff_are_refused(toy_engines: dict[str, Pat
     traces = np.zeros((200, 10), np.float32)
     with pytest.raises(ValueError, match=f"gives {what}, not dF/F"):
         evaluate_engines([toy_engines[kind]], traces, (0, 100, 200), progress=False)
+
+
+@pytest.mark.parametrize("change, key", [({"test_frac": 0.3}, "test_frac"), ({"holdout": (1,)}, "holdout"),
+                                         ({"padding": 2}, "padding")])
+def test_engine_trained_on_other_splits_is_refused(tmp_path: Path, traces, offsets, change: dict, key: str) -> None:
+    """An engine whose training windows could overlap the scored test windows is not scored."""
+    from offline_training.evaluate import evaluate_engines
+    path = random_engine(tmp_path / "engines", 4, 4, traces.shape[1])
+    config = EvalConfig(max_context=8, **change)
+    with pytest.raises(ValueError, match=f"was trained with {key} .*this evaluation"):
+        evaluate_engines([path], traces, offsets, config=config, baselines=(), progress=False)
+    same = EvalConfig(max_context=4)          # max_context does not move training windows: accepted
+    result = evaluate_engines([path], traces, offsets, config=same, baselines=(), progress=False)
+    assert result.models == ("nlinear-c4-h4/v0001",)
