@@ -91,6 +91,17 @@ def test_auto_threshold_sets_the_train_base_rate(recording: Recording) -> None:
     assert len(data.starts["holdout"]) and set(data.starts) == {"train", "val", "test", "holdout"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a GPU machine: docs/gpu.md)")
+def test_pretraining_runs_on_cuda(recording: Recording) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_data(recording, CFG)
+    cfg = dataclasses.replace(CFG, pretrain_epochs=1, steps_per_epoch=2, device="cuda")
+    model = QuantFormer(cfg.build_model_config(data.n_neurons, 26)).to("cuda")
+    history = pretrain(model, data, cfg, progress=False)
+    assert np.isfinite(history[-1]["val_loss"]) and next(model.parameters()).is_cuda
+
+
 def test_pretraining_is_seeded(recording: Recording) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

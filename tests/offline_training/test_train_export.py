@@ -22,7 +22,8 @@ from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, 
                                     first_window_with_covariates, mae_per_step, train)
 from realtime.engine import OnnxEngine, resolve_engine
 
-CFG = TrainConfig(context=4, horizon=8, batch_size=16, max_epochs=12, patience=3, threads=1, lr=5e-3)
+# The CPU: the seeded and resumed runs below must be bit-equal (GPU kernels need not be).
+CFG = TrainConfig(context=4, horizon=8, batch_size=16, max_epochs=12, patience=3, threads=1, lr=5e-3, device="cpu")
 MANIFEST_KEYS = {"format", "format_version", "name", "version", "model", "model_config", "context",
                  "horizon", "lead_times", "n_neurons", "inputs", "outputs", "normalisation", "metrics",
                  "parity", "data", "code_version", "created", "files"}
