@@ -268,27 +268,31 @@ def ort_providers(device: str) -> list[str]:
 
 
 def load_engine(path: str | Path, runtime: str = "onnxruntime", threads: int = 1,
-                device: str = "cpu", memory_arena: bool = True) -> Engine:
+                device: str = "cpu", memory_arena: bool = True, precision: str = "fp32") -> Engine:
     """Open an engine with the named runtime on `device` ('cpu' or 'cuda').
 
     'onnxruntime' runs the ONNX file; 'tensorrt' the fp16 plan (built from the ONNX file on first use
     and cached beside it; CUDA only; trace engines only); 'torch' the saved torch.export program; 'auto'
     picks TensorRT on CUDA when importable (trace engines), else ONNX Runtime. `memory_arena` is ONNX
     Runtime's CPU arena: on, it keeps the largest call's buffers for reuse (faster); off, a large
-    engine's peak goes back to the OS after each call.
+    engine's peak goes back to the OS after each call. `precision` "bf16" runs the torch program under
+    bfloat16 autocast (torch runtime only; TensorRT builds its own fp16 plan).
     """
     if runtime not in RUNTIMES:
         raise EngineError(f"unknown engine runtime {runtime!r}; available: {list(RUNTIMES)}")
     if runtime == "auto":
         trt = device.startswith("cuda") and _importable("tensorrt")
         runtime = "tensorrt" if trt and EngineManifest.load(resolve_engine(path)).task != "video" else "onnxruntime"
+    if precision != "fp32" and runtime != "torch":
+        raise EngineError(f"precision {precision!r} needs runtime 'torch' (runtime {runtime!r} runs the "
+                          f"exported fp32 graph; TensorRT builds its own fp16 plan)")
     if runtime == "onnxruntime":
         return OnnxEngine(path, threads=threads, device=device, memory_arena=memory_arena)
     if runtime == "tensorrt":
         from realtime.engine_trt import TensorRTEngine
         return TensorRTEngine(path, device=device)
     from realtime.engine_torch import TorchEngine
-    return TorchEngine(path, threads=threads, device=device)
+    return TorchEngine(path, threads=threads, device=device, precision=precision)
 
 
 def _importable(module: str) -> bool:

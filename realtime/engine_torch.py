@@ -16,6 +16,7 @@ import numpy as np
 from realtime.engine import EngineBase, EngineError
 
 TORCH_FILE_KEY = "torch"
+PRECISIONS = ("fp32", "bf16")   # bf16: the program runs under bfloat16 autocast (meant for CUDA)
 
 
 class TorchEngine(EngineBase):
@@ -23,10 +24,13 @@ class TorchEngine(EngineBase):
 
     runtime = "torch"
 
-    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, threads: int = 1, device: str = "cpu", precision: str = "fp32") -> None:
         super().__init__(path)
+        if precision not in PRECISIONS:
+            raise EngineError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
         self._torch = _import_torch()
         self.device = _torch_device(self._torch, device)
+        self.precision = precision
         if self.device.type == "cpu" and threads >= 1:
             self._torch.set_num_threads(threads)
         self.program_path = self._program_path()
@@ -76,11 +80,13 @@ class TorchEngine(EngineBase):
         if extra is not None:
             args.append(torch.from_numpy(extra).to(self.device))
         try:
-            y = self.module(*args)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+                y = self.module(*args)
         except Exception as exc:  # shape guards of the exported program, device mismatches, ...
             raise EngineError(f"{self.program_path}: the torch program failed on input "
                               f"{tuple(x.shape)} ({type(exc).__name__}: {exc})") from exc
-        return y[0] if isinstance(y, (tuple, list)) else y
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        return y.float()
 
     def _reduction(self, reducer: Any) -> tuple[Any, Any, Any]:
         """The reducer's (voxel, neuron, 1 / count) index arrays as device tensors, made once."""

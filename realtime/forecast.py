@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from realtime.engine import Engine, EngineError, load_engine
+from realtime.engine_torch import PRECISIONS
 from realtime.engine_watch import EngineWatcher, Loader, close_engine, watch_dir
 from realtime.metrics import Metrics
 from realtime.preprocess import Preprocessed
@@ -41,6 +42,7 @@ class ForecastConfig:
     threads: int = 1
     device: str = "cpu"                      # "cpu" or "cuda[:k]"
     memory_arena: bool = True                # ONNX Runtime CPU arena (off: large engines free their peak)
+    precision: str = "fp32"                  # "bf16": runtime "torch" under bfloat16 autocast (for CUDA)
     watch: bool = True                       # hot swap to newer versions of a registry entry
     watch_interval_s: float = 1.0
     lead_times: tuple[int, ...] = ()         # video engines: lead times to forecast (() = all 1..H)
@@ -49,11 +51,15 @@ class ForecastConfig:
     wait_subscribers: int = 0                # wait for this many forecast subscribers at start
     wait_timeout_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
 
 def engine_loader(cfg: ForecastConfig) -> Loader:
     """path -> engine with the configured runtime, threads and device."""
     return functools.partial(load_engine, runtime=cfg.runtime, threads=cfg.threads, device=cfg.device,
-                             memory_arena=cfg.memory_arena)
+                             memory_arena=cfg.memory_arena, precision=cfg.precision)
 
 
 def engine_watcher(path: str | Path, cfg: ForecastConfig, loader: Loader,

@@ -120,6 +120,23 @@ def test_onnxruntime_without_memory_arena(engines: dict[str, Path]) -> None:
     np.testing.assert_array_equal(off.run_batch(x), on.run_batch(x))
 
 
+def test_torch_bf16_precision(engines: dict[str, Path]) -> None:
+    """precision "bf16" runs the program under bfloat16 autocast: float32 out, close to fp32, not equal."""
+    from realtime.forecast import ForecastConfig, engine_loader
+    bf16 = engine_loader(ForecastConfig(runtime="torch", precision="bf16"))(engines["tsmixer"])
+    fp32 = load_engine(engines["tsmixer"], runtime="torch")
+    x, _ = _batch(2)
+    got, want = bf16.run_batch(x), fp32.run_batch(x)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert 0 < np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    with pytest.raises(EngineError, match="needs runtime 'torch'"):
+        load_engine(engines["tsmixer"], precision="bf16")
+    with pytest.raises(EngineError, match="unknown precision 'fp16'"):
+        load_engine(engines["tsmixer"], runtime="torch", precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ForecastConfig(precision="fp16")
+
+
 def test_load_engine_picks_runtime(engines: dict[str, Path]) -> None:
     assert isinstance(load_engine(engines["nlinear"], runtime="torch", threads=2), TorchEngine)
     assert isinstance(load_engine(engines["nlinear"], runtime="auto", device="cpu"), OnnxEngine)

@@ -135,6 +135,16 @@ def test_runtime_reduced_traces_equal_reduced_frames(setup: tuple[Recording, Pat
         engine.run_video_traces(x, lead, whole)
 
 
+def test_bf16_video_traces_are_close_to_fp32(setup: tuple[Recording, Path]) -> None:
+    rec, path = setup
+    fp32, bf16 = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", precision="bf16")
+    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(fp32.manifest.video), rec.n_neurons)
+    x = np.random.default_rng(4).standard_normal((2, C, *fp32.manifest.video["input_shape"])).astype(np.float32)
+    lead = np.array([1, 4])
+    want, got = fp32.run_video_traces(x, lead, reducer), bf16.run_video_traces(x, lead, reducer)
+    assert got.dtype == np.float32 and 0 < np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
 def test_video_engine_needs_the_voxel_stage(setup: tuple[Recording, Path]) -> None:
     rec, path = setup
     cfg = load_settings(overrides=[*overrides(rec, path), "pipeline.preprocess.voxels.enabled=false"])
