@@ -12,8 +12,9 @@ window each frame (warm-up frames excluded) with:
                      torch.set_num_threads(`--threads`)
   torch        cpu   load_engine(runtime="torch") when the manifest lists a "torch" file
 
-and, where torch.cuda is available, ONNX Runtime CUDA, torch eager on CUDA (synchronised) and TensorRT
-(runtime "tensorrt") when importable. A missing piece is recorded as skipped with its reason. ORT vs
+and, where torch.cuda is available, ONNX Runtime CUDA, torch eager on CUDA (synchronised), the torch
+runtime in fp32 and in bf16 (`[pipeline.forecast] precision`), and TensorRT (runtime "tensorrt") when
+importable. A missing piece is recorded as skipped with its reason. ORT vs
 torch parity (max abs diff over a few windows) is checked against `--tolerance`.
 Writes bench/results/forecast-latency-<date>-<host>.json.
 
@@ -331,7 +332,7 @@ def bench_cuda(spec: Spec, args: argparse.Namespace, model: nn.Module, engine_di
         del gpu_model
     except Exception as exc:
         record("torch-eager", "cuda", None, f"{type(exc).__name__}: {exc}")
-    for runtime in ("torch", "tensorrt"):
+    for runtime in ("torch", "torch-bf16", "tensorrt"):
         if not engine_dir:
             record(runtime, "cuda", None, export_skip)
             continue
@@ -339,11 +340,12 @@ def bench_cuda(spec: Spec, args: argparse.Namespace, model: nn.Module, engine_di
             record(runtime, "cuda", None, "tensorrt is not importable")
             continue
         try:
-            e = load_engine(engine_dir, runtime=runtime, threads=args.threads, device="cuda")
+            e = load_engine(engine_dir, runtime=runtime.split("-")[0], threads=args.threads, device="cuda",
+                            precision="bf16" if runtime == "torch-bf16" else "fp32")
         except Exception as exc:
             record(runtime, "cuda", None, f"load failed: {type(exc).__name__}: {exc}")
             continue
-        if runtime == "torch" and "torch" not in e.manifest.files:
+        if runtime.startswith("torch") and "torch" not in e.manifest.files:
             record(runtime, "cuda", None, "engine manifest has no 'torch' file")
         else:
             record(runtime, "cuda", engine_fn(e), sync=sync)
