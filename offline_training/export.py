@@ -286,6 +286,7 @@ def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig |
         "data": data, "code_version": code_version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "files": files or {"onnx": ONNX_FILE, "config": CONFIG_FILE},
+        **({"future_covariates": getattr(cfg, "future_covariates", "recorded")} if n_covariates else {}),
         **(extra or {}),
     }
 

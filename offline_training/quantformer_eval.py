@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from models.quantformer import DECODES, QuantFormer
+from offline_training.covariates import covariate_windows
 from offline_training.eval_plot import pyplot, save_figure
 from offline_training.splits import gather_windows
-from offline_training.train import covariate_windows
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve of `scores` for boolean `labels` (NaN if a class is missing)."""
@@ -83,15 +83,16 @@ class Scores:
 
 @torch.no_grad()
 def score_windows(model: QuantFormer, dff: np.ndarray, cov: np.ndarray | None, starts: np.ndarray,
-                  threshold: float, batch_size: int = 16) -> Scores:
-    """Run `model` over all neurons of the windows at `starts`; collect what the metrics need."""
+                  threshold: float, batch_size: int = 16, future: str = "recorded") -> Scores:
+    """Run `model` over all neurons of the windows at `starts`; collect what the metrics need (`future`:
+    the covariates' future steps, offline_training.covariates)."""
     cfg, model = model.config, model.eval()
     ids = torch.arange(cfg.n_neurons)
     out = Scores()
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
         x, y = gather_windows(dff, s, cfg.context, cfg.horizon)          # (B, C, N), (B, H, N)
-        c = None if cov is None else torch.from_numpy(covariate_windows(cov, s, cfg.context, cfg.horizon))
+        c = None if cov is None else torch.from_numpy(covariate_windows(cov, s, cfg.context, cfg.horizon, future))
         act, logits = model.heads(torch.from_numpy(x), ids, c)
         out.prob.append(torch.sigmoid(act).numpy())
         out.label.append(activation_labels(y, threshold))

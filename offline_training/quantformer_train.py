@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from loopcast.config import from_dict
 from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
 from offline_training import quantformer_eval as qe
+from offline_training.covariates import check_future_covariates, covariate_windows
 from offline_training.device import check_device, resolve_device
 from offline_training.export import export_engine
 from offline_training.loop_signals import loop_dff
 from offline_training.splits import condition_splits, gather_windows, split_windows
-from offline_training.train import covariate_windows, data_fingerprint
+from offline_training.train import data_fingerprint
 from realtime.dff import DffConfig
 from replay.layout import Recording
 
@@ -55,6 +56,7 @@ class QuantFormerTrainConfig:
     seed: int = 0
     model_options: dict[str, Any] = field(default_factory=dict)   # other QuantFormerConfig fields (patch, ...)
     covariates: bool = True           # stimulus token from the recording's covariates
+    future_covariates: str = "recorded"  # the stimulus of the H future frames: "recorded" or "held" (the loop)
     normalisation: str = "global"     # input mean / std: "global" (all neurons) or "neuron"
     pretrain_epochs: int = 10
     finetune_epochs: int = 10
@@ -95,6 +97,7 @@ class QuantFormerTrainConfig:
         if self.normalisation not in ("global", "neuron"):
             raise ValueError(f"normalisation must be 'global' or 'neuron', got {self.normalisation!r}")
         check_device(self.device)
+        check_future_covariates(self.future_covariates)
         object.__setattr__(self, "holdout", tuple(self.holdout))
         object.__setattr__(self, "model_options", dict(self.model_options))
         clash = sorted(set(self.model_options) & DERIVED)
@@ -148,8 +151,8 @@ class Data:
         """Windows (B, C + H, n) of `neurons` (None = all), their ids (n,) and covariates (B, C + H, K)."""
         ids = np.arange(self.n_neurons) if neurons is None else neurons
         x, y = gather_windows(self.dff[:, ids], starts, cfg.context, cfg.horizon)
-        cov = None if self.cov is None else torch.from_numpy(covariate_windows(self.cov, starts, cfg.context,
-                                                                               cfg.horizon)).to(device)
+        cov = None if self.cov is None else torch.from_numpy(covariate_windows(
+            self.cov, starts, cfg.context, cfg.horizon, cfg.future_covariates)).to(device)
         return torch.from_numpy(np.concatenate([x, y], axis=1)).to(device), torch.from_numpy(ids).to(device), cov
 
 
@@ -330,7 +333,8 @@ def _val_finetune(model: QuantFormer, data: Data, criterion: FinetuneLoss,
 def evaluate(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerTrainConfig,
              run_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     """Metrics for test and holdout (F1 threshold chosen on val) and the ROC / MAE figure."""
-    scores = {s: qe.score_windows(model, data.dff, data.cov, data.starts[s], threshold, cfg.eval_batch_size)
+    scores = {s: qe.score_windows(model, data.dff, data.cov, data.starts[s], threshold, cfg.eval_batch_size,
+                                  cfg.future_covariates)
               for s in ("val", "test", "holdout") if len(data.starts[s])}
     f1_thr = qe.best_f1_threshold(*scores["val"].probs())
     _, future = gather_windows(data.dff, data.starts["train"], cfg.context, cfg.horizon)
@@ -349,8 +353,8 @@ def export(model: QuantFormer, data: Data, rec: Recording, cfg: QuantFormerTrain
     model.eval()
     start = data.starts["val"][:1]
     x, y = gather_windows(data.dff, start, cfg.context, cfg.horizon)
-    window: Any = x[0] if data.cov is None else (x[0], covariate_windows(data.cov, start, cfg.context,
-                                                                          cfg.horizon)[0])
+    window: Any = x[0] if data.cov is None else (x[0], covariate_windows(
+        data.cov, start, cfg.context, cfg.horizon, cfg.future_covariates)[0])
     lean = {k: v for k, v in metrics.items() if k != "history"}
     common = dict(registry_dir=registry_dir, n_neurons=data.n_neurons, metrics=lean,
                   data_fingerprint=data_fingerprint(data.dff, rec.condition_offsets),

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from offline_training.covariates import covariate_windows
 from offline_training.eval_plot import pyplot, save_figure
 from offline_training.splits import ConditionSplit, gather_windows, split_windows
-from offline_training.train import covariate_windows
 
 Predictor = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # (B, C, N), (B, C+1, K) -> (B, N)
 BASELINES = ("last_value", "context_mean")
@@ -65,13 +65,14 @@ class NextStep:
 
 
 def predict_next(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None, starts: np.ndarray,
-                 context: int, batch_size: int = 64) -> np.ndarray:
-    """Next-step predictions (B, N) for the windows (C context + 1 target) at `starts`."""
+                 context: int, batch_size: int = 64, future: str = "recorded") -> np.ndarray:
+    """Next-step predictions (B, N) for the windows (C context + 1 target) at `starts`; `future`: the
+    target frame's stimulus as recorded or held (offline_training.covariates)."""
     out = np.empty((len(starts), probs.shape[1]), dtype=np.float32)
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
         x, _ = gather_windows(probs, s, context, 1)                                  # (b, C, N)
-        c = None if cov is None else covariate_windows(cov, s, context, 1)             # (b, C + 1, K)
+        c = None if cov is None else covariate_windows(cov, s, context, 1, future)     # (b, C + 1, K)
         out[i:i + len(s)] = _checked(predict(np.ascontiguousarray(x), c), (len(s), probs.shape[1]))
     return out
 
@@ -85,7 +86,7 @@ def _checked(pred: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def next_step_predictions(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None,
                           splits: Sequence[ConditionSplit], context: int, batch_size: int = 64,
-                          progress: bool = False) -> list[NextStep]:
+                          progress: bool = False, future: str = "recorded") -> list[NextStep]:
     """NextStep rows for the test windows of every condition (holdout included) that has any."""
     starts = split_windows(splits, "test", context, 1, include_holdout=True)
     rows = []
@@ -94,7 +95,7 @@ def next_step_predictions(predict: Predictor, probs: np.ndarray, cov: np.ndarray
         if not len(s):
             continue
         x, y = gather_windows(probs, s, context, 1)                                   # (B, C, N), (B, 1, N)
-        rows.append(NextStep(cs.name, cs.holdout, predict_next(predict, probs, cov, s, context, batch_size),
+        rows.append(NextStep(cs.name, cs.holdout, predict_next(predict, probs, cov, s, context, batch_size, future),
                              y[:, 0], x[:, -1], x.mean(axis=1)))
     if not rows:
         raise ValueError("no test windows in any condition: the recording is too short for this context")
@@ -102,13 +103,13 @@ def next_step_predictions(predict: Predictor, probs: np.ndarray, cov: np.ndarray
 
 
 def next_step_frames(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None, frames: np.ndarray,
-                     context: int, batch_size: int = 64) -> np.ndarray:
+                     context: int, batch_size: int = 64, future: str = "recorded") -> np.ndarray:
     """(T, N) float32: next-step predictions of `frames` (each from its own C true preceding frames),
     NaN at every other frame and at frames with fewer than C frames before them."""
     out = np.full(probs.shape, np.nan, dtype=np.float32)
     frames = np.unique(np.asarray(frames, dtype=np.int64))
     frames = frames[(frames >= context) & (frames < probs.shape[0])]
-    out[frames] = predict_next(predict, probs, cov, frames - context, context, batch_size)
+    out[frames] = predict_next(predict, probs, cov, frames - context, context, batch_size, future)
     return out
 
 
@@ -225,7 +226,7 @@ def rollout(predict: Predictor, x: np.ndarray, cov: np.ndarray | None, steps: in
 
 def rollout_errors(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None,
                    splits: Sequence[ConditionSplit], context: int, cfg: SBMEvalConfig = SBMEvalConfig(),
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, future: str = "recorded") -> dict[str, Any]:
     """MAE per rollout step (R,) of the model and of the held baselines (last value, context mean) from
     evenly spaced test starts, averaged per condition, then over training conditions and the holdout."""
     r = cfg.rollout_steps
@@ -235,7 +236,7 @@ def rollout_errors(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None
         s = starts.get(cs.index, np.empty(0, np.int64))
         if len(s):
             s = evenly(s, cfg.rollout_starts)
-            per[cs.name] = _rollout_curves(predict, probs, cov, s, context, r, cfg.batch_size)
+            per[cs.name] = _rollout_curves(predict, probs, cov, s, context, r, cfg.batch_size, future)
     out: dict[str, Any] = {"steps": r, "per_condition": _lists(per)}
     holdout = {cs.name for cs in splits if cs.holdout}
     for group, names in (("train_conditions", [n for n in per if n not in holdout]),
@@ -247,12 +248,12 @@ def rollout_errors(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None
 
 
 def _rollout_curves(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None, starts: np.ndarray,
-                    context: int, steps: int, batch_size: int) -> dict[str, np.ndarray]:
+                    context: int, steps: int, batch_size: int, future: str) -> dict[str, np.ndarray]:
     sums = {lab: np.zeros(steps) for lab in ("model", *BASELINES)}
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
         x, y = gather_windows(probs, s, context, steps)                              # (b, C, N), (b, R, N)
-        c = None if cov is None else covariate_windows(cov, s, context, steps)         # (b, C + R, K)
+        c = None if cov is None else covariate_windows(cov, s, context, steps, future)  # (b, C + R, K)
         preds = {"model": rollout(predict, x, c, steps), "last_value": x[:, -1:], "context_mean":
                  x.mean(axis=1, keepdims=True)}
         for lab, p in preds.items():
@@ -327,11 +328,13 @@ def plot_rollout(roll: dict[str, Any], path: Path, title: str = "SBM autoregress
 
 def evaluate_predictor(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None,
                        splits: Sequence[ConditionSplit], context: int, cfg: SBMEvalConfig = SBMEvalConfig(),
-                       fig_dir: Path | None = None, progress: bool = False) -> tuple[dict[str, Any], list[Path]]:
-    """Next-step MAE, calibration and rollout of `predict` on the test windows; figures in `fig_dir`."""
-    rows = next_step_predictions(predict, probs, cov, splits, context, cfg.batch_size, progress)
+                       fig_dir: Path | None = None, progress: bool = False,
+                       future: str = "recorded") -> tuple[dict[str, Any], list[Path]]:
+    """Next-step MAE, calibration and rollout of `predict` on the test windows; figures in `fig_dir`;
+    `future`: the covariates' future steps as recorded or held (offline_training.covariates)."""
+    rows = next_step_predictions(predict, probs, cov, splits, context, cfg.batch_size, progress, future)
     cal = calibration_report(rows, cfg.bins)
-    roll = rollout_errors(predict, probs, cov, splits, context, cfg, progress)
+    roll = rollout_errors(predict, probs, cov, splits, context, cfg, progress, future)
     figures = []
     if fig_dir is not None:
         group = "train_conditions" if "train_conditions" in cal else "holdout"

@@ -26,13 +26,14 @@ from torch import nn
 
 from loopcast.config import dump_toml
 from models.sbm import SBMConfig, SparseBrainModel
+from offline_training.covariates import check_future_covariates, covariate_windows
 from offline_training.device import check_device, resolve_device
 from offline_training.export import export_engine
 from offline_training.loop_signals import loop_spike_probs
 from offline_training.sbm_eval import SBMEvalConfig, evaluate_predictor, torch_predictor
 from offline_training.sbm_fit import fit
 from offline_training.splits import ConditionSplit, condition_splits, split_windows
-from offline_training.train import covariate_windows, data_fingerprint
+from offline_training.train import data_fingerprint
 from realtime.preprocess import PreprocessConfig
 from replay.layout import Recording
 
@@ -53,6 +54,7 @@ class SBMTrainConfig:
     seed: int = 0
     model_options: dict[str, Any] = field(default_factory=dict)   # other SBMConfig fields (d_model, ...)
     covariates: bool = True           # give the model the stimulus covariates (n_covariates = K)
+    future_covariates: str = "recorded"  # the next frame's stimulus: "recorded" or "held" (as the loop serves it)
     optimizer: str = "adamw"          # "muon": torch.optim.Muon for >= 2-D body weights, AdamW for the rest
     lr: float = 5e-4
     muon_lr: float = 2e-2
@@ -97,6 +99,7 @@ class SBMTrainConfig:
             raise ValueError("need lr, muon_lr, grad_clip > 0, weight_decay >= 0, 0 <= warmup_frac < 1 and "
                              "0 <= min_lr_frac <= 1")
         check_device(self.device)
+        check_future_covariates(self.future_covariates)
         object.__setattr__(self, "model_options", dict(self.model_options))
         self._check_model_options()
 
@@ -138,6 +141,7 @@ class SBMData:
     positions: np.ndarray
     offsets: tuple[int, ...]
     first: int = 0
+    future: str = "recorded"   # the target frame's stimulus in batches (offline_training.covariates)
 
     def __post_init__(self) -> None:
         t, n = self.probs.shape
@@ -164,7 +168,7 @@ class SBMData:
         idx = np.asarray(starts, np.int64)[:, None] + np.arange(context + 1)[None]
         x = torch.from_numpy(np.ascontiguousarray(self.probs[idx])).to(device)
         cov = None if self.covariates is None else torch.from_numpy(
-            np.ascontiguousarray(self.covariates[idx])).to(device)
+            covariate_windows(self.covariates, np.asarray(starts, np.int64), context, 1, self.future)).to(device)
         return x, cov
 
 
@@ -180,7 +184,7 @@ def load_data(rec: Recording, cfg: SBMTrainConfig, pre: PreprocessConfig = Prepr
     probs = np.ascontiguousarray(loop_spike_probs(rec, pre, progress=progress), dtype=np.float32)
     cov = np.ascontiguousarray(rec.stimuli(), dtype=np.float32) if cfg.covariates else None
     return SBMData(probs, cov, np.asarray(rec.positions(), np.float32), tuple(rec.condition_offsets),
-                   warmup_end(probs))
+                   warmup_end(probs), cfg.future_covariates)
 
 
 # ------------------------------------------------------------------------------------- model plumbing
@@ -229,7 +233,7 @@ def train_on_data(data: SBMData, cfg: SBMTrainConfig, registry_dir: str | Path, 
     model.load_state_dict(state.best_state)
     metrics, figures = evaluate_predictor(torch_predictor(model, cfg.torch_device()), data.probs,
                                           data.covariates, splits, cfg.context, cfg.eval, run_dir / "figures",
-                                          progress)
+                                          progress, cfg.future_covariates)
     model.to("cpu").eval()
     metrics = {**metrics, "training": {"optimizer": cfg.optimizer, "device": str(cfg.torch_device()),
                                        **state.summary()}, "data": {
@@ -262,5 +266,5 @@ def parity_window(data: SBMData, splits: Sequence[ConditionSplit],
             x = np.ascontiguousarray(data.probs[s[0]:s[0] + cfg.context])
             if data.covariates is None:
                 return x
-            return x, covariate_windows(data.covariates, s, cfg.context, cfg.horizon)[0]
+            return x, covariate_windows(data.covariates, s, cfg.context, cfg.horizon, cfg.future_covariates)[0]
     raise ValueError(f"no test window of C + H = {cfg.context + cfg.horizon} frames for the parity check")

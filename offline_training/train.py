@@ -23,6 +23,7 @@ from loopcast.config import from_dict, to_dict
 from models.baselines import MeanBaseline, MeanBaselineConfig
 from models.registry import MODELS, build_model, check_model_options, config_fields
 from models.registry import model_config as typed_model_config
+from offline_training.covariates import check_future_covariates, covariate_windows
 from offline_training.ddp import DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
 from offline_training.device import check_device, train_env
 from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
@@ -49,6 +50,7 @@ class TrainConfig:
     threads: int = 2
     device: str = "auto"  # single process: auto, cpu, cuda, cuda:N (torchrun ranks use ddp_device)
     ddp_device: str = "auto"  # under torchrun: auto (one GPU per rank, else CPU), cpu, cuda
+    future_covariates: str = "recorded"  # covariate models: "recorded" (ZAPBench) or "held" (as the loop)
     holdout: tuple[int, ...] = (3,)
     val_frac: float = 0.1
     test_frac: float = 0.2
@@ -65,6 +67,7 @@ class TrainConfig:
         if self.patience < 1 or self.steps_per_epoch < 0:
             raise ValueError("patience must be >= 1 and steps_per_epoch >= 0")
         check_device(self.device)
+        check_future_covariates(self.future_covariates)
         object.__setattr__(self, "model_options", dict(self.model_options))
         self._check_model_options()
 
@@ -112,6 +115,7 @@ class WindowData:
 
     traces: np.ndarray
     covariates: np.ndarray | None = None
+    future: str = "recorded"   # the covariates' future steps (offline_training.covariates)
 
     @property
     def n_neurons(self) -> int:
@@ -127,19 +131,13 @@ class WindowData:
         x, y = gather_windows(self.traces, starts, context, horizon)
         inputs = [torch.from_numpy(x)]
         if self.covariates is not None:
-            inputs.append(torch.from_numpy(covariate_windows(self.covariates, starts, context, horizon)))
+            inputs.append(torch.from_numpy(covariate_windows(self.covariates, starts, context, horizon, self.future)))
         return tuple(t.to(device) for t in inputs), torch.from_numpy(y).to(device)
 
 
 def uses_covariates(model: nn.Module | type) -> bool:
     """Whether a model (instance or class) takes stimulus covariates as a second input."""
     return bool(getattr(model, "uses_covariates", False))
-
-
-def covariate_windows(covariates: np.ndarray, starts: np.ndarray, context: int, horizon: int) -> np.ndarray:
-    """Covariates (B, C + H, K) of window `starts`: the context steps, then the target steps."""
-    past, future = gather_windows(covariates, starts, context, horizon)
-    return np.ascontiguousarray(np.concatenate([past, future], axis=1), dtype=np.float32)
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -166,7 +164,8 @@ def first_window_with_covariates(traces: np.ndarray, offsets: Sequence[int], cfg
                                  covariates: np.ndarray, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
     """first_window's context (C, N) and the same window's covariates (C + H, K)."""
     start = _first_start(offsets, cfg, split)
-    cov = covariate_windows(np.asarray(covariates, dtype=np.float32), start, cfg.context, cfg.horizon)
+    cov = covariate_windows(np.asarray(covariates, dtype=np.float32), start, cfg.context, cfg.horizon,
+                            cfg.future_covariates)
     return first_window(traces, offsets, cfg, split), cov[0]
 
 
@@ -183,7 +182,7 @@ def train(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig = TrainCo
     """Train `cfg.model` on the train ranges of the training conditions; early-stop on val MAE.
     Data-parallel under torchrun; every rank returns the same result (only rank 0 writes `checkpoint`)."""
     traces = _check_traces(traces, offsets)
-    data = WindowData(traces, _check_covariates(covariates, traces.shape[0], cfg))
+    data = WindowData(traces, _check_covariates(covariates, traces.shape[0], cfg), cfg.future_covariates)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     splits = cfg.splits(offsets)
@@ -284,10 +283,10 @@ def batch_loss(model: nn.Module, data: WindowData, batch: np.ndarray, cfg: Train
 
 @torch.no_grad()
 def mae_per_step(model: nn.Module, traces: np.ndarray, starts: np.ndarray, context: int, horizon: int,
-                 batch_size: int = 64, covariates: np.ndarray | None = None) -> np.ndarray:
+                 batch_size: int = 64, covariates: np.ndarray | None = None, future: str = "recorded") -> np.ndarray:
     """MAE per step ahead (H,), averaged over the windows at `starts` and all neurons (covariates (T, K)
-    are required by, and only passed to, covariate models)."""
-    data = _model_data(model, traces, covariates)
+    are required by, and only passed to, covariate models; `future` fills their future steps)."""
+    data = _model_data(model, traces, covariates, future)
     return _err_sums(model, data, starts, context, horizon, batch_size) / (len(starts) * traces.shape[1])
 
 
@@ -329,7 +328,8 @@ def evaluate(model: nn.Module, traces: np.ndarray, starts: dict[int, np.ndarray]
             continue
         row = {}
         for label, m in (("model", model), ("mean_baseline", mean)):
-            per_step = mae_per_step(m, traces, s, cfg.context, cfg.horizon, cfg.eval_batch_size, covariates)
+            per_step = mae_per_step(m, traces, s, cfg.context, cfg.horizon, cfg.eval_batch_size, covariates,
+                                    cfg.future_covariates)
             steps[label].append(per_step)
             row[label] = float(per_step.mean())
         out["per_condition"][names[k]] = row
@@ -340,12 +340,12 @@ def evaluate(model: nn.Module, traces: np.ndarray, starts: dict[int, np.ndarray]
     return out
 
 
-def _model_data(model: nn.Module, traces: np.ndarray, covariates: np.ndarray | None) -> WindowData:
+def _model_data(model: nn.Module, traces: np.ndarray, covariates: np.ndarray | None, future: str) -> WindowData:
     if not uses_covariates(model):
         return WindowData(traces)
     if covariates is None:
         raise ValueError(f"{type(model).__name__} uses stimulus covariates: pass covariates (T, K)")
-    return WindowData(traces, covariates)
+    return WindowData(traces, covariates, future)
 
 
 def _check_traces(traces: np.ndarray, offsets: Sequence[int]) -> np.ndarray:

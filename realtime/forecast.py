@@ -110,7 +110,13 @@ class ForecastStage:
         self.lead_times = tuple(m.lead_times)
         self._cov = np.zeros((m.context + m.horizon, m.n_covariates), np.float32) if m.n_covariates else None
         self._count = self._counter().labels(model=self.model)
-        self.metrics.stage_engine.labels(stage=self.name).info({"engine": engine.version, "model": self.model})
+        future = m.future_covariates if m.n_covariates else "none"
+        self.metrics.stage_engine.labels(stage=self.name).info({"engine": engine.version, "model": self.model,
+                                                                "future_covariates": future})
+        if future == "recorded":
+            log.warning("engine %s was trained on the recorded future stimulus; the loop holds the newest "
+                        "frame's stimulus for its %d future steps, so expect forecasts worse than its offline "
+                        "metrics (train with future_covariates = \"held\" to match)", engine.version, m.horizon)
         if self.kind == "forecast":
             self.metrics.engine_info.info({"engine": engine.version, "model": self.model})
 

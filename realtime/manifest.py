@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TASKS = ("forecast", "spikes", "video", "activation")
 SIGNALS = ("dff", "spike_prob")
+FUTURE_COVARIATES = ("recorded", "held")  # a covariate engine's future stimulus in training (the loop holds)
 COVARIATES_INPUT = "covariates"
 LEAD_INPUT = "lead_time"
 ACTIVATION_KEYS = ("criterion", "threshold", "window")
@@ -63,6 +64,7 @@ class EngineManifest:
     video: dict[str, Any] | None = None
     signal: str = "dff"
     activation: dict[str, Any] | None = None
+    future_covariates: str = "recorded"
 
     @property
     def output_rows(self) -> int:
@@ -117,7 +119,8 @@ def _parse_manifest(p: Path, raw: Any) -> EngineManifest:
         normalisation=raw.get("normalisation"), metrics=raw.get("metrics"), parity=raw.get("parity"),
         data=raw.get("data"), code_version=str(raw.get("code_version", "")),
         created=str(raw.get("created", "")), video=get.optional("video", dict, None),
-        signal=get.optional("signal", str, "dff"), activation=get.optional("activation", dict, None))
+        signal=get.optional("signal", str, "dff"), activation=get.optional("activation", dict, None),
+        future_covariates=get.optional("future_covariates", str, "recorded"))
     _validate(m)
     return m
 
@@ -164,6 +167,8 @@ def _validate(m: EngineManifest) -> None:
                   f"got {m.horizon} and {list(m.lead_times)}")
     if m.signal not in SIGNALS:
         raise bad(f"field 'signal' must be one of {list(SIGNALS)}, got {m.signal!r}")
+    if m.future_covariates not in FUTURE_COVARIATES:
+        raise bad(f"field 'future_covariates' must be one of {list(FUTURE_COVARIATES)}, got {m.future_covariates!r}")
     if m.context < 1 or m.horizon < 1 or m.n_neurons < 1:
         raise bad(f"context, horizon and n_neurons must be >= 1 ({m.context}, {m.horizon}, {m.n_neurons})")
     if m.task == "activation":

@@ -250,6 +250,30 @@ def test_covariate_model_trains_on_covariate_windows(tinycov: None, traces: np.n
     np.testing.assert_array_equal(context, first_window(driven, offsets, cfg))
 
 
+def test_held_future_covariates_train_score_and_export_as_the_loop_serves(
+        tinycov: None, traces: np.ndarray, offsets: tuple[int, ...], stimuli: np.ndarray, tmp_path: Path) -> None:
+    """future_covariates = "held": the model sees the last context frame's stimulus for every future step
+    in training and scoring, and the engine's manifest says so."""
+    cfg = dataclasses.replace(CFG, model="tinycov", max_epochs=2, steps_per_epoch=5, future_covariates="held")
+    driven = traces + 0.5 * stimuli[:, :1]
+    result = train(driven, offsets, cfg, progress=False, covariates=stimuli)
+    starts = np.array([10, 57, 300])
+    x, y = gather_windows(driven, starts, 4, 8)
+    held = np.stack([np.concatenate([stimuli[s:s + 4], np.repeat(stimuli[s + 3:s + 4], 8, axis=0)]) for s in starts])
+    with torch.no_grad():
+        want = (result.model(torch.from_numpy(x), torch.from_numpy(held)) - torch.from_numpy(y)).abs()
+    got = mae_per_step(result.model, driven, starts, 4, 8, batch_size=2, covariates=stimuli, future="held")
+    np.testing.assert_allclose(got, want.mean(dim=(0, 2)).numpy(), rtol=1e-5)
+    assert not np.allclose(got, mae_per_step(result.model, driven, starts, 4, 8, covariates=stimuli))
+    _, window_cov = first_window_with_covariates(driven, offsets, cfg, stimuli)
+    np.testing.assert_array_equal(window_cov[4:], np.repeat(window_cov[3:4], 8, axis=0))
+    path = export_engine(result.model, cfg, tmp_path, driven.shape[1], {}, "sha256:x", "test",
+                         parity_input=first_window_with_covariates(driven, offsets, cfg, stimuli))
+    assert json.loads((path / "manifest.json").read_text())["future_covariates"] == "held"
+    with pytest.raises(ValueError, match="future_covariates must be one of"):
+        dataclasses.replace(CFG, future_covariates="later")
+
+
 def test_covariate_model_without_covariates_is_a_clear_error(tinycov: None, traces: np.ndarray,
                                                              offsets: tuple[int, ...], stimuli: np.ndarray) -> None:
     cfg = dataclasses.replace(CFG, model="tinycov", max_epochs=1)

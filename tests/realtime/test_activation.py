@@ -74,7 +74,7 @@ def test_activation_stage_publishes_probabilities(toy_engines: dict[str, Path],
     assert metrics.count("loopcast_activations_published_total", model="toyact") == 4
     assert metrics.count("loopcast_forecasts_published_total", model="toyact") == 0
     assert metrics.latency("activation").summary()["count"] == 4 and metrics.latency("forecast").summary()["count"] == 0
-    info = {"stage": "activation/toyact", "engine": "toyact-c3-h2/v0001", "model": "toyact"}
+    info = {"stage": "activation/toyact", "engine": "toyact-c3-h2/v0001", "model": "toyact", "future_covariates": "none"}
     assert metrics.registry.get_sample_value("loopcast_stage_engine_info", info) == 1
 
 

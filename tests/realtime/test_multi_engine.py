@@ -152,6 +152,27 @@ def test_covariate_engine_gets_context_stimuli_then_the_newest_held(toy_engines:
     assert pipe.metrics.count("loopcast_values_invalid_total", kind="missing_stimulus") == 0
 
 
+def test_stage_says_how_a_covariate_engine_saw_the_future(toy_engines: dict[str, Path], tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Trained on the recorded future stimulus: a warning and the engine-info label say the loop differs;
+    a "held" engine is served quietly; an engine without covariates is labelled "none"."""
+    import json
+    import shutil
+    metrics, pub = Metrics("run", MetricsConfig(enabled=False)), Publisher("tcp://127.0.0.1:*")
+    held = tmp_path / "toycov-held" / "v0001"
+    shutil.copytree(toy_engines["cov"], held)
+    raw = json.loads((held / "manifest.json").read_text())
+    (held / "manifest.json").write_text(json.dumps({**raw, "future_covariates": "held"}))
+    for path, label, warns in ((toy_engines["cov"], "recorded", True), (held, "held", False),
+                               (toy_engines["mean"], "none", False)):
+        caplog.clear()
+        stage = ForecastStage(OnnxEngine(path), pub, metrics)
+        info = {"stage": stage.name, "engine": stage.engine.version, "model": stage.model, "future_covariates": label}
+        assert metrics.registry.get_sample_value("loopcast_stage_engine_info", info) == 1
+        assert ("trained on the recorded future stimulus" in caplog.text) == warns
+    pub.close()
+
+
 def test_frames_without_stimulus_feed_zeros_and_are_counted(toy_engines: dict[str, Path]) -> None:
     pipe, _, got = run_pipeline([toy_engines["cov"]], frames(6, with_stimulus=False))
     fc = by_topic(got, b"forecast/toycov")
