@@ -68,7 +68,8 @@ def quantformer_config(args: argparse.Namespace) -> QuantFormerTrainConfig:
                                       threads=args.threads, max_eval_windows=64)
     return QuantFormerTrainConfig(model_options={"codebook_size": args.codebook}, pretrain_epochs=args.pretrain_epochs,
                                   finetune_epochs=args.finetune_epochs, steps_per_epoch=args.steps_per_epoch,
-                                  threads=args.threads, max_context=args.max_context)
+                                  threads=args.threads, max_context=args.max_context,
+                                  future_covariates=args.future_covariates)
 
 
 Curve = tuple[np.ndarray, np.ndarray]
@@ -202,6 +203,9 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=20, help="NLinear / TSMixer epochs (early stopping)")
     ap.add_argument("--regressor-steps", type=int, default=200, help="NLinear / TSMixer steps per epoch")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--future-covariates", default="recorded", choices=("recorded", "held"),
+                    help="QuantFormer's future stimulus; 'held' (as the loop serves it) writes "
+                         "quantformer-science-held-<date>-<host>.json and keeps its figure in data/")
     args = ap.parse_args()
     if args.quick:
         args.frames, args.neurons, args.max_epochs, args.regressor_steps = 600, 200, 1, 5
@@ -220,10 +224,12 @@ def main() -> None:
     if args.quick:
         print(f"\nquick run: outputs in {out} (nothing written to bench/results or docs/figures)")
         return
-    Path(body["figure"]).replace(FIGURE)
-    body["figure"] = str(FIGURE.relative_to(ROOT))
-    path = write_result("quantformer-science", {"description": __doc__.split("\n\n")[0], **body})
-    print(f"wrote {path} and {FIGURE}")
+    if args.future_covariates == "recorded":
+        Path(body["figure"]).replace(FIGURE)
+        body["figure"] = str(FIGURE.relative_to(ROOT))
+    name = "quantformer-science" + ("" if args.future_covariates == "recorded" else "-held")
+    path = write_result(name, {"description": __doc__.split("\n\n")[0], **body})
+    print(f"wrote {path} and {body['figure']}")
 
 
 if __name__ == "__main__":
