@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One phase of a GPU session on a device machine (docs/gpu.md). Run from the repository root, with .whl/
-# carried (bench/gpu/fetch_wheels.sh); each phase ends well inside the device tool's 10-minute command limit.
+# carried (bench/gpu/fetch_wheels.sh). Each phase stops within 7 minutes, so all three fit a session's
+# 30 minutes of device time with a machine start before each. Run them in this order:
 #
-#   bench/gpu/session.sh check    # environment report, then the whole test suite with CUDA visible
 #   bench/gpu/session.sh traces   # issue 5 and 7 latency: forecast_latency, sbm_quantformer_latency, sbm_scaling
 #   bench/gpu/session.sh video    # issue 6 latency: the video UNet at paper width on 512 x 288 x 72
+#   bench/gpu/session.sh check    # environment report, then the whole test suite with CUDA visible
 #   bench/gpu/session.sh PHASE --quick   # the same commands as smoke runs (any machine; writes no results)
 #
 # Logs and the result JSON files written by the phase go to $OUT when it is set (the device tool's
@@ -46,19 +47,19 @@ case $phase in
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')
 print('onnxruntime', ort.__version__, ort.get_available_providers(), 'numpy', numpy.__version__)"
-    step "$(q 120 480)" "$py" -m pytest -q -p no:cacheprovider -rs $(q "tests/models tests/realtime/test_runtimes.py" "")
+    step "$(q 120 400)" "$py" -m pytest -q -p no:cacheprovider -rs $(q "tests/models tests/realtime/test_runtimes.py" "")
     ;;
   traces)
-    step "$(q 200 240)" "$py" bench/forecast_latency.py --threads "$threads" \
-      $(q "--quick" "--devices cuda --frames 200 --warmup 20 --budget-s 20")
-    step "$(q 200 150)" "$py" bench/sbm_quantformer_latency.py --threads "$threads" \
-      $(q "--quick" "--devices cuda --frames 50 --warmup 5 --budget-s 30")
-    step "$(q 200 150)" "$py" bench/sbm_scaling.py --threads "$threads" \
-      $(q "--quick" "--devices cuda --repeats 10 --budget-s 15 --timeout-s 60")
+    step "$(q 200 200)" "$py" bench/forecast_latency.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --frames 200 --warmup 20 --budget-s 10")
+    step "$(q 200 110)" "$py" bench/sbm_quantformer_latency.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --frames 50 --warmup 5 --budget-s 20")
+    step "$(q 200 110)" "$py" bench/sbm_scaling.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --repeats 10 --budget-s 10 --timeout-s 45")
     ;;
   video)
-    step "$(q 300 540)" "$py" bench/video_latency.py --threads "$threads" \
-      $(q "--quick" "--grids zapbench-ds4 --models paper,small --devices cuda --runtimes torch,torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,reduce --frames 20 --warmup 2 --lead-batch 2 --budget-s 20")
+    step "$(q 300 420)" "$py" bench/video_latency.py --threads "$threads" \
+      $(q "--quick" "--grids zapbench-ds4 --models paper,small --devices cuda --runtimes torch,torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,reduce --frames 20 --warmup 2 --lead-batch 2 --budget-s 15")
     ;;
   *)
     echo "unknown phase $phase: check, traces or video" >&2; exit 2 ;;
