@@ -18,9 +18,9 @@ from loopcast.config import load_config
 from models.linear import NLinear, NLinearConfig
 from models.spikenet import SpikeNet, causal_windows
 from offline_training.export import ExportError, export_engine
+from offline_training.spike_eval import engine_predictor, evaluate_spikes, first_difference
 from offline_training.spike_train import (SpikeData, SpikeTrainConfig, SpikeTrainResult, build_data,
-                                          causal_dff_traces, engine_predictor, evaluate_recording,
-                                          evaluate_spikes, export_spike_net, first_difference, fit_spike_net,
+                                          causal_dff_traces, evaluate_recording, export_spike_net, fit_spike_net,
                                           recording_arrays, recording_dir, sample_batch)
 from offline_training.train import TrainConfig
 from realtime.dff import DffConfig, causal_dff_reference
