@@ -74,7 +74,8 @@ def sbm_config(args: argparse.Namespace) -> SBMTrainConfig:
     return SBMTrainConfig(context=args.context, horizon=4, seed=args.seed, model_options=options,
                           optimizer=args.optimizer, batch_size=args.batch, max_steps=args.steps, max_epochs=1000,
                           val_per_epoch=4, val_windows=64, patience=8, threads=args.threads, device=args.device,
-                          eval=SBMEvalConfig(rollout_steps=args.rollout, rollout_starts=args.rollout_starts))
+                          eval=SBMEvalConfig(rollout_steps=args.rollout, rollout_starts=args.rollout_starts),
+                          future_covariates=args.future_covariates)
 
 
 def pnm_part(rec: Recording, sbm: SBMResult, cfg: SBMTrainConfig, args: argparse.Namespace,
@@ -85,7 +86,8 @@ def pnm_part(rec: Recording, sbm: SBMResult, cfg: SBMTrainConfig, args: argparse
                           model_options={"hidden": 32, "temporal_hidden": 64})
     assert sbm.model is not None
     frames = input_frames(data.offsets, pcfg)
-    predicted = next_step_frames(torch_predictor(sbm.model), data.probs, data.covariates, frames, cfg.context)
+    predicted = next_step_frames(torch_predictor(sbm.model), data.probs, data.covariates, frames, cfg.context,
+                                 future=cfg.future_covariates)
     behaviour = np.asarray(rec.ground_truth("behaviour"), np.float32)
     result = train_pnm(data.probs, behaviour, data.positions, data.offsets, pcfg, run_dir / "pnm",
                        progress=not args.quick, predicted=predicted)
@@ -147,6 +149,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--future-covariates", default="recorded", choices=("recorded", "held"),
+                    help="the target frame's stimulus in training and scoring; 'held' (as the loop serves "
+                         "it) writes sbm-science-held-<date>-<host>.json and no figures")
     args = ap.parse_args()
     if args.quick:
         args.neurons, args.frames, args.context, args.steps, args.batch = 200, 400, 6, 10, 4
@@ -174,16 +179,19 @@ def main() -> None:
         if args.quick:
             print("quick run: no result written")
             return
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        for fig in sbm.figures:
-            shutil.copyfile(fig, FIGURES / fig.name)
-        path = write_result("sbm-science", {
+        if args.future_covariates == "recorded":   # the committed figures are the recorded run's
+            FIGURES.mkdir(parents=True, exist_ok=True)
+            for fig in sbm.figures:
+                shutil.copyfile(fig, FIGURES / fig.name)
+        name = "sbm-science" + ("" if args.future_covariates == "recorded" else "-held")
+        path = write_result(name, {
             "description": " ".join(__doc__.split("\n\n")[:4]).replace("\n", " "),
             "data": {"source": str(rec.root), **sbm.metrics["data"]}, "settings": dict(vars(args)),
             "engine": str(sbm.engine), "train_seconds": t_sbm, "summary": body,
             "sbm": {k: sbm.metrics[k] for k in ("next_step", "calibration", "rollout", "training")},
             "pnm": pnm})
-        print(f"wrote {path} and docs/figures/{', '.join(FIGURE_FILES)}")
+        print(f"wrote {path}" + (f" and docs/figures/{', '.join(FIGURE_FILES)}"
+                                  if args.future_covariates == "recorded" else ""))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
