@@ -30,7 +30,10 @@ def test_demo_runs_the_closed_loop_and_reports(tmp_path: Path) -> None:
 
     run_dir = next((tmp_path / "runs").glob("demo-*"))
     summary = json.loads((run_dir / "demo.summary.json").read_text())
-    assert summary["frames_sent"] == 60 and summary["frames_received"] == 60
+    # A slow start (imports, JIT) may overflow the ingest queue, which keeps the newest volumes: every
+    # frame not received must then be counted as a seq gap, never lost silently.
+    gaps = summary["dropped"].get("seq_gap", 0)
+    assert summary["frames_sent"] == 60 and summary["frames_received"] + gaps == 60 and gaps <= 5
     assert sum(summary["invalid"].values()) == summary["faults_injected"] == 2
     assert summary["forecasts"] > 40 and summary["triggers_sent"] >= 1
     assert summary["stimulations"] == summary["triggers_sent"]
