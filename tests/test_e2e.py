@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from loopcast.broker import free_port
 from loopcast.inprocess import run_loop
@@ -18,7 +19,8 @@ from loopcast.settings import LoopcastConfig, load_settings
 N_FRAMES = 80
 
 
-def loop_config(loop_setup: tuple[Path, list[str]], broker: Any, transport: list[str] | None = None) -> LoopcastConfig:
+def loop_config(loop_setup: tuple[Path, list[str]], broker: Any, transport: list[str] | None = None,
+                extra: tuple[str, ...] = ()) -> LoopcastConfig:
     _, overrides = loop_setup
     frames = [f'endpoints.frames="tcp://127.0.0.1:{free_port()}"'] if transport is None else transport
     return load_settings(overrides=[
@@ -30,7 +32,7 @@ def loop_config(loop_setup: tuple[Path, list[str]], broker: Any, transport: list
         'controller.policy.mode="above"', "controller.policy.level=-1.0",
         'controller.policy.targets="ensemble:1"', "controller.policy.duration_ms=3000",
         "controller.interlocks.min_interval_s=0.3", "controller.interlocks.max_forecast_age_s=2.0",
-        f"pipeline.max_frames={N_FRAMES}", 'rig.name="e2e"'])
+        f"pipeline.max_frames={N_FRAMES}", 'rig.name="e2e"', *extra])
 
 
 @pytest.mark.timeout(180)
@@ -75,3 +77,18 @@ def test_closed_loop_end_to_end(loop_setup: tuple[Path, list[str]], mqtt_broker:
     assert sim.response["stimulated_neurons"] > 0
     assert sim.response["rate_ratio"] > 3.0
     assert sim.response["fluorescence_ratio"] > 1.1
+
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a GPU machine: docs/gpu.md)")
+def test_closed_loop_on_cuda_in_bf16(loop_setup: tuple[Path, list[str]], mqtt_broker: Any) -> None:
+    """The loop as a GPU rig runs it: the engine's torch program on CUDA in bf16; forecasts and triggers flow."""
+    cfg = loop_config(loop_setup, mqtt_broker, extra=('pipeline.forecast.runtime="torch"',
+                                                      'pipeline.forecast.device="cuda"',
+                                                      'pipeline.forecast.precision="bf16"'))
+    out = run_loop(cfg, timeout_s=60)
+    first = max(cfg.pipeline.preprocess.dff.warmup, cfg.train.context) - 1
+    assert out.pipeline.frames == N_FRAMES and len(out.forecasts) >= 0.9 * (N_FRAMES - first)
+    assert all(np.isfinite(f.data).all() for f in out.forecasts)
+    assert len(out.triggers) >= 2 and out.sim.triggers_received == len(out.triggers)
