@@ -135,6 +135,18 @@ def test_runtime_reduced_traces_equal_reduced_frames(setup: tuple[Recording, Pat
         engine.run_video_traces(x, lead, whole)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a GPU machine: docs/gpu.md)")
+def test_cuda_reduction_matches_the_cpu(setup: tuple[Recording, Path]) -> None:
+    """The torch runtime on CUDA reduces frames on the GPU; the traces match the CPU path (TF32 tolerance)."""
+    rec, path = setup
+    cpu, gpu = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", device="cuda")
+    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(cpu.manifest.video), rec.n_neurons)
+    x = np.random.default_rng(5).standard_normal((2, C, *cpu.manifest.video["input_shape"])).astype(np.float32)
+    lead = np.array([1, 4])
+    want = reducer.reduce(cpu.run_video(x, lead))
+    np.testing.assert_allclose(gpu.run_video_traces(x, lead, reducer), want, rtol=1e-2, atol=1e-3)
+
+
 def test_bf16_video_traces_are_close_to_fp32(setup: tuple[Recording, Path]) -> None:
     rec, path = setup
     fp32, bf16 = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", precision="bf16")
