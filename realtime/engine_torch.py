@@ -51,12 +51,12 @@ class TorchEngine(EngineBase):
 
     def _load(self, path: Path) -> Any:
         try:
-            module = self._torch.export.load(str(path)).module()
+            program = self._torch.export.load(str(path))
         except Exception as exc:  # torch raises many types for bad or incompatible archives
             raise EngineError(f"{path}: torch.export.load cannot load it "
                               f"({type(exc).__name__}: {exc})") from exc
         try:
-            return module.to(self.device)
+            return program_on(program, self.device)
         except Exception as exc:
             raise EngineError(f"{path}: cannot move the program to {self.device} ({exc})") from exc
 
@@ -99,6 +99,16 @@ class TorchEngine(EngineBase):
         """Drop the module and the reduction's index tensors (and their device memory)."""
         self.module = None
         self._reducer = self._reduce_index = None
+
+
+def program_on(program: Any, device: Any) -> Any:
+    """An ExportedProgram as a module on `device`. Export bakes the exporting device into factory ops
+    (a lead-time embedding's arange, routing indices) and into input checks, so moving the weights
+    alone is not enough: torch.export.passes.move_to_device_pass rewrites those too."""
+    from torch.export.passes import move_to_device_pass
+    if str(device) != "cpu":
+        program = move_to_device_pass(program, device)
+    return program.module()
 
 
 def reduction_index(reducer: Any, device: Any) -> tuple[Any, Any, Any]:

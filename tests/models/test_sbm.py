@@ -340,6 +340,10 @@ def test_onnx_and_torch_export_parity(positions: torch.Tensor, tmp_path: Path, r
     with torch.no_grad():
         again = program.module()(torch.from_numpy(x), torch.from_numpy(cov)).numpy()
     np.testing.assert_allclose(again, want, atol=1e-5, rtol=0)
+    # the torch runtime moves the program to its device (CUDA on a rig); the meta device stands in here
+    from realtime.engine_torch import program_on
+    on_meta = program_on(program, "meta")(torch.from_numpy(x).to("meta"), torch.from_numpy(cov).to("meta"))
+    assert on_meta.device.type == "meta" and tuple(on_meta.shape) == want.shape
 
 
 @pytest.mark.parametrize("routing", ["sorted", "topk"])

@@ -135,6 +135,18 @@ def test_runtime_reduced_traces_equal_reduced_frames(setup: tuple[Recording, Pat
         engine.run_video_traces(x, lead, whole)
 
 
+def test_torch_program_moves_to_another_device(setup: tuple[Recording, Path]) -> None:
+    """Export baked the CPU into the lead-time embedding's arange and the input checks; the torch runtime
+    rewrites them when it moves the program (the meta device stands in for CUDA)."""
+    from realtime.engine_torch import program_on
+    _, path = setup
+    manifest = load_engine(path).manifest
+    module = program_on(torch.export.load(str(path / manifest.files["torch"])), "meta")
+    x = torch.zeros((2, C, *manifest.video["input_shape"]), device="meta")
+    y = module(x, torch.ones(2, dtype=torch.int64, device="meta"))
+    assert y.device.type == "meta" and tuple(y.shape) == (2, *manifest.video["output_shape"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a GPU machine: docs/gpu.md)")
 def test_cuda_reduction_matches_the_cpu(setup: tuple[Recording, Path]) -> None:
     """The torch runtime on CUDA reduces frames on the GPU; the traces match the CPU path (TF32 tolerance)."""
