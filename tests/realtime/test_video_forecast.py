@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,23 +148,28 @@ def test_torch_program_moves_to_another_device(setup: tuple[Recording, Path]) ->
     assert y.device.type == "meta" and tuple(y.shape) == (2, *manifest.video["output_shape"])
 
 
+def torch_pair(setup: tuple[Recording, Path], seed: int, **options: str) -> tuple[Any, Any, VolumeReducer, np.ndarray]:
+    """The engine on the torch runtime (CPU, fp32), the same with other load `options`, a reducer of its
+    grid and a random (2, C, X, Y, Z) window."""
+    rec, path = setup
+    ref, other = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", **options)
+    video = ref.manifest.video
+    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(video), rec.n_neurons)
+    x = np.random.default_rng(seed).standard_normal((2, C, *video["input_shape"])).astype(np.float32)
+    return ref, other, reducer, x
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a GPU machine: docs/gpu.md)")
 def test_cuda_reduction_matches_the_cpu(setup: tuple[Recording, Path]) -> None:
     """The torch runtime on CUDA reduces frames on the GPU; the traces match the CPU path (TF32 tolerance)."""
-    rec, path = setup
-    cpu, gpu = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", device="cuda")
-    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(cpu.manifest.video), rec.n_neurons)
-    x = np.random.default_rng(5).standard_normal((2, C, *cpu.manifest.video["input_shape"])).astype(np.float32)
+    cpu, gpu, reducer, x = torch_pair(setup, 5, device="cuda")
     lead = np.array([1, 4])
     want = reducer.reduce(cpu.run_video(x, lead))
     np.testing.assert_allclose(gpu.run_video_traces(x, lead, reducer), want, rtol=1e-2, atol=1e-3)
 
 
 def test_bf16_video_traces_are_close_to_fp32(setup: tuple[Recording, Path]) -> None:
-    rec, path = setup
-    fp32, bf16 = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", precision="bf16")
-    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(fp32.manifest.video), rec.n_neurons)
-    x = np.random.default_rng(4).standard_normal((2, C, *fp32.manifest.video["input_shape"])).astype(np.float32)
+    fp32, bf16, reducer, x = torch_pair(setup, 4, precision="bf16")
     lead = np.array([1, 4])
     want, got = fp32.run_video_traces(x, lead, reducer), bf16.run_video_traces(x, lead, reducer)
     assert got.dtype == np.float32 and 0 < np.abs(got - want).max() <= 0.05 * np.abs(want).max()
