@@ -65,8 +65,7 @@ print('onnxruntime', ort.__version__, ort.get_available_providers(), 'numpy', nu
     echo "unknown phase $phase: check, traces or video" >&2; exit 2 ;;
 esac
 
-if [ "$quick" != "--quick" ]; then   # this phase's result files (today's, this host's) travel back
-  find bench/results -maxdepth 1 -name "*-$(date +%F)-$(hostname).json" -newermt "@$started" \
-    -exec cp {} "$out"/ \;
+if [ "$quick" != "--quick" ]; then   # the result files this phase wrote travel back
+  find bench/results -maxdepth 1 -name "*.json" -newermt "@$started" -exec cp {} "$out"/ \;
 fi
 echo "phase $phase done in $(( $(date +%s) - started )) s; in $out: $(ls "$out" | tr '\n' ' ')" | tee -a "$log"
