@@ -241,7 +241,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ort-modes", default=",".join(MODES), help="modes with ORT rows (comma list)")
     ap.add_argument("--ort-no-arena", action="store_true", help="ORT sessions without the CPU memory arena "
                                                                  "(the arena's growth dominates ORT peak memory)")
-    ap.add_argument("--devices", default="cpu,cuda", help="device kinds: cpu (the --runtimes rows), cuda "
+    ap.add_argument("--devices", type=parse_devices, default="cpu,cuda", help="device kinds: cpu (the --runtimes rows), cuda "
                     "(torch rows where torch.cuda is available)")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
@@ -271,9 +271,8 @@ def main() -> int:
 def plan(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
     """Row specs: every (runtime, device) x (mode, N); ORT on CPU only, N <= --ort-max-n."""
     sizes = {"sorted": args.neurons, "topk": args.topk, "dense": args.dense}
-    devices = parse_devices(args.devices)
-    targets = [(rt, "cpu") for rt in filter(None, args.runtimes.split(",")) if "cpu" in devices]
-    targets += [("torch", "cuda")] if cuda and "cuda" in devices else []
+    targets = [(rt, "cpu") for rt in filter(None, args.runtimes.split(",")) if "cpu" in args.devices]
+    targets += [("torch", "cuda")] if cuda and "cuda" in args.devices else []
     common = dict(threads=args.threads, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
                   budget_s=args.budget_s, ort_arena=not args.ort_no_arena)
     return [dict(runtime=rt, device=dev, mode=mode, n=int(n), **common) for rt, dev in targets
