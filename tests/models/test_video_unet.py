@@ -8,12 +8,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopcast.config import ConfigError
 from models.registry import build_model, model_config
 from models.video_unet import (DEFAULT_DOWNSAMPLE, AxiswiseGroupNorm, ResBlock, VideoUNet, VideoUNetConfig,
-                               count_parameters, export_copy, receptive_field)
+                               VolumeGroupNorm, count_parameters, export_copy, receptive_field)
 from offline_training.export import quiet_exporter
 
 torch.set_num_threads(1)
@@ -90,6 +91,14 @@ def test_flops_roughly_constant_across_stages() -> None:
     assert max(flops) / min(flops) < 1.1, flops
 
 
+class _NoNorm(nn.Module):
+    """A block's norm dropped: the identity, FiLM still applied."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        return x if scale is None else x * (1.0 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+
+
 def test_receptive_field_zero_stages() -> None:
     model = _model(0, context=2, features=8, groups=4)
     assert receptive_field(model.config) == (21, 21, 21)
@@ -100,7 +109,7 @@ def test_receptive_field_zero_stages() -> None:
     # field ignores): drop the norms to measure the convolutional receptive field alone.
     for blk in model.modules():
         if isinstance(blk, ResBlock):
-            blk.norm1, blk.norm2 = nn.Identity(), nn.Identity()
+            blk.norm1, blk.norm2 = _NoNorm(), _NoNorm()
     x = torch.randn(1, 2, 27, 25, 23, requires_grad=True)
     c = (13, 12, 11)
     model(x, torch.tensor([3]))[0, c[0], c[1], c[2]].backward()
@@ -222,6 +231,40 @@ def test_export_copy_keeps_the_function_and_normalises_axis_wise() -> None:
     x, lead = torch.randn(2, 2, 16, 12, 8), torch.tensor([1, 4])
     with torch.inference_mode():
         torch.testing.assert_close(copy_(x, lead), model(x, lead), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_volume_group_norm_is_group_norm_then_film(channels_last: bool) -> None:
+    """The fused statistics + x * s + t pass equals F.group_norm followed by the block's FiLM, in any memory
+    format, and gradients flow to the weights and the FiLM as through the unfused ops."""
+    torch.manual_seed(0)
+    gn = VolumeGroupNorm(4, 16)
+    torch.nn.init.normal_(gn.weight)
+    torch.nn.init.normal_(gn.bias)
+    x = 0.7 * torch.randn(2, 16, 9, 8, 5) + 1.5
+    x = x.to(memory_format=torch.channels_last_3d) if channels_last else x
+    scale, shift = torch.randn(2, 16, requires_grad=True), torch.randn(2, 16, requires_grad=True)
+    got = gn.fused(x, scale, shift)      # the CUDA / exported path, here on the CPU
+    xc = x.contiguous()   # the reference on the standard layout: torch 2.13's CPU group_norm backward segfaults
+    want = F.group_norm(xc, 4, gn.weight, gn.bias, gn.eps) * (1 + scale[:, :, None, None, None]) \
+        + shift[:, :, None, None, None]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(gn.fused(x), F.group_norm(xc, 4, gn.weight, gn.bias, gn.eps), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(gn(xc, scale, shift), want, atol=2e-5, rtol=1e-5)   # the CPU path
+    g1 = torch.autograd.grad(got.square().sum(), (gn.weight, scale))
+    g2 = torch.autograd.grad(want.square().sum(), (gn.weight, scale))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_an_exported_program_carries_the_fused_norm() -> None:
+    """Programs are exported on the CPU and served on a GPU: they must hold the var_mean path, not the
+    fused GroupNorm kernel that eager CPU work uses."""
+    model = _model(1, context=2, features=8, groups=4).eval()
+    program = torch.export.export(model, (torch.randn(1, 2, 8, 8, 4), torch.tensor([2])))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("group_norm" in op for op in ops)
+    assert any("var_mean" in op for op in ops)
 
 
 def test_axis_wise_group_norm_keeps_float32_accuracy_in_onnx_runtime_on_big_volumes(tmp_path: Path) -> None:
