@@ -174,7 +174,7 @@ def eager_fn(model: nn.Module, device: str) -> Callable[[np.ndarray, np.ndarray 
                 y = model(xt)
             else:
                 y = model(xt, torch.from_numpy(cov)[None].to(dev))
-            return y[0].cpu().numpy()
+            return y[0].float().cpu().numpy()                    # bf16 under autocast -> float32
 
     return run
 

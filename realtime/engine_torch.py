@@ -86,7 +86,10 @@ class TorchEngine(EngineBase):
             raise EngineError(f"{self.program_path}: the torch program failed on input "
                               f"{tuple(x.shape)} ({type(exc).__name__}: {exc})") from exc
         y = y[0] if isinstance(y, (tuple, list)) else y
-        return y.float()
+        # Contiguous on the device: a trace model's (B, H, N) output is often a transposed view, and copying
+        # that to the host keeps its strides, so numpy then transposed 2.3 M values on the CPU (+14 ms per
+        # frame on the H100 machine at 71,721 neurons; bench/gpu/probe.py trace).
+        return y.float().contiguous()
 
     def _reduction(self, reducer: Any) -> tuple[Any, Any, Any]:
         """The reducer's (voxel, neuron, 1 / count) index arrays as device tensors, made once."""
