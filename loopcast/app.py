@@ -82,7 +82,7 @@ def engine_path(cfg: LoopcastConfig) -> Path:
 
 def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray) -> Pipeline:
     """Forecast publisher first (optionally waiting for a controller), then one stage per engine
-    ([pipeline.forecast] engine, then each `also` entry), then the frame subscriber."""
+    ([pipeline.forecast] engine, then each `also` entry), each warmed up, then the frame subscriber."""
     fc = cfg.pipeline.forecast
     paths = [engine_path(cfg), *(Path(p) for p in fc.also)]
     loader = engine_loader(fc)
@@ -94,6 +94,9 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     try:
         for engine, path in zip(engines, paths):
             stages.append(forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader))
+        n = int(segmentation.max()) if segmentation.size else 0     # neuron ids 1..N, as TraceExtractor
+        for stage in stages:  # before subscribing to frames: a first call's GPU set-up must not stall them
+            stage.warm_up(n)
     except (EngineError, ValueError) as exc:
         for stage in stages:
             stage.close()

@@ -85,6 +85,12 @@ async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
     try:
         report = await asyncio.wait_for(sim.run(asyncio.Event()), timeout_s)
         await asyncio.to_thread(thread.join, 30)
+        if thread.is_alive():  # e.g. a frame lost upstream: max_frames is never reached
+            if "pipeline" in holder:
+                holder["pipeline"].stop()
+            await asyncio.to_thread(thread.join, 10)
+            raise TimeoutError(f"the pipeline did not finish within 30 s of the sim's last frame "
+                               f"({report.frames} sent, pipeline.max_frames={cfg.pipeline.max_frames})")
         received = await asyncio.to_thread(_drain, forecasts)
         await asyncio.sleep(0.3)   # last triggers in flight
     finally:
@@ -102,7 +108,7 @@ async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
 
 def _pipeline_thread(cfg: LoopcastConfig, metrics: Metrics, seg: np.ndarray, out: dict[str, Any]) -> None:
     try:
-        pipeline = app.build_pipeline(cfg, metrics, seg)
+        pipeline = out["pipeline"] = app.build_pipeline(cfg, metrics, seg)
         try:
             out["report"] = pipeline.run()
         finally:

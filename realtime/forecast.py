@@ -200,6 +200,28 @@ class ForecastStage:
         if self.watcher is not None:
             self.watcher.start(self.engine, n_neurons)
 
+    def warm_up(self, n_neurons: int) -> float:
+        """One forecast on a zero context before frames flow; returns its seconds. A GPU initialises lazily
+        (CUDA context, cuBLAS/cuDNN handles, kernel choice) on an engine's first call: on the first live
+        frame that stalled the loop long enough to lose a frame (H100 check, docs/gpu.md).
+        Raises EngineError when the engine fails or gives a non-finite or misshapen output."""
+        self.engine.check_neurons(n_neurons)
+        window = np.zeros((self.context, self.row_size(n_neurons)), np.float32)
+        t = time.perf_counter()
+        try:
+            pred = self._predict(self.engine, window)
+        except EngineError:
+            raise
+        except Exception as exc:  # a runtime's own error types
+            raise EngineError(f"engine {self.engine.version}: warm-up forecast failed "
+                              f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(pred, np.ndarray) or pred.ndim != 2 or not np.all(np.isfinite(pred)):
+            raise EngineError(f"engine {self.engine.version}: the warm-up forecast on zeros is not a finite "
+                              f"(rows, N) array")
+        seconds = time.perf_counter() - t
+        log.info("engine %s warmed up in %.0f ms", self.engine.version, seconds * 1e3)
+        return seconds
+
     def _swap_if_ready(self, seq: int) -> None:
         new = self.watcher.take() if self.watcher is not None else None
         if new is None:

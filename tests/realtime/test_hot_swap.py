@@ -21,7 +21,7 @@ from models.linear import NLinear, NLinearConfig
 from offline_training.export import export_engine
 from offline_training.registry import publish, staging_dir
 from offline_training.train import TrainConfig
-from realtime.engine import Engine, OnnxEngine
+from realtime.engine import Engine, EngineError, OnnxEngine
 from realtime.engine_watch import EngineWatcher
 from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
 from realtime.metrics import Metrics, MetricsConfig
@@ -240,6 +240,22 @@ def test_engine_with_non_finite_warm_up_is_refused(registry: Path, sources: list
     assert watcher.poll() is None and watcher.take() is None
     assert metrics.count(FAILURES, reason="warmup") == 1
     watcher.stop()
+
+
+def test_stage_warm_up_runs_once_on_zeros_publishes_nothing_and_refuses_a_non_finite_engine(
+        registry: Path) -> None:
+    s, sub = make_stage(registry / NAME, watch=False)
+    try:
+        assert s.warm_up(N) > 0.0
+        assert sub.recv_all(100) == [] and s.published == 0      # a warm-up is not a forecast
+        s.engine = NanEngine(s.engine)
+        with pytest.raises(EngineError, match="warm-up forecast on zeros is not a finite"):
+            s.warm_up(N)
+        with pytest.raises(EngineError, match="neurons"):
+            s.warm_up(N + 1)
+    finally:
+        s.close()
+        sub.close()
 
 
 def test_staging_dirs_and_older_versions_are_ignored(stage: ForecastStage, registry: Path,
