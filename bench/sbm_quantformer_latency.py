@@ -210,6 +210,8 @@ def main() -> int:
     ap.add_argument("--devices", type=parse_devices, default="cpu,cuda",
                     help="device kinds to time: cpu (the small config), cuda (the seed's sizes)")
     ap.add_argument("--quick", action="store_true", help="N = 5000, 10 frames, no result file")
+    ap.add_argument("--name", default="sbm-quantformer-latency", help="result name (a GPU session: "
+                    "sbm-quantformer-latency-cuda)")
     args = ap.parse_args()
     if args.quick:
         args.neurons, args.frames, args.warmup = 5000, 10, 2
@@ -230,7 +232,7 @@ def main() -> int:
     if cuda_note:
         print(f"\n{cuda_note}")
     if not args.quick:
-        path = write_result("sbm-quantformer-latency", {
+        path = write_result(args.name, {
             "description": __doc__, "neurons": n, "frames": args.frames, "warmup": args.warmup,
             "threads": args.threads, "frame_period_ms": FRAME_PERIOD_MS, "cuda": cuda_note or "run",
             "devices": devices,

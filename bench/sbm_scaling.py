@@ -249,6 +249,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--timeout-s", type=float, default=900.0, help="kill a row's subprocess past this")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (torch CPU and ORT rows)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=NAME, help="result name; another name writes its own figure "
+                    "(sbm-scaling-cuda, a GPU session's: docs/figures/sbm_scaling_cuda.png)")
     ap.add_argument("--quick", action="store_true", help="sorted/topk N = 500, 1000, dense 500, ORT sorted only, "
                                                          "1 thread, 2 repeats; writes to a temporary directory")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -303,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
         body = {"benchmark": NAME, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **payload}
         path.write_text(json.dumps(body, indent=2) + "\n")
     else:
-        path, figure = write_result(NAME, payload), FIGURE
+        figure = FIGURE if args.name == NAME else FIGURE.with_name(f"{args.name.replace('-', '_')}.png")
+        path = write_result(args.name, payload)
     plot(rows, figure)
     print(f"\nwrote {path}\nwrote {figure}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

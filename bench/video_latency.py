@@ -180,6 +180,7 @@ class Bench:
         self.args, self.rows, self.configs = args, [], []
         self.cal: dict[str, dict[str, float]] = {}
         self.peak_tflops = 0.0                                             # measured once on the GPU
+        self.on_row: Callable[[], Any] = lambda: None                      # save partial results per row
 
     def record(self, base: dict, runtime: str, device: str, make: Callable[[], Runner] | None,
                volumes: Volumes | None, skip: str = "", sec_per_lead: float = 0.0) -> None:
@@ -198,6 +199,7 @@ class Bench:
                        else {"status": "skipped", "reason": reason or "not run"})
             self.rows.append(row)
             print_row(row)
+            self.on_row()
 
     def _time(self, row: dict, make: Callable[[], Runner], volumes: Volumes, leads: int) -> dict:
         a, cuda = self.args, row["device"] == "cuda"
@@ -400,6 +402,7 @@ def main() -> int:
                                    "cuda_available": torch.cuda.is_available(), "rows": bench.rows,
                                    "configs": bench.configs, "wall_s": round(time.monotonic() - t0, 1)})
 
+    bench.on_row = lambda: save(False)                                    # a killed run keeps its rows
     with tempfile.TemporaryDirectory(prefix="video-latency-") as root:
         for gname, grid in args.grids.items():
             for mname in args.models:

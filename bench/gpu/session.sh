@@ -6,12 +6,13 @@
 #   bench/gpu/session.sh traces   # issue 5 and 7 latency: forecast_latency, sbm_quantformer_latency, sbm_scaling
 #   bench/gpu/session.sh video    # issue 6 latency: the video UNet at paper width on 512 x 288 x 72
 #   bench/gpu/session.sh check    # environment report, then the whole test suite with CUDA visible
+#   bench/gpu/session.sh probe    # profiles, when a number needs explaining (bench/gpu/probe.py)
 #   bench/gpu/session.sh PHASE --quick   # the same commands as smoke runs (any machine; writes no results)
 #
 # Logs and the result JSON files written by the phase go to $OUT when it is set (the device tool's
 # return folder), else to bench/results/gpu-out/.
 set -uo pipefail
-phase=${1:?usage: bench/gpu/session.sh check|traces|video [--quick]}
+phase=${1:?usage: bench/gpu/session.sh check|traces|video|probe [--quick]}
 quick=${2:-}
 cd "$(dirname "$0")/../.."
 py=python3
@@ -47,22 +48,30 @@ case $phase in
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')
 print('onnxruntime', ort.__version__, ort.get_available_providers(), 'numpy', numpy.__version__)"
-    step "$(q 120 400)" "$py" -m pytest -q -p no:cacheprovider -rs $(q "tests/models tests/realtime/test_runtimes.py" "")
+    # the CUDA-only tests first (they are the point of the phase), then the whole suite
+    step "$(q 120 150)" "$py" -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu or device" \
+      tests/test_e2e.py tests/offline_training tests/realtime/test_video_forecast.py tests/realtime/test_runtimes.py \
+      tests/realtime/test_preprocess.py tests/realtime/test_dff_torch.py tests/models/test_video_unet.py
+    [ "$quick" = "--quick" ] || step 250 "$py" -m pytest -q -p no:cacheprovider -x
     ;;
   traces)
-    step "$(q 200 200)" "$py" bench/forecast_latency.py --threads "$threads" \
-      $(q "--quick" "--devices cuda --frames 200 --warmup 20 --budget-s 10")
-    step "$(q 200 110)" "$py" bench/sbm_quantformer_latency.py --threads "$threads" \
-      $(q "--quick" "--devices cuda --frames 50 --warmup 5 --budget-s 20")
-    step "$(q 200 110)" "$py" bench/sbm_scaling.py --threads "$threads" \
-      $(q "--quick" "--devices cuda --repeats 10 --budget-s 10 --timeout-s 45")
+    step "$(q 200 250)" "$py" bench/forecast_latency.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --frames 200 --warmup 20 --budget-s 10 --name forecast-latency-cuda")
+    step "$(q 200 100)" "$py" bench/sbm_quantformer_latency.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --frames 50 --warmup 5 --budget-s 20 --name sbm-quantformer-latency-cuda")
+    step "$(q 200 100)" "$py" bench/sbm_scaling.py --threads "$threads" \
+      $(q "--quick" "--devices cuda --repeats 10 --budget-s 10 --timeout-s 45 --name sbm-scaling-cuda")
     ;;
-  video)
-    step "$(q 300 420)" "$py" bench/video_latency.py --threads "$threads" \
-      $(q "--quick" "--grids zapbench-ds4 --models paper,small --devices cuda --runtimes torch,torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,reduce --frames 20 --warmup 2 --lead-batch 2 --budget-s 15")
+  video)   # one warm-up frame: a 32-lead frame of the paper's width takes 11-35 s on an H100
+    step "$(q 300 400)" "$py" bench/video_latency.py --threads "$threads" \
+      $(q "--quick" "--grids zapbench-ds4 --models paper --devices cuda --runtimes torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,torch,reduce --frames 20 --warmup 1 --lead-batch 2 --budget-s 10 --name video-latency-cuda")
+    ;;
+  probe)   # where the paper UNet's forward time goes (torch.profiler) and the torch runtime's trace path
+    step 200 "$py" bench/gpu/probe.py video
+    step 100 "$py" bench/gpu/probe.py trace
     ;;
   *)
-    echo "unknown phase $phase: check, traces or video" >&2; exit 2 ;;
+    echo "unknown phase $phase: check, traces, video or probe" >&2; exit 2 ;;
 esac
 
 if [ "$quick" != "--quick" ]; then   # the result files this phase wrote travel back
