@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import parse_devices, quantiles, write_result  # noqa: E402
-from forecast_latency import Windows, dff_recording, eager_fn, engine_fn, parity, stimulus_recording, timed  # noqa: E402
+from trace_windows import Windows, dff_recording, eager_fn, engine_fn, parity, stimulus_recording, timed  # noqa: E402
 
 from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig  # noqa: E402
 from models.sbm import SBMConfig, SparseBrainModel  # noqa: E402

@@ -31,7 +31,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
@@ -42,13 +41,13 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import device_skip, parse_devices, quantiles, write_result  # noqa: E402
-from video_runners import GraphRunner, Runner, bf16_matmul_tflops, count_gflop, frame_fn, torch_runner  # noqa: E402
+from video_runners import (GraphRunner, Runner, Volumes, bf16_matmul_tflops, count_gflop, frame_fn,  # noqa: E402
+                           segmentation, timed, torch_runner)
 
 from models.video_unet import VideoUNet, VideoUNetConfig, count_parameters  # noqa: E402
 from offline_training.export import MANIFEST_FILE, ONNX_FILE  # noqa: E402
@@ -96,38 +95,6 @@ def model_config(name: str) -> VideoUNetConfig:
     raise ValueError(f"unknown model {name!r}; expected small or paper")
 
 
-class Volumes:
-    """Fresh (1, C, X, Y, Z) windows sliding over a small bank of dF/F-like volumes."""
-
-    def __init__(self, shape: tuple[int, int, int], seed: int) -> None:
-        self.bank = 0.3 * np.random.default_rng(seed).standard_normal((C + 2, *shape), np.float32)
-
-    def __call__(self, i: int) -> np.ndarray:
-        s = i % 3
-        return self.bank[None, s:s + C]                                   # (1, C, X, Y, Z), contiguous
-
-
-def timed(fn: Callable[[np.ndarray], Any], volumes: Volumes, warmup: int, frames: int, desc: str,
-          sync: Callable[[], None], budget_s: float) -> tuple[np.ndarray, float]:
-    """Seconds per fn(window) over up to `frames` windows after `warmup` untimed ones (each phase stops
-    once it has spent `budget_s`), and the warm-up's wall seconds."""
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        fn(volumes(i))
-        if budget_s and time.perf_counter() - t0 > budget_s:
-            break
-    sync()
-    warm, out, wall0 = time.perf_counter() - t0, np.empty(frames), time.perf_counter()
-    for j in tqdm(range(frames), desc=desc, unit="frame", leave=False):
-        t = time.perf_counter()
-        fn(volumes(warmup + j))
-        sync()
-        out[j] = time.perf_counter() - t
-        if budget_s and time.perf_counter() - wall0 > budget_s:
-            return out[:j + 1], warm
-    return out, warm
-
-
 def gflop_for(model: VideoUNet, name: str, shape: tuple[int, int, int], cal: dict[str, dict[str, float]]) -> dict:
     """GFLOP per lead on this grid, counted on the meta device; the model's CPU GFLOP/s calibration
     `cal[name]` is measured once on REF_SHAPE (a real CPU forward)."""
@@ -136,24 +103,6 @@ def gflop_for(model: VideoUNet, name: str, shape: tuple[int, int, int], cal: dic
         cal[name] = {"ref_gflop": g, "cpu_gflops": g / s}
     g, _ = count_gflop(model, shape, "meta")
     return {"gflop_per_lead": g, "source": "FlopCounterMode on this grid (meta device)"}
-
-
-def segmentation(out_shape: tuple[int, int, int], neurons: int, cell: tuple[int, int, int], stride: int,
-                 seed: int) -> np.ndarray:
-    """Full-resolution labels (X' s, Y' s, Z') uint32: `neurons` random cells of `cell` output voxels
-    (at most half the cells), each output voxel's label filling its s x s block so striding keeps it."""
-    n_cells = [-(-o // c) for o, c in zip(out_shape, cell)]
-    total = math.prod(n_cells)
-    n = min(neurons, total // 2)
-    lut = np.zeros(total, np.uint32)
-    lut[np.random.default_rng(seed).choice(total, n, replace=False)] = np.arange(1, n + 1, dtype=np.uint32)
-    ix, iy, iz = (np.arange(o) // c for o, c in zip(out_shape, cell))
-    small = lut[(ix[:, None, None] * n_cells[1] + iy[None, :, None]) * n_cells[2] + iz[None, None, :]]
-    seg = np.empty((out_shape[0] * stride, out_shape[1] * stride, out_shape[2]), np.uint32)
-    for a in range(stride):
-        for b in range(stride):
-            seg[a::stride, b::stride] = small                               # (X', Y', Z') per offset
-    return seg
 
 
 def export_dir(model: VideoUNet, shape: tuple[int, int, int], n_neurons: int, root: Path) -> Path:
@@ -262,7 +211,7 @@ def bench_pair(bench: Bench, gname: str, grid: Grid, mname: str, root: Path) -> 
             "parity": {}, "export": {}}
     bench.configs.append(info)
     per_lead = flops["gflop_per_lead"] / bench.cal[mname]["cpu_gflops"]
-    volumes = Volumes(grid.shape, a.seed)
+    volumes = Volumes(grid.shape, a.seed, C)
     cuda_ort = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
     engine_dir, skip = None, ""
     if "onnxruntime" in a.runtimes and (cuda_ort or not a.budget_s or per_lead <= a.budget_s):

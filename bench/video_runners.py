@@ -1,15 +1,18 @@
 """Runners of the video UNet for bench/video_latency.py: torch fp32 / bf16 eager, bf16 captured in CUDA
 graphs (optionally channels-last 3-D), the per-frame lead-time batching of realtime.video_forecast, an
-exact FLOP count, and the GPU's measured bf16 matrix-product rate (the floor a forward can approach)."""
+exact FLOP count, the GPU's measured bf16 matrix-product rate (the floor a forward can approach), and the
+inputs and timing loop (sliding dF/F-like windows, a synthetic segmentation to reduce predictions with)."""
 from __future__ import annotations
 
 import copy
+import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (b, C, X, Y, Z), (b,) int64 -> (b, X', Y', Z')
 
@@ -94,3 +97,54 @@ def bf16_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
+
+
+class Volumes:
+    """Fresh (1, C, X, Y, Z) windows sliding over a small bank of dF/F-like volumes."""
+
+    def __init__(self, shape: tuple[int, int, int], seed: int, context: int = 4) -> None:
+        self.c = context
+        self.bank = 0.3 * np.random.default_rng(seed).standard_normal((context + 2, *shape), np.float32)
+
+    def __call__(self, i: int) -> np.ndarray:
+        s = i % 3
+        return self.bank[None, s:s + self.c]                              # (1, C, X, Y, Z), contiguous
+
+
+def timed(fn: Callable[[np.ndarray], Any], volumes: Volumes, warmup: int, frames: int, desc: str,
+          sync: Callable[[], None], budget_s: float) -> tuple[np.ndarray, float]:
+    """Seconds per fn(window) over up to `frames` windows after `warmup` untimed ones (each phase stops
+    once it has spent `budget_s`), and the warm-up's wall seconds."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        fn(volumes(i))
+        if budget_s and time.perf_counter() - t0 > budget_s:
+            break
+    sync()
+    warm, out, wall0 = time.perf_counter() - t0, np.empty(frames), time.perf_counter()
+    for j in tqdm(range(frames), desc=desc, unit="frame", leave=False):
+        t = time.perf_counter()
+        fn(volumes(warmup + j))
+        sync()
+        out[j] = time.perf_counter() - t
+        if budget_s and time.perf_counter() - wall0 > budget_s:
+            return out[:j + 1], warm
+    return out, warm
+
+
+def segmentation(out_shape: tuple[int, int, int], neurons: int, cell: tuple[int, int, int], stride: int,
+                 seed: int) -> np.ndarray:
+    """Full-resolution labels (X' s, Y' s, Z') uint32: `neurons` random cells of `cell` output voxels
+    (at most half the cells), each output voxel's label filling its s x s block so striding keeps it."""
+    n_cells = [-(-o // c) for o, c in zip(out_shape, cell)]
+    total = math.prod(n_cells)
+    n = min(neurons, total // 2)
+    lut = np.zeros(total, np.uint32)
+    lut[np.random.default_rng(seed).choice(total, n, replace=False)] = np.arange(1, n + 1, dtype=np.uint32)
+    ix, iy, iz = (np.arange(o) // c for o, c in zip(out_shape, cell))
+    small = lut[(ix[:, None, None] * n_cells[1] + iy[None, :, None]) * n_cells[2] + iz[None, None, :]]
+    seg = np.empty((out_shape[0] * stride, out_shape[1] * stride, out_shape[2]), np.uint32)
+    for a in range(stride):
+        for b in range(stride):
+            seg[a::stride, b::stride] = small                               # (X', Y', Z') per offset
+    return seg

@@ -54,7 +54,7 @@ def video() -> None:
                 with torch.inference_mode():
                     print(f"  groupnorm {cuda_ms(lambda: gn(x)):.2f} ms")
                     print(f"  silu {cuda_ms(lambda: torch.nn.functional.silu(x)):.2f} ms")
-                del conv, x, gn
+                conv = x = gn = None  # free the full-resolution tensors before the next format
                 torch.cuda.empty_cache()
     model = VideoUNet(VideoUNetConfig.paper(4, horizon=32, super_resolution=0)).cuda().eval()
     x = torch.randn(1, 4, *shape, device="cuda")
@@ -77,6 +77,7 @@ def video() -> None:
 
 def trace() -> None:
     import forecast_latency as fl
+    import trace_windows
     from offline_training.export import export_engine
     from offline_training.train import TrainConfig
     from realtime.engine import load_engine
@@ -88,7 +89,7 @@ def trace() -> None:
                       n, metrics={}, data_fingerprint="probe", data_source="probe", parity_input=x,
                       tolerance=1e-4)
     e = load_engine(d, runtime="torch", device="cuda")
-    eager = fl.eager_fn(model.cuda(), "cuda")
+    eager = trace_windows.eager_fn(model.cuda(), "cuda")
     for name, fn in (("engine", lambda: e.run(x)), ("eager", lambda: eager(x, None))):
         for _ in range(10):
             fn()
