@@ -211,6 +211,7 @@ def export_program(model: nn.Module, path: Path, example: tuple[np.ndarray, ...]
     try:
         with quiet_exporter():
             program = torch.export.export(model, args, dynamic_shapes=shapes)
+            program.example_inputs = None   # else the archive carries them: 340 MB at a ZAPBench video grid
             torch.export.save(program, str(path))
         return True
     except Exception as exc:  # torch.export raises many types

@@ -76,6 +76,8 @@ def test_engine_runs_like_the_model(registry: Path, model: torch.nn.Module, data
         pytest.skip("torch.export could not capture the model: no model.pt2")
     engine = load_engine(registry / NAME, runtime=runtime)
     assert engine.manifest.task == "video" and engine.version.endswith("v0001")
+    if runtime == "torch":   # the archive holds the program, not the exporter's example batch of volumes
+        assert torch.export.load(str(registry / NAME / "v0001" / "model.pt2")).example_inputs is None
     volumes = data.inputs(np.array([5, 40, 120]), C)                      # (3, C, X, Y, Z)
     for lead in (np.array([1, 2, 3]), np.array([3, 3, 1])):
         got = engine.run_video(volumes, lead)
