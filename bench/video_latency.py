@@ -50,7 +50,7 @@ from video_runners import (GraphRunner, Runner, Volumes, bf16_matmul_tflops, cou
                            segmentation, timed, torch_runner)
 
 from models.video_unet import VideoUNet, VideoUNetConfig, count_parameters  # noqa: E402
-from offline_training.export import MANIFEST_FILE, ONNX_FILE  # noqa: E402
+from offline_training.export import MANIFEST_FILE, ONNX_FILE, TORCH_FILE, export_program  # noqa: E402
 from offline_training.export_video import (VIDEO_PARITY_TOLERANCE, build_video_manifest,  # noqa: E402
                                            export_video_onnx)
 from offline_training.train_video import VideoTrainConfig  # noqa: E402
@@ -61,7 +61,9 @@ from realtime.video_reduce import VideoGrid, VolumeReducer  # noqa: E402
 C, H, FACTOR = 4, 32, 4
 FRAME_PERIOD_MS, ONE_LEAD_TARGET_MS = 914.0, 100.0
 REF_SHAPE = (64, 64, 16)  # where FLOPs and CPU GFLOP/s are first measured (big enough not to be overhead-bound)
-RUNTIMES = ("onnxruntime", "torch", "torch-bf16", "torch-bf16-graph", "torch-bf16-graph-cl", "tensorrt", "reduce")
+RUNTIMES = ("onnxruntime", "torch", "torch-bf16", "torch-bf16-graph", "torch-bf16-graph-cl", "tensorrt", "reduce",
+            "engine-torch", "engine-torch-bf16")
+ENGINE_ROWS = (("engine-torch", "cpu"), ("engine-torch", "cuda"), ("engine-torch-bf16", "cuda"))
 DESCRIPTION = (
     "Per-frame latency of the video UNet forecaster (C=4, H=32, super_resolution 0), seeded random weights. "
     "Each frame feeds a fresh (1, C, X, Y, Z) float32 window; 'leads' = '1' is one lead time (batch 1), "
@@ -70,7 +72,9 @@ DESCRIPTION = (
     "onnxruntime = realtime.engine.load_engine on an export_video_onnx graph; torch = nn.Module fp32 under "
     "inference_mode; torch-bf16 = autocast bfloat16; torch-bf16-graph = the same captured in CUDA graphs "
     "(one per batch size); reduce = VolumeReducer.reduce of the predicted frames to per-neuron traces on a "
-    "synthetic blocky segmentation. Targets: one lead < 100 ms, all 32 leads < the 914 ms frame period.")
+    "synthetic blocky segmentation; engine-torch(-bf16) = the loop's own path: the exported torch program "
+    "through load_engine(runtime='torch', precision fp32 / bf16) and run_video_traces, frames reduced to "
+    "traces on the engine's device. Targets: one lead < 100 ms, all 32 leads < the 914 ms frame period.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +109,19 @@ def gflop_for(model: VideoUNet, name: str, shape: tuple[int, int, int], cal: dic
     return {"gflop_per_lead": g, "source": "FlopCounterMode on this grid (meta device)"}
 
 
-def export_dir(model: VideoUNet, shape: tuple[int, int, int], n_neurons: int, root: Path) -> Path:
-    """An engine version directory: export_video_onnx's graph + build_video_manifest's manifest."""
+def export_dir(model: VideoUNet, shape: tuple[int, int, int], n_neurons: int, root: Path,
+               program: bool = False) -> Path:
+    """An engine version directory: export_video_onnx's graph (and with `program` the torch.export
+    program the torch runtime serves) and build_video_manifest's manifest."""
     d = root / "video_unet-bench" / "v0001"
     d.mkdir(parents=True)
     export_video_onnx(model, d / ONNX_FILE, C, H, shape)
+    files = {"onnx": ONNX_FILE}
+    if program:
+        example = (np.zeros((1, C, *shape), np.float32), np.array([1], np.int64))
+        if not export_program(model, d / TORCH_FILE, example, dynamic_n=False):
+            raise RuntimeError("torch.export could not capture the model (see the warning above)")
+        files["torch"] = TORCH_FILE
     video = {"level": 2, "factor": FACTOR, "crop_y": [0, shape[1]], "super_resolution": 0,
              "input_shape": list(shape), "output_shape": list(shape),
              "volume_shape": [shape[0] * FACTOR, shape[1] * FACTOR, shape[2]],
@@ -117,9 +129,15 @@ def export_dir(model: VideoUNet, shape: tuple[int, int, int], n_neurons: int, ro
     manifest = build_video_manifest(
         name="video_unet-bench", version="v0001", model=model, cfg=VideoTrainConfig(context=C, horizon=H),
         n_neurons=n_neurons, video=video, metrics={}, max_diff=float("nan"), tolerance=VIDEO_PARITY_TOLERANCE,
-        data={"fingerprint": "random-weights", "source": "bench/video_latency.py"}, files={"onnx": ONNX_FILE})
+        data={"fingerprint": "random-weights", "source": "bench/video_latency.py"}, files=files)
     (d / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return d
+
+
+def make_reducer(grid: Grid, seed: int) -> VolumeReducer:
+    """A VolumeReducer of the grid's synthetic segmentation (output grid = input grid, no super-resolution)."""
+    vgrid = VideoGrid(FACTOR, (0, grid.shape[1]), 0, grid.shape)
+    return VolumeReducer(segmentation(grid.shape, grid.neurons, grid.cell, vgrid.stride, seed), vgrid)
 
 
 class Bench:
@@ -179,10 +197,8 @@ class Bench:
         """VolumeReducer.reduce of 1 and of H predicted frames (in lead-batch chunks) to traces."""
         if "reduce" not in self.args.runtimes:
             return
-        vgrid = VideoGrid(FACTOR, (0, grid.shape[1]), 0, grid.shape)
         t = time.perf_counter()
-        reducer = VolumeReducer(segmentation(grid.shape, grid.neurons, grid.cell, vgrid.stride, self.args.seed),
-                                vgrid)
+        reducer = make_reducer(grid, self.args.seed)
         base = {"grid": gname, "model": "-", "input_shape": list(grid.shape), "output_shape": list(grid.shape),
                 "neurons": reducer.n_neurons, "reducer_stats": reducer.stats,
                 "voxels_per_neuron": round(len(reducer.voxel_index) / reducer.n_neurons, 2),
@@ -225,11 +241,46 @@ def bench_pair(bench: Bench, gname: str, grid: Grid, mname: str, root: Path) -> 
         bench.parity(info, "onnxruntime_cpu_vs_torch_cpu", ort_run, cpu_eager, volumes, VIDEO_PARITY_TOLERANCE)
     if ort_cpu:
         ort_cpu.close()
+    engine_rows(bench, base, info, model, grid, volumes, root / f"{gname}-{mname}-program", per_lead)
     if torch.cuda.is_available():
         bench_cuda(bench, base, info, model, volumes, engine_dir, skip, cuda_ort)
     else:
         for rt in ("torch", "torch-bf16", "torch-bf16-graph", "torch-bf16-graph-cl", "onnxruntime", "tensorrt"):
             bench.record(base, rt, "cuda", None, None, "torch.cuda is not available on this machine")
+
+
+def engine_rows(bench: Bench, base: dict, info: dict, model: VideoUNet, grid: Grid, volumes: Volumes,
+                root: Path, per_lead: float) -> None:
+    """The loop's path: the exported torch program served by load_engine(runtime="torch") on the CPU
+    and on CUDA (fp32, and bf16 autocast), predicted frames reduced to traces where they run."""
+    rows = [(rt, dev) for rt, dev in ENGINE_ROWS if rt in bench.args.runtimes]
+    if not rows:
+        return
+    skip, d, reducer = "", None, None
+    try:
+        t = time.perf_counter()
+        d, reducer = export_dir(model, grid.shape, grid.neurons, root, program=True), \
+            make_reducer(grid, bench.args.seed)
+        info["export"]["torch_program_s"] = round(time.perf_counter() - t, 2)
+    except Exception as exc:
+        skip = f"torch program export failed: {type(exc).__name__}: {str(exc)[:300]}"
+    for rt, dev in rows:
+        why = skip or ("" if dev == "cpu" or torch.cuda.is_available() else "torch.cuda is not available")
+        make = None if why else _engine_runner(d, dev, rt.endswith("bf16"), reducer, bench.args.threads)
+        bench.record(base, rt, dev, make, volumes, why, per_lead if dev == "cpu" else 0.0)
+
+
+def _engine_runner(d: Path | None, device: str, bf16: bool, reducer: VolumeReducer,
+                   threads: int) -> Callable[[], Runner]:
+    """A maker of the runner; the engine is loaded once, on first use."""
+    cache: dict[str, Any] = {}
+
+    def make() -> Runner:
+        if "engine" not in cache:
+            cache["engine"] = load_engine(d, "torch", threads, device, precision="bf16" if bf16 else "fp32")
+        eng = cache["engine"]
+        return lambda v, lead: eng.run_video_traces(v, lead, reducer)           # (b, N) traces
+    return make
 
 
 def _export(model: VideoUNet, grid: Grid, root: Path, info: dict) -> tuple[Path | None, str]:

@@ -62,9 +62,10 @@ print('onnxruntime', ort.__version__, ort.get_available_providers(), 'numpy', nu
     step "$(q 200 100)" "$py" bench/sbm_scaling.py --threads "$threads" \
       $(q "--quick" "--devices cuda --repeats 10 --budget-s 10 --timeout-s 45 --name sbm-scaling-cuda")
     ;;
-  video)   # one warm-up frame: a 32-lead frame of the paper's width takes 11-35 s on an H100
+  video)   # one warm-up frame: a 32-lead frame of the paper's width takes 11-35 s on an H100;
+           # engine-torch-bf16 is the loop's own path (the exported program, traces reduced on the GPU)
     step "$(q 300 400)" "$py" bench/video_latency.py --threads "$threads" \
-      $(q "--quick" "--grids zapbench-ds4 --models paper --devices cuda --runtimes torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,torch,reduce --frames 20 --warmup 1 --lead-batch 2 --budget-s 10 --name video-latency-cuda")
+      $(q "--quick" "--grids zapbench-ds4 --models paper --devices cuda --runtimes torch-bf16,torch-bf16-graph,torch-bf16-graph-cl,engine-torch-bf16,torch,reduce --frames 20 --warmup 1 --lead-batch 2 --budget-s 10 --name video-latency-cuda")
     ;;
   probe)   # where the paper UNet's forward time goes (torch.profiler) and the torch runtime's trace path
     step 200 "$py" bench/gpu/probe.py video
