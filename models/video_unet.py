@@ -140,8 +140,8 @@ class VolumeGroupNorm(nn.GroupNorm):
 
     def fused(self, x: torch.Tensor, scale: torch.Tensor | None = None,
               shift: torch.Tensor | None = None) -> torch.Tensor:
-        """The GPU path: per-group statistics, then one x * s + t pass (on the CPU about 1.1-1.4x slower
-        than PyTorch's own kernel followed by FiLM, so eager CPU work keeps that)."""
+        """The GPU path: per-group statistics, then one x * s + t pass (slower on the CPU than PyTorch's
+        own kernel followed by FiLM, so eager CPU work keeps that)."""
         mean, rstd = self.moments(x)                                             # (B, G) each
         return self.apply_affine(x, mean, rstd, scale, shift)
 
