@@ -63,7 +63,7 @@ class TorchEngine(EngineBase):
     def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            return np.ascontiguousarray(self._forward(x, cov).to("cpu", torch.float32).numpy())
+            return self._forward(x, cov).cpu().numpy()                      # contiguous float32
 
     def _infer_traces(self, x: np.ndarray, lead: np.ndarray, reducer: Any) -> np.ndarray:
         """Frames (B, X', Y', Z') on the device -> per-neuron means (B, N), reduced there."""
@@ -71,7 +71,7 @@ class TorchEngine(EngineBase):
         with torch.inference_mode():
             y = self._check_frames(self._forward(x, lead), x.shape[0])             # (B, X', Y', Z')
             traces = reduce_frames(y, self._reduction(reducer), reducer.n_neurons)  # (B, N)
-            return np.ascontiguousarray(traces.to("cpu").numpy())
+            return traces.cpu().numpy()                                      # (B, N), contiguous
 
     def _forward(self, x: np.ndarray, extra: np.ndarray | None) -> Any:
         """The program's output on the device (call under inference_mode)."""
