@@ -16,6 +16,7 @@ config's `device` instead (offline_training/device.py).
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +93,12 @@ def is_main_process() -> bool:
 @contextmanager
 def process_group(env: DistEnv) -> Iterator[None]:
     """Initialise the default process group for `env` (env:// rendezvous) and destroy it on exit;
-    nothing for a single process or if a group already exists (its owner destroys it)."""
+    nothing for a single process or if a group already exists (its owner destroys it).
+
+    A normal exit first waits for every rank (barrier) and frees unreachable DDP wrappers while the
+    group is alive: without that, a gloo rank whose DDP reducer outlived the group aborted at
+    interpreter exit ("terminate called without an active exception") in 23 of 130 two-rank runs
+    on a 2-core machine, failing the whole torchrun job after training had finished; 0 of 85 with it."""
     if not env.distributed or dist.is_initialized():
         yield
         return
@@ -101,6 +107,8 @@ def process_group(env: DistEnv) -> Iterator[None]:
     dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size)
     try:
         yield
+        dist.barrier(device_ids=[env.local_rank] if env.cuda else None)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,13 @@
-"""Small seeded synthetic traces: shared oscillating latents + AR(1) noise, in four conditions."""
+"""Small seeded synthetic traces: shared oscillating latents + AR(1) noise, in four conditions;
+and `torchrun`, which runs a test file as a 2-rank CPU job."""
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,3 +44,27 @@ def traces() -> np.ndarray:
 @pytest.fixture(scope="session")
 def offsets() -> tuple[int, ...]:
     return OFFSETS
+
+
+ROOT = Path(__file__).resolve().parents[2]
+Torchrun = Callable[..., subprocess.CompletedProcess]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Torchrun:
+    """`torchrun(script, *args)`: the script on 2 gloo ranks (127.0.0.1 only, 1 thread each) from the
+    repository root; returns the finished process (stdout, stderr, returncode)."""
+    def run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run

@@ -6,10 +6,8 @@ ranks (the `__main__` block), each writing what it trained to the directory give
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from models.registry import build_model
 from offline_training.ddp import DistEnv, dist_env, process_group, wrap
 from offline_training.train import TrainConfig, WindowData, batch_loss, train
 
-ROOT = Path(__file__).resolve().parents[2]
 OFFSETS = (0, 120, 240, 360, 480)
 # Batches of 5 split 3 + 2 over two ranks; 6 steps per epoch; val MAE rises after epoch 4 of 10, so early
 # stopping must happen alike on every rank. (Few steps: L1's sign gradients amplify float-order noise.)
@@ -67,26 +64,10 @@ def worker(out_dir: Path) -> None:
                out_dir / f"rank{env.rank}.pt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def torchrun(args: list[str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """`torchrun --nnodes 1 --nproc_per_node 2 ARGS` on 127.0.0.1 only, CPU ranks."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def ranks(tmp_path_factory: pytest.TempPathFactory, torchrun: Callable[..., Any]) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("ddp")
-    res = torchrun([__file__, str(out)], cwd=ROOT)
+    res = torchrun(__file__, str(out))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,20 +192,8 @@ def worker(rec_path: Path, out_dir: Path) -> None:
     torch.save({"state": result.model.state_dict(), "history": list(result.history)}, out_dir / f"rank{rank}.pt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_ddp_two_ranks_equal_one_process(rec: Recording, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", __file__, rec.root,
-           str(tmp_path)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+def test_ddp_two_ranks_equal_one_process(rec: Recording, tmp_path: Path, torchrun: Callable[..., Any]) -> None:
+    res = torchrun(__file__, str(rec.root), str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     torch.set_num_threads(1)
