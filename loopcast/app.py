@@ -18,6 +18,7 @@ from realtime.engine_watch import Loader
 from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
 from realtime.metrics import Metrics, MetricsConfig
 from realtime.pipeline import Pipeline
+from realtime.traces import neuron_count
 from realtime.policy import resolve_neuron_set
 from realtime.transport import Publisher, Subscriber
 from realtime.video_forecast import VideoForecastStage
@@ -94,9 +95,8 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     try:
         for engine, path in zip(engines, paths):
             stages.append(forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader))
-        n = int(segmentation.max()) if segmentation.size else 0     # neuron ids 1..N, as TraceExtractor
         for stage in stages:  # before subscribing to frames: a first call's GPU set-up must not stall them
-            stage.warm_up(n)
+            stage.warm_up(neuron_count(segmentation))
     except (EngineError, ValueError) as exc:
         for stage in stages:
             stage.close()

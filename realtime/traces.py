@@ -43,6 +43,11 @@ def _csr_means(flat, idx, offsets, inv_counts, sat_value, out, sat):  # pragma: 
         sat[i] = n_sat
 
 
+def neuron_count(segmentation: np.ndarray) -> int:
+    """N of a segmentation labelled 1..N (0 is background): its largest label."""
+    return int(segmentation.max()) if segmentation.size else 0
+
+
 class TraceExtractor:
     """Mean intensity of each labelled neuron (labels 1..N; 0 is background), no loop over neurons."""
 
@@ -57,7 +62,7 @@ class TraceExtractor:
         flat = segmentation.ravel()                              # C order; F-order indices made on demand
         fg = np.flatnonzero(flat)                                # foreground voxels, C-index order
         labels = (flat[fg] - 1).astype(np.intp)                  # 0-based neuron id per voxel
-        self.n_neurons = int(labels.max()) + 1 if labels.size else 0
+        self.n_neurons = neuron_count(segmentation)
         counts = np.bincount(labels, minlength=self.n_neurons)
         empty = np.flatnonzero(counts == 0)
         if self.n_neurons == 0 or empty.size:
