@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo lint test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/loopcast demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# ruff, then mypy on the installed package layout (tools/typecheck.py: mypy cannot follow the package-dir
+# mapping, so it checks a symlink tree under .typecheck/), tests/, bench/ and tools/; config in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python tools/typecheck.py
+
+test: lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile   # tests/conftest.py: files that share a fixture run on one worker
 
 clean:
-	rm -rf $(VENV) runs data engines
+	rm -rf $(VENV) runs data engines .typecheck

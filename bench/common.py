@@ -66,16 +66,6 @@ def quantiles(seconds: np.ndarray) -> dict[str, float]:
             "max_ms": float(seconds.max() * 1e3), "mean_ms": float(seconds.mean() * 1e3)}
 
 
-def column_r(a: np.ndarray, b: np.ndarray, fill: float = np.nan) -> np.ndarray:
-    """Pearson r of each column of two (T, N) arrays; `fill` where either column is constant."""
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    out = np.full(a.shape[1], fill, dtype=np.float64)
-    np.divide((a * b).sum(0), den, out=out, where=den > 0)
-    return out
-
-
 def print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}\n{'stage':<18}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'n':>8}")
     for name, q in rows.items():

@@ -24,14 +24,14 @@ class ConsumerResult:
     last_seq: int = -1
 
 
-def _consume(endpoint: str, shape: tuple[int, ...], dtype: str, shm_dir: str, idle_s: float,
+def _consume(endpoint: str, shape: tuple[int, int, int], dtype: str, shm_dir: str, idle_s: float,
              ready: Any, conn: Any) -> None:
-    from realtime.ingest import Ingest, RigConfig
-    from realtime.metrics import Metrics
-    from realtime.transport import Subscriber
+    from loopcast.realtime.ingest import Ingest, RigConfig
+    from loopcast.realtime.metrics import Metrics
+    from loopcast.realtime.wire.transport import Subscriber
 
     metrics = Metrics("bench-consumer")
-    ingest = Ingest(RigConfig(name="bench", shape=shape, dtype=dtype), metrics, shm_dir)  # type: ignore[arg-type]
+    ingest = Ingest(RigConfig(name="bench", shape=shape, dtype=dtype), metrics, shm_dir)
     sub = Subscriber(endpoint, topics=(b"frame",), rcvhwm=4)
     res, last = ConsumerResult(), None
     ready.set()
@@ -63,7 +63,7 @@ def _consume(endpoint: str, shape: tuple[int, ...], dtype: str, shm_dir: str, id
 class Consumer:
     """Start with `start()` (returns once subscribed), collect with `result()` after the source stops."""
 
-    def __init__(self, endpoint: str, shape: tuple[int, ...], dtype: str, shm_dir: str = "/dev/shm",
+    def __init__(self, endpoint: str, shape: tuple[int, int, int], dtype: str, shm_dir: str = "/dev/shm",
                  idle_s: float = 5.0) -> None:
         ctx = mp.get_context("spawn")
         self._ready = ctx.Event()

@@ -11,23 +11,19 @@ bench/results/dff-gap-<date>-<host>.json and docs/figures/dff_gap.png.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.config import to_dict
+from loopcast.offline_training.eval.metrics import column_r
+from loopcast.realtime.preprocess.dff import DffConfig, causal_dff, centered_dff
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.synth import SynthConfig, synthesize
 
-from common import column_r, write_result  # noqa: E402
-
-from loopcast.config import to_dict  # noqa: E402
-
-from realtime.dff import DffConfig, causal_dff, centered_dff  # noqa: E402
-from replay.fish import FishConfig  # noqa: E402
-from replay.synth import SynthConfig, synthesize  # noqa: E402
+from common import write_result
 
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dff_gap.png"
 

@@ -2,12 +2,12 @@
 
 For each model configuration (mean, last, nlinear, timemix, tsmixer at C=4 with the ZAPBench short
 preset; tsmixer at C=256 with the long preset, timemix and nlinear at C=256; tide at C=4 and C=256 when
-`models.registry.MODELS` has it), with H=32 and N=71,721 neurons (ZAPBench's count): build the model
+`models.zoo.MODELS` has it), with H=32 and N=71,721 neurons (ZAPBench's count): build the model
 with seeded random weights (latency does not depend on training), export it to an engine in a temporary
-registry (offline_training.export), and time batch-1 inference on a fresh dF/F-like (C, N) float32
+registry (offline_training.export.engine), and time batch-1 inference on a fresh dF/F-like (C, N) float32
 window each frame (warm-up frames excluded) with:
 
-  onnxruntime  cpu   realtime.engine.load_engine(runtime="onnxruntime"), `--threads` intra-op threads
+  onnxruntime  cpu   realtime.engines.loader.load_engine(runtime="onnxruntime"), `--threads` intra-op threads
   torch-eager  cpu   the nn.Module under torch.inference_mode, numpy in and out as the engine does,
                      torch.set_num_threads(`--threads`)
   torch        cpu   load_engine(runtime="torch") when the manifest lists a "torch" file
@@ -31,25 +31,22 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.models.tsmixer import TSMixerConfig, count_parameters
+from loopcast.models.zoo import MODELS, model_config
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.trace.train import TrainConfig
+from loopcast.realtime.engines.loader import load_engine
 
-from common import device_skip, parse_devices, quantiles, write_result  # noqa: E402
-from trace_windows import (Windows, dff_recording, eager_fn, engine_fn, parity, parity_window,  # noqa: E402
-                           stimulus_recording, timed)
-
-from models.registry import MODELS, model_config  # noqa: E402
-from models.tsmixer import TSMixerConfig, count_parameters  # noqa: E402
-from offline_training.export import export_engine  # noqa: E402
-from offline_training.train import TrainConfig  # noqa: E402
-from realtime.engine import load_engine  # noqa: E402
+from common import device_skip, parse_devices, quantiles, write_result
+from trace_windows import Windows, dff_recording, eager_fn, engine_fn, parity, parity_window, stimulus_recording, timed
 
 ZAPBENCH_NEURONS = 71_721
 HORIZON = 32
@@ -58,7 +55,7 @@ DESCRIPTION = (
     "latency does not depend on training (the same graph and shapes run whatever the weight values). "
     "Each frame feeds a fresh dF/F-like (C, N) float32 window (sliding over a synthetic calcium-trace "
     "recording) and, for covariate models, a (C + H, K) stimulus window; warm-up frames are excluded. "
-    "onnxruntime = realtime.engine.load_engine(runtime='onnxruntime'); torch-eager = the nn.Module under "
+    "onnxruntime = realtime.engines.loader.load_engine(runtime='onnxruntime'); torch-eager = the nn.Module under "
     "torch.inference_mode with numpy in/out; torch = load_engine(runtime='torch') when the engine ships a "
     "torch.export program. ORT and torch use the same intra-op thread count.")
 
@@ -104,8 +101,9 @@ def bench_spec(spec: Spec, args: argparse.Namespace, dff: np.ndarray) -> dict:
     k = int(getattr(model.config, "n_covariates", 0)) if uses_cov else 0
     stim = stimulus_recording(len(dff) + h, k, args.seed + 2) if uses_cov else None
     windows = Windows(dff, stim, spec.context, h)
+    config: Any = model.config                                 # the zoo model's dataclass config
     res: dict[str, Any] = {"model": spec.model, "context": spec.context, "horizon": h, "neurons": n,
-                           "preset": spec.preset, "config": dataclasses.asdict(model.config),
+                           "preset": spec.preset, "config": dataclasses.asdict(config),
                            "params": count_parameters(model), "n_covariates": k, "runtimes": [],
                            "parity": {}}
     print(f"\n{spec.model} C={spec.context} ({spec.preset}): {res['params']:,} params"
@@ -185,6 +183,7 @@ def bench_spec(spec: Spec, args: argparse.Namespace, dff: np.ndarray) -> dict:
             record("torch", "cpu", None, "engine manifest has no 'torch' file (exporter does not save the "
                                          "torch.export program yet)")
         else:
+            assert engine_dir is not None                      # ort_cpu was loaded from it
             try:
                 torch_rt = load_engine(engine_dir, runtime="torch", threads=args.threads, device="cpu")
                 record("torch", "cpu", engine_fn(torch_rt))

@@ -3,7 +3,7 @@
 For each context and learned model (nlinear, tsmixer, timemix, tide) the script trains with the
 ZAPBench recipe (AdamW 1e-3, weight decay 1e-4, batch 8, early stopping on val MAE; on this 2-core
 CPU each epoch is capped at --steps-per-epoch batches), exports an engine, and scores every engine
-plus the mean / last / stimulus baselines with `offline_training.evaluate` on the TEST split (the
+plus the mean / last / stimulus baselines with `offline_training.eval.harness` on the TEST split (the
 exported ONNX artifacts through ONNX Runtime, not the torch modules). H = 32.
 
 Writes bench/results/forecast-models-<date>-<host>.json (the MAE table: models x contexts x
@@ -17,27 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loopcast.offline_training.data.fingerprint import data_fingerprint
+from loopcast.offline_training.eval.harness import EvalConfig, evaluate_engines
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.export.versions import engine_name
+from loopcast.offline_training.trace.train import (
+    TrainConfig,
+    first_window,
+    first_window_with_covariates,
+    train,
+)
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import SynthConfig, synthesize
+
+from common import RESULTS, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-
-from common import RESULTS, write_result  # noqa: E402
-
-from offline_training.evaluate import EvalConfig, evaluate_engines  # noqa: E402
-from offline_training.export import export_engine  # noqa: E402
-from offline_training.registry import engine_name  # noqa: E402
-from offline_training.train import (TrainConfig, data_fingerprint, first_window,  # noqa: E402
-                                   first_window_with_covariates, train)
-from replay.fish import FishConfig  # noqa: E402
-from replay.layout import Recording  # noqa: E402
-from replay.synth import SynthConfig, synthesize  # noqa: E402
 
 FIGURE = ROOT / "docs" / "figures" / "forecast_mae.png"
 LEARNED = ("nlinear", "tsmixer", "timemix", "tide")

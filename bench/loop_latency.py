@@ -16,17 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loopcast.app import setup_logging
+from loopcast.broker import free_port, start_broker
+from loopcast.config import to_dict
+from loopcast.inprocess import run_loop
+from loopcast.realtime.metrics import STAGES
+from loopcast.settings import load_settings, new_run_dir
+from loopcast.workflows import ensure_engine, ensure_recording
 
-from common import print_table, quantiles, write_result  # noqa: E402
-
-from loopcast.app import setup_logging  # noqa: E402
-from loopcast.broker import free_port, start_broker  # noqa: E402
-from loopcast.config import to_dict  # noqa: E402
-from loopcast.inprocess import run_loop  # noqa: E402
-from loopcast.settings import load_settings, new_run_dir  # noqa: E402
-from loopcast.workflows import ensure_engine, ensure_recording  # noqa: E402
-from realtime.metrics import STAGES  # noqa: E402
+from common import print_table, quantiles, write_result
 
 
 def main() -> int:

@@ -19,25 +19,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.config import to_dict
+from loopcast.realtime.preprocess.dff import CausalDff, DffConfig
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
+from loopcast.realtime.spikes.oasis import OasisConfig, StreamingOasis, estimate_params, oasis_offline
+from loopcast.replay.dynamics import CalciumKernel
+from loopcast.replay.fish import FishModel, stimulus_schedule
+from loopcast.settings import DEFAULT_CONFIG, load_settings
 
-from common import print_table, quantiles, write_result  # noqa: E402
-
-from loopcast.config import to_dict  # noqa: E402
-from loopcast.settings import DEFAULT_CONFIG, load_settings  # noqa: E402
-from realtime.dff import CausalDff, DffConfig  # noqa: E402
-from realtime.oasis import OasisConfig, StreamingOasis, estimate_params, oasis_offline  # noqa: E402
-from realtime.traces import TraceExtractor  # noqa: E402
-from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy  # noqa: E402
-from replay.dynamics import CalciumKernel  # noqa: E402
-from replay.fish import FishModel, stimulus_schedule  # noqa: E402
+from common import print_table, quantiles, write_result
 
 TARGETS_MS = {"traces": 40.0, "dff": 5.0, "deconv": 10.0, "voxel_dff": 100.0}
 
@@ -96,7 +92,7 @@ def bench_dff(f: np.ndarray, cfg: DffConfig, warm: int, naive_frames: int) -> tu
         d = CausalDff(n, DffConfig(**{**to_dict(cfg), "method": method}))
         for t in tqdm(range(warm), desc=f"dff {method} warm-up", leave=False):
             dff_out[t] = d.process(f[t])[0]
-        s = timed(lambda t: dff_out.__setitem__(t, d.process(f[t])[0]), range(warm, count), f"dff {method}",
+        s = timed(lambda t, d=d: dff_out.__setitem__(t, d.process(f[t])[0]), range(warm, count), f"dff {method}",
                   count - warm)
         rows["dff" if method == "running" else "dff_naive"] = quantiles(s)
     return rows, dff_out
@@ -121,8 +117,10 @@ def bench_deconv(dff: np.ndarray, warm: int, naive_frames: int, period_s: float)
 
 
 def bench_spikenet(engine_path: str, dff: np.ndarray, frames: int, threads: int) -> dict:
-    from realtime.engine import load_engine
+    from loopcast.realtime.engines.loader import load_engine
+    from loopcast.realtime.engines.onnx_runtime import OnnxEngine
     engine = load_engine(engine_path, threads=threads)
+    assert isinstance(engine, OnnxEngine)                      # the default runtime: its session is timed
     c = engine.manifest.context
     starts = range(len(dff) - frames - c, len(dff) - c)
     session, (inp,), (out,) = engine.session, engine.manifest.inputs, engine.manifest.outputs
@@ -160,9 +158,9 @@ def bench_torch(seg: np.ndarray, vols: list, f: np.ndarray, dff: np.ndarray, fra
     import torch
     if not torch.cuda.is_available():
         return {}
-    from realtime.dff_torch import TorchCausalDff
-    from realtime.oasis_torch import TorchStreamingOasis
-    from realtime.traces_torch import TorchTraceExtractor
+    from loopcast.realtime.preprocess.dff_torch import TorchCausalDff
+    from loopcast.realtime.preprocess.traces_torch import TorchTraceExtractor
+    from loopcast.realtime.spikes.oasis_torch import TorchStreamingOasis
     sync = torch.cuda.synchronize
     ex = TorchTraceExtractor(seg, "cuda")
     rows = {"cuda_traces": quantiles(timed(lambda i: (ex.process_with_stats(vols[i % len(vols)]), sync()),

@@ -1,6 +1,6 @@
 """QuantFormer on a synthetic fish: activation prediction and forecasting beside NLinear, TSMixer and baselines.
 
-Trains QuantFormer (offline_training.quantformer_train: masked auto-encoding pretraining with a VQ codebook,
+Trains QuantFormer (offline_training.quantformer.train: masked auto-encoding pretraining with a VQ codebook,
 then joint fine-tuning of the activation and code-classification heads) on the pipeline's causal dF/F of a
 synthetic fish (replay.synth; cached under data/), C = 16, H = 8, patch 4, codebook 512 (the paper's size), on
 the CPU. Held-out windows start at condition 3's first frame (--max-context 16; ZAPBench starts them 256 - C
@@ -9,7 +9,7 @@ On the same test windows (training conditions pooled) and holdout windows it sco
   - activation (mean dF/F over the next H frames > the auto threshold): QuantFormer's AUROC / F1, and the
     AUROC of the mean of each forecaster's H-step forecast used as a score (NLinear, TSMixer, mean, last);
   - forecasting MAE per step ahead: QuantFormer (argmax code and probability-weighted decodes), NLinear and
-    TSMixer (offline_training.train, the ZAPBench recipe with capped epochs), mean-of-context, last value.
+    TSMixer (offline_training.trace.train, the ZAPBench recipe with capped epochs), mean-of-context, last value.
 
 Writes bench/results/quantformer-science-<date>-<host>.json and docs/figures/quantformer_science.png.
 `--quick` runs a tiny version (small fish, tiny model, one epoch) into a temporary directory as a smoke test.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 import warnings
@@ -30,23 +29,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopcast.models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
+from loopcast.models.quantformer import QuantFormer, QuantFormerConfig
+from loopcast.offline_training.data.splits import gather_windows
+from loopcast.offline_training.eval.plot import pyplot, save_figure
+from loopcast.offline_training.quantformer import eval as qe
+from loopcast.offline_training.quantformer.train import (
+    QuantFormerTrainConfig,
+    activation_threshold,
+    load_data,
+    train_quantformer,
+)
+from loopcast.offline_training.trace.train import TrainConfig, train
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import SynthConfig, synthesize
+
+from common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-
-from common import write_result  # noqa: E402
-
-from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig  # noqa: E402
-from models.quantformer import QuantFormer, QuantFormerConfig  # noqa: E402
-from offline_training import quantformer_eval as qe  # noqa: E402
-from offline_training.eval_plot import pyplot, save_figure  # noqa: E402
-from offline_training.quantformer_train import (QuantFormerTrainConfig, activation_threshold,  # noqa: E402
-                                                load_data, train_quantformer)
-from offline_training.splits import gather_windows  # noqa: E402
-from offline_training.train import TrainConfig, train  # noqa: E402
-from replay.fish import FishConfig  # noqa: E402
-from replay.layout import Recording  # noqa: E402
-from replay.synth import SynthConfig, synthesize  # noqa: E402
 
 FIGURE = ROOT / "docs" / "figures" / "quantformer_science.png"
 REGRESSORS = {"nlinear": {}, "tsmixer": {"n_blocks": 2, "mlp_dim": 256}}
@@ -96,7 +97,7 @@ def score_forecaster(model: torch.nn.Module, dff: np.ndarray, starts: np.ndarray
 
 def train_regressor(name: str, dff: np.ndarray, rec: Recording, cfg: QuantFormerTrainConfig,
                     args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """NLinear / TSMixer with offline_training.train on the same dF/F, C, H and splits."""
+    """NLinear / TSMixer with offline_training.trace.train on the same dF/F, C, H and splits."""
     tcfg = TrainConfig(model=name, context=cfg.context, horizon=cfg.horizon, max_epochs=args.max_epochs,
                        patience=3, steps_per_epoch=args.regressor_steps, threads=args.threads,
                        max_context=cfg.max_context, model_options=REGRESSORS[name])
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     figure = plot(table, curves, out / "quantformer_science.png")
     pre = result.metrics["history"]["pretrain"][-1]
     return {"data": {"source": str(rec.root), "frames": rec.n_frames, "neurons": rec.n_neurons,
-                     "signal": "causal dF/F (offline_training.loop_signals.loop_dff)"},
+                     "signal": "causal dF/F (offline_training.data.loop_signals.loop_dff)"},
             "config": dataclasses.asdict(cfg), "activation_threshold": threshold,
             "windows": {k: int(len(v)) for k, v in data.starts.items()},
             "quantformer": {k: v for k, v in result.metrics.items() if k != "history"},

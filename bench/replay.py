@@ -14,20 +14,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.broker import free_port
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.transport import TransportConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.player import Player, ReplayConfig
 
-from common import quantiles, write_result  # noqa: E402
-from consumer import Consumer  # noqa: E402
-
-from loopcast.broker import free_port  # noqa: E402
-from realtime.metrics import Metrics  # noqa: E402
-from realtime.transport import TransportConfig  # noqa: E402
-from replay.layout import Recording  # noqa: E402
-from replay.player import Player, ReplayConfig  # noqa: E402
+from common import quantiles, write_result
+from consumer import Consumer
 
 
 def endpoint_for(transport: str, work: Path) -> str:
@@ -81,7 +79,8 @@ def main() -> int:
     mb = int(np.prod(shape)) * 2 / 1e6
     print(f"recording {args.recording}: {rec.n_frames} frames of {'x'.join(map(str, shape))} uint16 "
           f"({mb:.0f} MB each), {rec.n_neurons} neurons")
-    rows = {"store_read": store_read_rate(rec, args.frames)}   # also warms the page cache for every transport
+    # the store read also warms the page cache for every transport
+    rows: dict[str, dict[str, Any]] = {"store_read": store_read_rate(rec, args.frames)}
     for t in args.transports.split(","):
         rows[t] = run_transport(rec, t, args.frames, work, args.read_ahead, args.speed)
     print(f"\n{'transport':<12}{'vol/s':>8}{'sent':>7}{'recv':>7}{'gaps':>7}{'p50 ms':>9}{'p99 ms':>9}")
@@ -91,7 +90,8 @@ def main() -> int:
         print(f"{t:<12}{r['volumes_per_s']:>8.2f}{r['sent']:>7}{r['received']:>7}{r['seq_gaps']:>7.0f}"
               f"{q.get('p50_ms', float('nan')):>9.1f}{q.get('p99_ms', float('nan')):>9.1f}")
     path = write_result(args.name, {
-        "description": f"replay at speed {args.speed:g} (0 = as fast as possible) from {args.recording} ({'x'.join(map(str, shape))}, {mb:.0f} MB/volume), "
+        "description": f"replay at speed {args.speed:g} (0 = as fast as possible) from {args.recording} "
+                       f"({'x'.join(map(str, shape))}, {mb:.0f} MB/volume), "
                        f"{args.frames} frames per transport, consumer = SUB + Ingest in another process",
         "speed": args.speed, "volume_shape": list(shape), "volume_mb": mb, "rows": rows})
     print(f"\nwrote {path}")

@@ -1,7 +1,7 @@
 """Per-frame latency of the Sparse Brain Model and QuantFormer engines at ZAPBench scale (71,721 neurons).
 
 Each configuration is built with seeded random weights (latency does not depend on the weight values),
-exported to an engine in a temporary registry with offline_training.export (ONNX + manifest, parity-
+exported to an engine in a temporary registry with offline_training.export.engine (ONNX + manifest, parity-
 checked), and timed at batch 1 on a fresh window per frame, warm-up frames excluded:
 
   sbm next-step      the engine the loop runs for H = 1 (spike probabilities in, next frame out); CPU: the
@@ -10,7 +10,7 @@ checked), and timed at batch 1 on a fresh window per frame, warm-up frames exclu
   sbm rollout        the same model rolled out H = 4 steps inside the graph (fixed window, as the paper)
   quantformer        the activation engine (dF/F in, P(activation in the next H = 8 frames) out)
 
-CPU: the "small" configurations (--threads intra-op threads), ONNX Runtime (realtime.engine.load_engine)
+CPU: the "small" configurations (--threads intra-op threads), ONNX Runtime (realtime.engines.loader.load_engine)
 beside torch eager in the same run. CUDA (where torch.cuda is available): the seed's sizes
 (SBMConfig.paper: d 128, 4 layers, w 256, tau 12; QuantFormer with the paper's 512-code book) with
 ONNX Runtime CUDA, torch eager fp32 and torch eager under bf16 autocast; skipped with the reason here.
@@ -26,24 +26,22 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig
+from loopcast.models.sbm import SBMConfig, SparseBrainModel
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.realtime.engines.loader import load_engine
 
-from common import parse_devices, quantiles, write_result  # noqa: E402
-from trace_windows import Windows, dff_recording, eager_fn, engine_fn, parity, stimulus_recording, timed  # noqa: E402
-
-from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig  # noqa: E402
-from models.sbm import SBMConfig, SparseBrainModel  # noqa: E402
-from offline_training.export import export_engine  # noqa: E402
-from realtime.engine import load_engine  # noqa: E402
+from common import parse_devices, quantiles, write_result
+from trace_windows import Windows, dff_recording, eager_fn, engine_fn, parity, stimulus_recording, timed
 
 ZAPBENCH_NEURONS = 71_721
 ZAPBENCH_SHAPE = (2048.0, 1328.0, 72.0)
@@ -94,7 +92,7 @@ def sbm_case(n: int, horizon: int, paper: bool, seed: int) -> Case:
 
 
 def quantformer_case(n: int, paper: bool, seed: int) -> Case:
-    size = dict(d_model=64, n_heads=4, n_layers=3, codebook_size=512, code_dim=32) if paper else \
+    size: dict[str, Any] = dict(d_model=64, n_heads=4, n_layers=3, codebook_size=512, code_dim=32) if paper else \
         dict(d_model=32, n_heads=2, n_layers=2, codebook_size=512, code_dim=16)
     cfg = QuantFormerConfig(n_neurons=n, n_covariates=K, context=16, horizon=8, patch=4, **size)
 
@@ -130,8 +128,9 @@ def bench_case(case: Case, device: str, n: int, signal: np.ndarray, stim: np.nda
     model = case.build(args.seed)
     windows = Windows(signal, stim, case.export.context, case.export.horizon)
     params = sum(p.numel() for p in model.parameters())
+    config: Any = model.config                                 # SBMConfig or QuantFormerConfig
     res: dict[str, Any] = {"case": case.name, "device": device, "neurons": n, "params": params,
-                           "config": dataclasses.asdict(model.config), "rows": []}
+                           "config": dataclasses.asdict(config), "rows": []}
     print(f"\n{case.name} on {device}: {params:,} parameters")
     with tempfile.TemporaryDirectory(prefix="sbm-qf-latency-") as registry:
         path, why = export_for(model, case, device, n, windows, registry, res)

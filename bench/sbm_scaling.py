@@ -7,7 +7,7 @@ times batch-1 forward() of one next-step prediction (horizon 1, context 12, K = 
 covariates), in a FRESH subprocess so memory figures are per row:
   torch CPU:  eval + no_grad wall time per call (median, p99) with `--threads` intra-op threads; peak
               memory = growth of ru_maxrss over its value after the model and inputs were built;
-  ORT CPU:    the model exported with offline_training.export.export_onnx (static N) in a separate
+  ORT CPU:    the model exported with offline_training.export.engine.export_onnx (static N) in a separate
               process, then an InferenceSession with `--threads` intra-op threads (sequential); peak
               memory = ru_maxrss growth over its value after the session was created;
   torch CUDA: (when torch.cuda.is_available()) synchronised wall time; peak memory =
@@ -32,15 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import machine, parse_devices, write_result  # noqa: E402
+from common import machine, parse_devices, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = ROOT / "docs" / "figures" / "sbm_scaling.png"
@@ -70,7 +68,7 @@ def build(spec: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray]:
     """The row's model (eval, CPU) and its seeded inputs x (1, C, N), cov (1, C + 1, K)."""
     import torch
 
-    from models.sbm import SBMConfig, SparseBrainModel
+    from loopcast.models.sbm import SBMConfig, SparseBrainModel
     torch.manual_seed(spec["seed"])
     mode, n = spec["mode"], spec["n"]
     cfg = SBMConfig(n_neurons=n, n_covariates=N_COVARIATES, attention="dense" if mode == "dense" else "routed",
@@ -125,7 +123,7 @@ def child_torch(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_export(spec: dict[str, Any]) -> dict[str, Any]:
     """Export the row's model to spec["onnx"] (its own subprocess, so its memory is not the ORT row's)."""
-    from offline_training.export import export_onnx
+    from loopcast.offline_training.export.engine import export_onnx
     model, _, _ = build(spec)
     t = time.perf_counter()
     export_onnx(model, Path(spec["onnx"]), model.config.context, spec["n"], horizon=1, covariates=N_COVARIATES)
@@ -136,7 +134,7 @@ def child_ort(spec: dict[str, Any]) -> dict[str, Any]:
     """Export (in a subprocess), then time an ORT CPU session (runs inside its own subprocess)."""
     import onnxruntime as ort
 
-    from offline_training.export import COVARIATES_NAME, INPUT_NAME, OUTPUT_NAME
+    from loopcast.offline_training.export.engine import COVARIATES_NAME, INPUT_NAME, OUTPUT_NAME
     with tempfile.TemporaryDirectory(prefix="sbm-scaling-") as tmp:
         sub = {**spec, "onnx": str(Path(tmp) / "sbm.onnx"), "runtime": "export"}
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(sub)],
@@ -145,7 +143,7 @@ def child_ort(spec: dict[str, Any]) -> dict[str, Any]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = spec["threads"], 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.enable_cpu_mem_arena = spec["ort_arena"]                 # on: realtime/engine.py's default
+        opts.enable_cpu_mem_arena = spec["ort_arena"]                 # on: realtime/engines/base.py's default
         session = ort.InferenceSession(sub["onnx"], opts, providers=["CPUExecutionProvider"])
     model, x, cov = build(spec)
     base = rss()
@@ -241,8 +239,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ort-modes", default=",".join(MODES), help="modes with ORT rows (comma list)")
     ap.add_argument("--ort-no-arena", action="store_true", help="ORT sessions without the CPU memory arena "
                                                                  "(the arena's growth dominates ORT peak memory)")
-    ap.add_argument("--devices", type=parse_devices, default="cpu,cuda", help="device kinds: cpu (the --runtimes rows), cuda "
-                    "(torch rows where torch.cuda is available)")
+    ap.add_argument("--devices", type=parse_devices, default="cpu,cuda",
+                    help="device kinds: cpu (the --runtimes rows), cuda (torch rows where torch.cuda is available)")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per row")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop a row's repeats past this (>= 1 call)")

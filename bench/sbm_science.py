@@ -2,10 +2,10 @@
 
 Data: a synthetic fish (replay.synth, default dynamics; 1000 neurons, 3000 frames, no raw volumes: the
 raw segment means are stored) cached under data/sbm-science, turned into the loop's causal spike
-probabilities (offline_training.loop_signals: causal dF/F -> streaming OASIS), with the stimulus
+probabilities (offline_training.data.loop_signals: causal dF/F -> streaming OASIS), with the stimulus
 covariates and the ZAPBench-style condition splits (condition 3 held out).
 Model: a small SBM (C = 12, the paper's 4 s; routed spatial attention) trained with teacher-forced BCE
-(offline_training.sbm_train; Muon for the 2-D body weights + AdamW, as in the paper), exported as
+(offline_training.sbm.train; Muon for the 2-D body weights + AdamW, as in the paper), exported as
 engine sbm-c12-h4. Then the behaviour head (PNM) on the ground-truth probabilities -> the simulator's
 swim vigor, scored on ground-truth inputs and on the SBM's next-step predictions of the same frames.
 Reports: next-step MAE on test and holdout beside the last-value and mean-of-context baselines,
@@ -22,27 +22,26 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from loopcast.offline_training.sbm.config import SBMTrainConfig
+from loopcast.offline_training.sbm.eval import SBMEvalConfig, next_step_frames, torch_predictor
+from loopcast.offline_training.sbm.pnm_train import PNMTrainConfig, input_frames, train_pnm
+from loopcast.offline_training.sbm.train import SBMResult, load_data, train_sbm
+from loopcast.realtime.preprocess.stage import PreprocessConfig
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording, RecordingError
+from loopcast.replay.synth import SynthConfig, synthesize
+
+from common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import write_result  # noqa: E402
-
-from offline_training.pnm_train import PNMTrainConfig, input_frames, train_pnm  # noqa: E402
-from offline_training.sbm_eval import SBMEvalConfig, next_step_frames, torch_predictor  # noqa: E402
-from offline_training.sbm_train import SBMResult, SBMTrainConfig, load_data, train_sbm  # noqa: E402
-from realtime.preprocess import PreprocessConfig  # noqa: E402
-from replay.fish import FishConfig  # noqa: E402
-from replay.layout import Recording, RecordingError  # noqa: E402
-from replay.synth import SynthConfig, synthesize  # noqa: E402
 
 FIGURES = ROOT / "docs" / "figures"
 FIGURE_FILES = ("sbm_calibration.png", "sbm_rollout.png")

@@ -19,19 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.broker import free_port
+from loopcast.config import to_dict
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.transport import TransportConfig
+from loopcast.replay.fish import FishModel
+from loopcast.replay.sim import LiveSim, SimConfig
+from loopcast.settings import DEFAULT_CONFIG, load_settings
 
-from common import quantiles, write_result  # noqa: E402
-from consumer import Consumer  # noqa: E402
-
-from loopcast.broker import free_port  # noqa: E402
-from loopcast.config import to_dict  # noqa: E402
-from loopcast.settings import DEFAULT_CONFIG, load_settings  # noqa: E402
-from realtime.metrics import Metrics  # noqa: E402
-from realtime.transport import TransportConfig  # noqa: E402
-from replay.fish import FishModel  # noqa: E402
-from replay.sim import LiveSim, SimConfig  # noqa: E402
+from common import quantiles, write_result
+from consumer import Consumer
 
 
 def run_transport(fish: FishModel, transport: str, frames: int, work: Path) -> dict:

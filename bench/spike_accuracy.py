@@ -16,25 +16,22 @@ frame-level timing. Writes bench/results/spike-accuracy-<date>-<host>.json and d
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.offline_training.eval.metrics import column_r
+from loopcast.realtime.preprocess.dff import DffConfig, causal_dff
+from loopcast.realtime.spikes.oasis import OasisConfig, StreamingOasis, estimate_params, oasis_offline
+from loopcast.realtime.spikes.stage import CausalSpikes, SpikeConfig
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.synth import SynthConfig, synthesize
 
-from common import column_r, write_result  # noqa: E402
-
-from realtime.dff import DffConfig, causal_dff  # noqa: E402
-from realtime.oasis import OasisConfig, StreamingOasis, estimate_params, oasis_offline  # noqa: E402
-from realtime.spikes import CausalSpikes, SpikeConfig  # noqa: E402
-from replay.fish import FishConfig  # noqa: E402
-from replay.synth import SynthConfig, synthesize  # noqa: E402
+from common import write_result
 
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "spike_accuracy.png"
-HELD_OUT_SEED = 9000           # training (offline_training/spike_train.py) uses small seeds
+HELD_OUT_SEED = 9000           # training (offline_training/spikes/train.py) uses small seeds
 
 
 def smooth(x: np.ndarray) -> np.ndarray:
@@ -63,7 +60,7 @@ def ar1(dff: np.ndarray, period_s: float, dff_per_spike: float) -> np.ndarray:
 
 
 def spikenet(dff: np.ndarray, engine_path: str) -> np.ndarray:
-    from realtime.engine import load_engine
+    from loopcast.realtime.engines.loader import load_engine
     engine = load_engine(engine_path, threads=2)
     c = engine.manifest.context
     out = np.zeros_like(dff)

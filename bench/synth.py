@@ -9,16 +9,12 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.config import to_dict
+from loopcast.replay.synth import synthesize
+from loopcast.settings import DEFAULT_CONFIG, load_settings
 
-from common import write_result  # noqa: E402
-
-from loopcast.config import to_dict  # noqa: E402
-from loopcast.settings import DEFAULT_CONFIG, load_settings  # noqa: E402
-from replay.synth import synthesize  # noqa: E402
+from common import write_result
 
 
 def main() -> int:

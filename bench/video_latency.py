@@ -5,7 +5,7 @@ C = 4, H = 32, super_resolution 0 (output grid = input grid), seeded random weig
 (ZAPBench / 4 in xy, the paper's y crop). Models: small (F = F' = 16, 4 groups, 4 stages: the CPU config of
 bench/video_science.py) and paper (VideoUNetConfig.paper(4), super_resolution 0: F = 128 at the output).
 Per runtime two rows, each frame a fresh (1, C, X, Y, Z) float32 window, numpy in and out: one lead time
-(batch 1), and all H lead times in chunks of `--lead-batch` as realtime.video_forecast batches them.
+(batch 1), and all H lead times in chunks of `--lead-batch` as realtime.forecast.video batches them.
   onnxruntime cpu|cuda  load_engine(runtime="onnxruntime") on an export_video_onnx graph + video manifest
   torch       cpu|cuda  the nn.Module in float32 under torch.inference_mode
   torch-bf16 / torch-bf16-graph  cuda: autocast bfloat16, eager / captured in one CUDA graph per batch size
@@ -35,28 +35,34 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loopcast.models.video_unet import VideoUNet, VideoUNetConfig, count_parameters
+from loopcast.offline_training.export.engine import MANIFEST_FILE, ONNX_FILE, TORCH_FILE, export_program
+from loopcast.offline_training.video.export import VIDEO_PARITY_TOLERANCE, build_video_manifest, export_video_onnx
+from loopcast.offline_training.video.train import VideoTrainConfig
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.torch_runtime import reduce_frames, reduction_index
+from loopcast.realtime.forecast.video_reduce import VideoGrid, VolumeReducer
 
-from common import device_skip, parse_devices, quantiles, write_result  # noqa: E402
-from video_runners import (GraphRunner, Runner, Volumes, bf16_matmul_tflops, count_gflop, frame_fn,  # noqa: E402
-                           segmentation, timed, torch_runner)
-
-from models.video_unet import VideoUNet, VideoUNetConfig, count_parameters  # noqa: E402
-from offline_training.export import MANIFEST_FILE, ONNX_FILE, TORCH_FILE, export_program  # noqa: E402
-from offline_training.export_video import (VIDEO_PARITY_TOLERANCE, build_video_manifest,  # noqa: E402
-                                           export_video_onnx)
-from offline_training.train_video import VideoTrainConfig  # noqa: E402
-from realtime.engine import load_engine  # noqa: E402
-from realtime.engine_torch import reduce_frames, reduction_index  # noqa: E402
-from realtime.video_reduce import VideoGrid, VolumeReducer  # noqa: E402
+from common import device_skip, parse_devices, quantiles, write_result
+from video_runners import (
+    GraphRunner,
+    Runner,
+    Volumes,
+    bf16_matmul_tflops,
+    count_gflop,
+    frame_fn,
+    segmentation,
+    timed,
+    torch_runner,
+)
 
 C, H, FACTOR = 4, 32, 4
 FRAME_PERIOD_MS, ONE_LEAD_TARGET_MS = 914.0, 100.0
@@ -67,9 +73,9 @@ ENGINE_ROWS = (("engine-torch", "cpu"), ("engine-torch", "cuda"), ("engine-torch
 DESCRIPTION = (
     "Per-frame latency of the video UNet forecaster (C=4, H=32, super_resolution 0), seeded random weights. "
     "Each frame feeds a fresh (1, C, X, Y, Z) float32 window; 'leads' = '1' is one lead time (batch 1), "
-    "'32/b' all 32 lead times in chunks of b per call as realtime.video_forecast does; numpy in and out "
+    "'32/b' all 32 lead times in chunks of b per call as realtime.forecast.video does; numpy in and out "
     "(frames copied back to the host). Warm-up frames excluded; a row stops after budget_s of timed frames. "
-    "onnxruntime = realtime.engine.load_engine on an export_video_onnx graph; torch = nn.Module fp32 under "
+    "onnxruntime = realtime.engines.loader.load_engine on an export_video_onnx graph; torch = nn.Module fp32 under "
     "inference_mode; torch-bf16 = autocast bfloat16; torch-bf16-graph = the same captured in CUDA graphs "
     "(one per batch size); reduce = VolumeReducer.reduce of the predicted frames to per-neuron traces on a "
     "synthetic blocky segmentation; engine-torch(-bf16) = the loop's own path: the exported torch program "
@@ -143,7 +149,9 @@ class Bench:
     """Rows and parity checks of one run; `record` times one runtime's two workloads."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.rows, self.configs = args, [], []
+        self.args = args
+        self.rows: list[dict[str, Any]] = []
+        self.configs: list[dict[str, Any]] = []
         self.cal: dict[str, dict[str, float]] = {}
         self.peak_tflops = 0.0                                             # measured once on the GPU
         self.on_row: Callable[[], Any] = lambda: None                      # save partial results per row
@@ -257,16 +265,17 @@ def engine_rows(bench: Bench, base: dict, grid: Grid, volumes: Volumes, engine_d
     rows = [(rt, dev) for rt, dev in ENGINE_ROWS if rt in bench.args.runtimes]
     if not rows:
         return
-    if not skip and not (engine_dir / TORCH_FILE).is_file():
+    if not skip and (engine_dir is None or not (engine_dir / TORCH_FILE).is_file()):
         skip = "torch.export could not capture the model (no torch program in the engine)"
     reducer = None if skip else make_reducer(grid, bench.args.seed)
     for rt, dev in rows:
         why = skip or ("" if dev == "cpu" or torch.cuda.is_available() else "torch.cuda is not available")
-        make = None if why else _engine_runner(engine_dir, dev, rt.endswith("bf16"), reducer, bench.args.threads)
+        make = None if why or engine_dir is None or reducer is None else \
+            _engine_runner(engine_dir, dev, rt.endswith("bf16"), reducer, bench.args.threads)
         bench.record(base, rt, dev, make, volumes, why, per_lead if dev == "cpu" else 0.0)
 
 
-def _engine_runner(d: Path | None, device: str, bf16: bool, reducer: VolumeReducer,
+def _engine_runner(d: Path, device: str, bf16: bool, reducer: VolumeReducer,
                    threads: int) -> Callable[[], Runner]:
     """A maker of the runner; the engine is loaded once, on first use."""
     cache: dict[str, Any] = {}
@@ -304,6 +313,12 @@ def _load(engine_dir: Path | None, device: str, threads: int, skip: str) -> tupl
 def bench_cuda(bench: Bench, base: dict, info: dict, model: VideoUNet, volumes: Volumes,
                engine_dir: Path | None, skip: str, cuda_ort: bool) -> None:
     """torch fp32 / bf16 / bf16 + CUDA graphs and ONNX Runtime CUDA; parity against torch fp32 CUDA."""
+    _cuda_rows(bench, base, info, model, volumes, engine_dir, skip, cuda_ort)
+    torch.cuda.empty_cache()   # the GPU copy of the model went with _cuda_rows' locals
+
+
+def _cuda_rows(bench: Bench, base: dict, info: dict, model: VideoUNet, volumes: Volumes,
+               engine_dir: Path | None, skip: str, cuda_ort: bool) -> None:
     torch.backends.cudnn.benchmark = True                                   # static shapes: pick the best algos
     gpu = copy.deepcopy(model).to("cuda")
     ref = torch_runner(gpu, "cuda")
@@ -324,7 +339,7 @@ def bench_cuda(bench: Bench, base: dict, info: dict, model: VideoUNet, volumes: 
     eng, skip = _load(engine_dir, "cuda", bench.args.threads, skip) if cuda_ort else \
         (None, "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     if eng:
-        run: Runner = lambda v, lead: eng.run_video(v, lead)  # noqa: E731
+        run: Runner = eng.run_video
         bench.record(base, "onnxruntime", "cuda", lambda: run, volumes)
         if "onnxruntime" in bench.args.runtimes:
             bench.parity(info, "onnxruntime_cuda_vs_torch_cuda", run, ref, volumes, None)
@@ -332,10 +347,7 @@ def bench_cuda(bench: Bench, base: dict, info: dict, model: VideoUNet, volumes: 
     else:
         bench.record(base, "onnxruntime", "cuda", None, None, skip)
     bench.record(base, "tensorrt", "cuda", None, None, "the TensorRT runtime serves trace engines only "
-                 "(realtime/engine_trt.py); video engines run on ONNX Runtime or torch")
-    makers.clear()
-    ref = gpu = None  # noqa: F841  (free the GPU copy before the next configuration)
-    torch.cuda.empty_cache()
+                 "(realtime/engines/tensorrt.py); video engines run on ONNX Runtime or torch")
 
 
 def print_row(r: dict) -> None:

@@ -1,5 +1,5 @@
 """Runners of the video UNet for bench/video_latency.py: torch fp32 / bf16 eager, bf16 captured in CUDA
-graphs (optionally channels-last 3-D), the per-frame lead-time batching of realtime.video_forecast, an
+graphs (optionally channels-last 3-D), the per-frame lead-time batching of realtime.forecast.video, an
 exact FLOP count, the GPU's measured bf16 matrix-product rate (the floor a forward can approach), and the
 inputs and timing loop (sliding dF/F-like windows, a synthetic segmentation to reduce predictions with)."""
 from __future__ import annotations
@@ -7,12 +7,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
+
+from loopcast.models.video_unet import VideoUNet
 
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (b, C, X, Y, Z), (b,) int64 -> (b, X', Y', Z')
 
@@ -44,13 +47,16 @@ class GraphRunner:
 
     def __init__(self, model: torch.nn.Module, shape: tuple[int, ...], channels_last: bool = False) -> None:
         self.fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-        self.model = copy.deepcopy(model).to(memory_format=self.fmt) if channels_last else model
-        self.shape, self.graphs = shape, {}
+        self.model = model
+        if channels_last:  # Module.to(memory_format=) is documented, but torch's stubs lack that overload
+            self.model = copy.deepcopy(model).to(memory_format=self.fmt)  # type: ignore[call-overload]
+        self.shape = shape
+        self.graphs: dict[int, tuple[Any, ...]] = {}
 
     def _capture(self, b: int) -> tuple:
         x = torch.zeros((b, *self.shape), device="cuda").to(memory_format=self.fmt)
         lead = torch.ones(b, dtype=torch.int64, device="cuda")
-        amp = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
+        amp: dict[str, Any] = dict(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode(), torch.autocast(**amp):
@@ -72,7 +78,7 @@ class GraphRunner:
         return out.cpu().numpy()
 
 
-def count_gflop(model: torch.nn.Module, shape: tuple[int, int, int], device: str = "cpu") -> tuple[float, float]:
+def count_gflop(model: VideoUNet, shape: tuple[int, int, int], device: str = "cpu") -> tuple[float, float]:
     """GFLOP of one batch-1 forward on `shape` (FlopCounterMode) and its wall seconds. On device "meta"
     nothing is computed, so the count is exact and takes about a second even at ZAPBench's grid."""
     net = copy.deepcopy(model).to(device) if device != "cpu" else model

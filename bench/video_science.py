@@ -11,7 +11,7 @@ Models, all with H = 32 and the ZAPBench splits:
   - video: the UNet at every C x receptive field (0 / 2 / 4 downsampling stages at roughly constant FLOPs,
     the paper's A.1.1 study), a small width for the CPU (--features), trace-based MAE, AdamW + cosine,
     lead time uniform in [1, H], best val checkpoint; exported to ONNX engines.
-Everything is scored through the exported engines with offline_training.evaluate on the same test targets
+Everything is scored through the exported engines with offline_training.eval.harness on the same test targets
 (holdout aligned with max_context = max(C)); --eval-stride > 1 scores every k-th test window (the
 same windows for every model) to keep the CPU time bounded. --seeds repeats runs with other seeds (data
 order and initialisation; --replicate-contexts limits which C get them); groups report mean +- two
@@ -30,32 +30,37 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from loopcast.models.video_unet import DEFAULT_DOWNSAMPLE, VideoUNetConfig, count_parameters, receptive_field
+from loopcast.offline_training.data.fingerprint import data_fingerprint
+from loopcast.offline_training.eval.harness import (
+    Condition,
+    EvalConfig,
+    EvalResult,
+    baseline_forecasters,
+    evaluate_engines,
+    evaluate_models,
+)
+from loopcast.offline_training.eval.plot import plot_panels
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.export.versions import engine_name
+from loopcast.offline_training.trace.train import TrainConfig, first_window, train
+from loopcast.offline_training.video.data import VideoData, VideoDataConfig, VideoPrepConfig, prepare_video
+from loopcast.offline_training.video.export import export_video_engine
+from loopcast.offline_training.video.train import VideoTrainConfig, train_video
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import synthesize
+from loopcast.settings import load_settings
+
+from common import RESULTS, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import RESULTS, write_result  # noqa: E402
-
-from loopcast.settings import load_settings  # noqa: E402
-from models.video_unet import DEFAULT_DOWNSAMPLE, VideoUNetConfig, count_parameters, receptive_field  # noqa: E402
-from offline_training.evaluate import (Condition, EvalConfig, EvalResult, baseline_forecasters,  # noqa: E402
-                                       evaluate_engines, evaluate_models)
-from offline_training.eval_plot import plot_panels  # noqa: E402
-from offline_training.export import export_engine  # noqa: E402
-from offline_training.export_video import export_video_engine  # noqa: E402
-from offline_training.registry import engine_name  # noqa: E402
-from offline_training.train import TrainConfig, data_fingerprint, first_window, train  # noqa: E402
-from offline_training.train_video import VideoTrainConfig, train_video  # noqa: E402
-from offline_training.video_data import VideoData, VideoDataConfig, VideoPrepConfig, prepare_video  # noqa: E402
-from replay.layout import Recording  # noqa: E402
-from replay.synth import synthesize  # noqa: E402
 
 HORIZON = 32
 TRACE_MODELS = ("nlinear", "tsmixer")
@@ -112,8 +117,8 @@ def video_config(context: int, stages: int, seed: int, args: argparse.Namespace)
                "downsample": [list(f) for f in DEFAULT_DOWNSAMPLE[:stages]], "super_resolution": 0}
     return VideoTrainConfig(context=context, horizon=HORIZON, lr=args.lr, lr_min=args.lr * 1e-3,
                             batch_size=args.batch, steps=args.steps, val_every=args.val_every,
-                            val_windows=args.val_windows, threads=args.threads, max_context=max(args.contexts), seed=seed,
-                            model_options=options, data=VideoDataConfig(level=2, crop_y=0, cache_frames=256))
+                            val_windows=args.val_windows, threads=args.threads, max_context=max(args.contexts),
+                            seed=seed, model_options=options, data=VideoDataConfig(level=2, crop_y=0, cache_frames=256))
 
 
 def train_video_model(rec: Recording, context: int, stages: int, seed: int, args: argparse.Namespace,
@@ -184,7 +189,9 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 def group_key(run: dict[str, Any]) -> str:
-    return f"video s{run['stages']} c{run['context']}" if run["kind"] == "video" else f"{run['model']} c{run['context']}"
+    if run["kind"] == "video":
+        return f"video s{run['stages']} c{run['context']}"
+    return f"{run['model']} c{run['context']}"
 
 
 def summary(result: EvalResult, runs: list[dict[str, Any]], contexts: list[int]) -> dict[str, Any]:
@@ -312,7 +319,8 @@ def main() -> None:
     print(result.markdown())
     for key, g in body["groups"].items():
         t, h = g["test"], g["holdout"]
-        print(f"{key:<16} test MAE {t['mean']:.4f} +- {t['two_se'] or 0:.4f}  holdout {h['mean']:.4f}  ({t['seeds']} seeds)")
+        print(f"{key:<16} test MAE {t['mean']:.4f} +- {t['two_se'] or 0:.4f}  holdout {h['mean']:.4f}  "
+              f"({t['seeds']} seeds)")
     for key, check in body["science_check"].items():
         verdict = "beats" if check["video_beats_all_trace"] else "does NOT beat"
         print(f"{key}: best video ({check['best_video']}) MAE {check['video_mae']['mean']:.4f} {verdict} the trace "

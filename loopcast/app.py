@@ -5,27 +5,30 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
-from loopcast.settings import LoopcastConfig
-from realtime.activation import ActivationStage
-from realtime.controller import Controller
-from realtime.engine import Engine, EngineError
-from realtime.engine_watch import Loader
-from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.pipeline import Pipeline
-from realtime.traces import neuron_count
-from realtime.policy import resolve_neuron_set
-from realtime.transport import Publisher, Subscriber
-from realtime.video_forecast import VideoForecastStage
-from replay.fish import FishModel
-from replay.layout import Recording, RecordingError
-from replay.store import is_remote
-from replay.sim import LiveSim
+from loopcast import cpu
+from loopcast.realtime.control.controller import Controller
+from loopcast.realtime.control.policy import resolve_neuron_set
+from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.watch import Loader
+from loopcast.realtime.forecast.activation import ActivationStage
+from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage, engine_loader, engine_watcher
+from loopcast.realtime.forecast.video import VideoForecastStage
+from loopcast.realtime.jit import set_cache_dir as set_kernel_cache
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.pipeline import Pipeline
+from loopcast.realtime.wire.transport import Publisher, Subscriber
+from loopcast.replay.fish import FishModel
+from loopcast.replay.layout import Recording, RecordingError
+from loopcast.replay.sim import LiveSim
+from loopcast.replay.store import is_remote
+from loopcast.settings import LoopcastConfig, TrainEngineRef
 
 log = logging.getLogger("loopcast")
 
@@ -39,6 +42,15 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("amqtt", "transitions", "asyncio", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def configure_process(cfg: LoopcastConfig, process: str = "") -> dict[str, Any]:
+    """The process-level settings ([runtime]) of a command, applied at its start before any kernel runs:
+    where numba caches the loop's compiled kernels (loopcast.realtime.jit.set_cache_dir), and the
+    process's CPU use (loopcast.cpu.apply: threads per library, the CPUs of `process` = the command).
+    Returns the CPU settings applied."""
+    set_kernel_cache(cfg.runtime.kernel_cache)
+    return cpu.apply(cfg, process)
 
 
 def process_metrics(cfg: LoopcastConfig, process: str, run_dir: Path | None = None) -> Metrics:
@@ -76,40 +88,49 @@ def neuron_groups(rec: Recording) -> dict[str, np.ndarray]:
 
 
 def engine_path(cfg: LoopcastConfig) -> Path:
-    """The configured engine, or the registry entry `loopcast train` writes for [train]."""
-    from_train = f"{cfg.train.model}-c{cfg.train.context}-h{cfg.train.horizon}"
-    return Path(cfg.pipeline.forecast.engine or Path(cfg.paths.engines) / from_train)
+    """The configured engine, or the registry entry `loopcast train` writes for [train] (read without
+    importing the training code: TrainEngineRef)."""
+    if cfg.pipeline.forecast.engine:
+        return Path(cfg.pipeline.forecast.engine)
+    return Path(cfg.paths.engines) / TrainEngineRef.of(cfg).name
 
 
 def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray) -> Pipeline:
-    """Forecast publisher first (optionally waiting for a controller), then one stage per engine
-    ([pipeline.forecast] engine, then each `also` entry), each warmed up, then the frame subscriber."""
+    """Forecast publisher first, then one stage per engine ([pipeline.forecast] engine, then each `also`
+    entry), the pipeline with its ingest and preprocess stages, every stage warmed up (`Pipeline.warm_up`),
+    optionally a wait for a controller, and only then the frame subscriber: a source starts sending once
+    it sees that subscription (`wait_subscribers`), so nothing slow may come after it (on a fresh install
+    the first frame waited ~10 s for numba's kernels, and 192 of the demo's 300 frames were lost)."""
     fc = cfg.pipeline.forecast
     paths = [engine_path(cfg), *(Path(p) for p in fc.also)]
     loader = engine_loader(fc)
     engines = load_engines(paths, loader)
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
-    if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
-        log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
     stages: list[ForecastStage] = []
     try:
         for engine, path in zip(engines, paths):
             stages.append(forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader))
-        for stage in stages:  # before subscribing to frames: a first call's GPU set-up must not stall them
-            stage.warm_up(neuron_count(segmentation))
     except (EngineError, ValueError) as exc:
         for stage in stages:
             stage.close()
         publisher.close()
         raise UserError(f"cannot start the forecaster: {exc}") from exc
-    source = Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm)
     try:
-        return Pipeline(cfg.pipeline, cfg.rig, source, segmentation, stages, metrics, cfg.transport.shm_dir)
+        pipeline = Pipeline(cfg.pipeline, cfg.rig, None, segmentation, stages, metrics, cfg.transport.shm_dir)
     except (EngineError, ValueError) as exc:
-        source.close()
         for stage in stages:
             stage.close()
+        publisher.close()
         raise UserError(f"cannot start the pipeline: {exc}") from exc
+    try:
+        pipeline.warm_up()
+    except (EngineError, ValueError) as exc:
+        pipeline.close()
+        raise UserError(f"cannot start the pipeline: warm-up failed: {exc}") from exc
+    if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
+        log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
+    pipeline.connect(Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm))
+    return pipeline
 
 
 def load_engines(paths: list[Path], loader: Loader) -> list[Engine]:

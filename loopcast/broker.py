@@ -35,11 +35,11 @@ class Broker(Protocol):
     host: str
     port: int
 
-    def start(self) -> "Broker": ...
+    def start(self) -> Broker: ...
 
     def stop(self) -> None: ...
 
-    def __enter__(self) -> "Broker": ...
+    def __enter__(self) -> Broker: ...
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None: ...
@@ -52,13 +52,13 @@ class _ContextBroker:
     host = "127.0.0.1"
     port = 0
 
-    def start(self) -> "_ContextBroker":
+    def start(self) -> _ContextBroker:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> "_ContextBroker":
+    def __enter__(self) -> _ContextBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -75,12 +75,12 @@ def quiet_amqtt_logging(level: int = logging.WARNING) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _amqtt_listeners(broker: Any) -> list[asyncio.AbstractServer]:
+def _amqtt_listeners(broker: Any) -> list[asyncio.Server]:
     # amqtt has no public API for its listening servers, which we need for the port a listener
     # actually bound (bind "...:0") and to close the port first on shutdown. It keeps
     # {listener name: Server} in the private `Broker._servers`, and `Server.instance` is the
     # asyncio.Server. This is the only place that touches amqtt internals (checked with amqtt 0.12).
-    servers = broker._servers.values()  # noqa: SLF001 - see comment above
+    servers = broker._servers.values()
     return [s.instance for s in servers if getattr(s, "instance", None) is not None]
 
 
@@ -95,7 +95,7 @@ class EmbeddedBroker(_ContextBroker):
         self._thread: threading.Thread | None = None
         self._broker: Any = None
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         if self._broker is not None:
             return self
         quiet_amqtt_logging()
@@ -141,7 +141,7 @@ class EmbeddedBroker(_ContextBroker):
             server.close()
         try:
             await asyncio.wait_for(self._broker.shutdown(), SHUTDOWN_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("amqtt shutdown did not finish in %.1f s; dropping its sessions", SHUTDOWN_TIMEOUT_S)
         leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in leftover:
@@ -216,7 +216,7 @@ class MosquittoBroker(_ContextBroker):
             "",
         ])
 
-    def start(self) -> "MosquittoBroker":
+    def start(self) -> MosquittoBroker:
         if self._proc is not None:
             return self
         self._dir = tempfile.TemporaryDirectory(prefix="loopcast-mosquitto-")
@@ -225,8 +225,8 @@ class MosquittoBroker(_ContextBroker):
             if not fixed_port:
                 self.port = free_port(self.host)
             try:
-                self._launch()
-                log.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
+                proc = self._launch()
+                log.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, proc.pid)
                 return self
             except (RuntimeError, TimeoutError) as exc:
                 err = self._kill()
@@ -235,17 +235,18 @@ class MosquittoBroker(_ContextBroker):
                     raise RuntimeError(f"mosquitto failed to start on port {self.port}: {exc}; {err}") from exc
         raise AssertionError("unreachable")
 
-    def _launch(self) -> None:
+    def _launch(self) -> subprocess.Popen[bytes]:
         assert self._dir is not None
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(self.config_text())
-        errlog = open(Path(self._dir.name) / "stderr.log", "wb")  # noqa: SIM115 - owned by the process
+        errlog = open(Path(self._dir.name) / "stderr.log", "wb")
         try:
-            self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                          stderr=errlog, stdin=subprocess.DEVNULL)
+            self._proc = proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                                 stderr=errlog, stdin=subprocess.DEVNULL)
         finally:
             errlog.close()
-        wait_for_tcp(self.host, self.port, START_TIMEOUT_S, self._proc)
+        wait_for_tcp(self.host, self.port, START_TIMEOUT_S, proc)
+        return proc
 
     def _kill(self) -> str:
         """Terminate the process (if any); return the tail of its stderr for error messages."""

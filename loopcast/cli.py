@@ -13,20 +13,21 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from loopcast import app
 from loopcast.config import ConfigError
-from loopcast.settings import LoopcastConfig, load_settings, new_run_dir
-from realtime.engine import EngineError
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.settings import LoopcastConfig, load_settings, new_run_dir, training_sections
 
 log = logging.getLogger("loopcast")
 
 
 def cmd_synth(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.replay.layout import RecordingError
     from loopcast.workflows import synth_recording
-    from replay.layout import RecordingError
     try:
         synth_recording(cfg, out=args.out, overwrite=args.overwrite)
     except RecordingError as exc:
@@ -35,8 +36,8 @@ def cmd_synth(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> i
 
 
 def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
-    from replay.layout import RecordingError
-    from replay.player import Player
+    from loopcast.replay.layout import RecordingError
+    from loopcast.replay.player import Player
     rec = app.open_recording(cfg, args.recording)
     try:
         volumes = rec.volume(cfg.replay.array, cfg.replay.level)
@@ -143,8 +144,8 @@ def cmd_export(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
 
 
 def cmd_evaluate(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
-    from offline_training.evaluate import EvalConfig, evaluate_engines
-    from replay.layout import RecordingError
+    from loopcast.offline_training.eval.harness import EvalConfig, evaluate_engines
+    from loopcast.replay.layout import RecordingError
     rec = app.open_recording(cfg, args.data)
     engines = args.engines or [str(app.engine_path(cfg))]
     try:
@@ -163,8 +164,8 @@ def cmd_evaluate(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -
 
 
 def cmd_prepare_video(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.replay.layout import RecordingError
     from loopcast.workflows import prepare_video_volumes
-    from replay.layout import RecordingError
     rec = app.open_recording(cfg, args.data)
     try:
         location = prepare_video_volumes(cfg, rec, overwrite=args.overwrite)
@@ -217,7 +218,7 @@ def cmd_train_quantformer(cfg: LoopcastConfig, args: argparse.Namespace, run_dir
 def _train(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path,
            workflow: Callable[[LoopcastConfig, Any, Path], Any]) -> Any:
     """workflow(cfg, recording, run_dir) on --data (or paths.recording); bad data -> a UserError."""
-    from replay.layout import RecordingError
+    from loopcast.replay.layout import RecordingError
     rec = app.open_recording(cfg, args.data)
     try:
         return workflow(cfg, rec, run_dir)
@@ -259,6 +260,14 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
     "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
 }
+
+
+# The training sections each command reads, resolved (imported, validated) before it starts; the
+# other commands (run, controller, sim, replay, synth, control) leave them as tables, unimported.
+TRAINING_READ: dict[str, tuple[str, ...]] = {
+    "train": ("train",), "export": ("train",), "evaluate": ("train",), "demo": ("train",),
+    "train-spikes": ("train_spikes",), "prepare-video": ("prepare_video",), "train-video": ("train_video",),
+    "train-sbm": ("train_sbm",), "train-quantformer": ("train_quantformer",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,11 +349,21 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def command_settings(args: argparse.Namespace) -> LoopcastConfig:
+    """The command's config: its -c files (default configs/loopcast.toml), then its -s overrides and
+    shortcut flags, resolved, with the training sections it reads (TRAINING_READ) validated."""
+    cfg = load_settings(args.config or None, [*args.set, *_shortcut_overrides(args)])
+    if args.command in TRAINING_READ:
+        training_sections(cfg, *TRAINING_READ[args.command])
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     app.setup_logging(args.verbose)
     try:
-        cfg = load_settings(args.config or None, [*args.set, *_shortcut_overrides(args)])
+        cfg = command_settings(args)
+        app.configure_process(cfg, args.command)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:  # torchrun's protocol
             raise app.UserError("under torchrun pass --run-dir: every rank must share one run directory")
         run_dir = new_run_dir(cfg, args.command, args.run_dir)

@@ -9,8 +9,8 @@ from typing import Any
 import aiomqtt
 
 from loopcast.app import UserError
+from loopcast.realtime.wire.codec import mqtt_topic
 from loopcast.settings import LoopcastConfig
-from realtime.wire import mqtt_topic
 
 
 async def send_control(cfg: LoopcastConfig, command: str, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -23,7 +23,7 @@ async def send_control(cfg: LoopcastConfig, command: str, timeout_s: float = 5.0
             return await asyncio.wait_for(_next_status(c, command, time.time_ns()), timeout_s)
     except aiomqtt.MqttError as exc:
         raise UserError(f"MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}") from exc
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UserError(f"no status from rig {rig!r} within {timeout_s} s: is `loopcast controller` "
                         f"running against this broker?") from None
 

@@ -27,11 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from loopcast.broker import Broker, EmbeddedBroker, MosquittoBroker
+from loopcast.realtime.metrics import STAGES
+from loopcast.realtime.wire.codec import mqtt_topic
 from loopcast.settings import LoopcastConfig, new_run_dir, with_overrides
-from loopcast.workflows import ensure_engine, ensure_recording, export_checkpoint, synth_recording, \
-    train_on_recording
-from realtime.metrics import STAGES
-from realtime.wire import mqtt_topic
+from loopcast.workflows import ensure_engine, ensure_recording, export_checkpoint, synth_recording, train_on_recording
 
 log = logging.getLogger("loopcast.demo")
 PROCESSES = ("controller", "run", "sim")
@@ -101,7 +100,8 @@ def _demo_config(cfg: LoopcastConfig, mqtt_port: int, sockets: Path) -> Loopcast
 
 def _spawn(command: str, run_dir: Path) -> subprocess.Popen[bytes]:
     logfile = open(run_dir / f"{command}.log", "wb")
-    argv = [sys.executable, "-m", "loopcast.cli", command, "-c", str(run_dir / "config.toml"),
+    # -P: the installed package, never a `loopcast/` folder in the working directory
+    argv = [sys.executable, "-P", "-m", "loopcast.cli", command, "-c", str(run_dir / "config.toml"),
             "--run-dir", str(run_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, env=env)
@@ -111,7 +111,7 @@ async def _arm(cfg: LoopcastConfig, timeout_s: float, proc: subprocess.Popen[byt
     """Wait for the controller's retained status to say online, send `arm`, wait until armed."""
     try:
         await asyncio.wait_for(_arm_when_online(cfg, proc), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RuntimeError(f"controller not armed after {timeout_s} s; see controller.log") from None
 
 

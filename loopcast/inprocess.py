@@ -15,14 +15,14 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from loopcast import app
+from loopcast import app, cpu
+from loopcast.realtime.control.controller import Controller
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.pipeline import PipelineReport
+from loopcast.realtime.wire.codec import Forecast, decode_forecast, mqtt_topic
+from loopcast.realtime.wire.transport import Subscriber
+from loopcast.replay.sim import SimReport
 from loopcast.settings import LoopcastConfig
-from realtime.controller import Controller
-from realtime.metrics import Metrics
-from realtime.pipeline import PipelineReport
-from realtime.transport import Subscriber
-from realtime.wire import Forecast, decode_forecast, mqtt_topic
-from replay.sim import SimReport
 
 
 @dataclass
@@ -61,6 +61,7 @@ def run_loop(cfg: LoopcastConfig, timeout_s: float = 120.0) -> LoopResult:
     """Run sim -> pipeline -> controller -> broker until the sim has sent sim.n_frames frames."""
     if not cfg.sim.n_frames:
         raise ValueError("run_loop needs a finite sim.n_frames")
+    app.configure_process(cfg)
     return asyncio.run(_closed_loop(cfg, timeout_s))
 
 
@@ -108,6 +109,7 @@ async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
 
 def _pipeline_thread(cfg: LoopcastConfig, metrics: Metrics, seg: np.ndarray, out: dict[str, Any]) -> None:
     try:
+        cpu.numba_threads(cfg.runtime.numba_threads)   # numba's count is per thread: this one runs the loop
         pipeline = out["pipeline"] = app.build_pipeline(cfg, metrics, seg)
         try:
             out["report"] = pipeline.run()

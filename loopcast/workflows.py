@@ -16,21 +16,28 @@ import torch
 
 from loopcast.app import UserError, engine_path, recording_present
 from loopcast.config import from_dict, to_dict
+from loopcast.models.zoo import build_model
+from loopcast.offline_training.data.fingerprint import data_fingerprint
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.export.versions import engine_name
+from loopcast.offline_training.fit.ddp import dist_env
+from loopcast.offline_training.quantformer.train import QuantFormerResult, train_quantformer
+from loopcast.offline_training.sbm.train import SBMResult, train_sbm
+from loopcast.offline_training.spikes.train import train_spike_net
+from loopcast.offline_training.trace.train import (
+    TrainConfig,
+    TrainResult,
+    first_window,
+    first_window_with_covariates,
+    train,
+)
+from loopcast.offline_training.video.data import VideoData, prepare_video
+from loopcast.offline_training.video.train import VideoTrainResult, train_video
+from loopcast.realtime.engines.base import resolve_engine
+from loopcast.realtime.engines.manifest import EngineError, EngineManifest
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import synthesize
 from loopcast.settings import LoopcastConfig
-from models.registry import build_model
-from offline_training.ddp import dist_env
-from offline_training.export import export_engine
-from offline_training.quantformer_train import QuantFormerResult, train_quantformer
-from offline_training.registry import engine_name
-from offline_training.sbm_train import SBMResult, train_sbm
-from offline_training.spike_train import train_spike_net
-from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, first_window,
-                                    first_window_with_covariates, train)
-from offline_training.train_video import VideoTrainResult, train_video
-from offline_training.video_data import VideoData, prepare_video
-from realtime.engine import EngineError, EngineManifest, resolve_engine
-from replay.layout import Recording
-from replay.synth import synthesize
 
 log = logging.getLogger("loopcast")
 CHECKPOINT = "model.pt"
@@ -121,12 +128,13 @@ def ensure_engine(cfg: LoopcastConfig, run_dir: Path, progress: bool = True) -> 
 def train_spikes(cfg: LoopcastConfig, run_dir: Path, work_dir: str | Path | None = None,
                  progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Train [train_spikes] on simulated fish (cached in work_dir), export a 'spikes' engine to
-    paths.engines; returns (engine dir, its metrics), also written to run_dir/metrics.json."""
+    paths.engines; returns (engine dir, its metrics), also written to run_dir/metrics.json. Training
+    checkpoints to run_dir/resume.pt after every epoch; a rerun with the same run_dir resumes it."""
     work = Path(work_dir) if work_dir is not None else Path(cfg.paths.recording).parent / "spike-train"
     sc = cfg.train_spikes
     log.info("training %s (C=%d) on simulated fish: snrs %s x seeds %s, %d frames x %d neurons; cache %s",
              sc.model, sc.context, list(sc.snrs), list(sc.seeds), sc.n_frames, sc.fish.n_neurons, work)
-    path = train_spike_net(sc, cfg.paths.engines, work, progress=progress)
+    path = train_spike_net(sc, cfg.paths.engines, work, progress=progress, run_dir=run_dir)
     metrics = EngineManifest.load(path).metrics or {}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_plain))
     log.info("exported spikes engine %s", path)
@@ -148,7 +156,7 @@ def train_video_on_recording(cfg: LoopcastConfig, rec: Recording, run_dir: Path,
                              export: bool = True, progress: bool = True) -> tuple[VideoTrainResult, Path | None]:
     """Train [train_video] on the recording (its prepared dF/F volumes); export the best checkpoint to
     the engine registry unless export=False. Under torchrun only rank 0 exports."""
-    from offline_training.export_video import export_video_engine
+    from loopcast.offline_training.video.export import export_video_engine
     vc = cfg.train_video
     sr = int(vc.model_options.get("super_resolution", 0))
     data = VideoData(rec, vc.data, super_resolution=sr)

@@ -70,6 +70,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
 class PNM(nn.Module):
     """Behaviour head: (B, n_times, N) spike probabilities, (N, 3) positions [, mask] -> (B, d_beh)."""
 
+    freqs: torch.Tensor                      # buffer (register_buffer)
+
     def __init__(self, config: PNMConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or PNMConfig()

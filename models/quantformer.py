@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.vq import VectorQuantizer, code_stats
+from loopcast.models.vq import VectorQuantizer, code_stats
 
 DECODES = ("argmax", "expected")
 
@@ -131,6 +131,9 @@ class Block(nn.Module):
 class QuantFormer(nn.Module):
     """Masked auto-encoder with a VQ codebook, an activation head and a code-classification head."""
 
+    mean: torch.Tensor                       # buffers (register_buffer)
+    std: torch.Tensor
+
     def __init__(self, config: QuantFormerConfig) -> None:
         super().__init__()
         self.config = cfg = config
@@ -200,6 +203,7 @@ class QuantFormer(nn.Module):
         n, d = neuron_ids.shape[0], self.config.d_model
         special = [self.neuron_embed(neuron_ids)[None, :, None].expand(b, n, 1, d)]
         if self.stimulus is not None:
+            assert cov is not None, "a model with a stimulus token takes covariates (see _check)"
             special.append(self.stimulus(cov.reshape(b, -1))[:, None, None].expand(b, n, 1, d))
         return torch.cat(special, dim=2) + self.special                                 # (B, n, s, d)
 
@@ -306,6 +310,8 @@ class QuantFormer(nn.Module):
 
 class _AllNeurons(nn.Module):
     """Base of the export wrappers: runs `model` on all N neurons (ids 0..N-1) of a (B, C, N) context."""
+
+    ids: torch.Tensor                        # buffer (register_buffer)
 
     def __init__(self, model: QuantFormer) -> None:
         super().__init__()

@@ -31,8 +31,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.sbm_attention import (ROUTINGS, RMSNorm, RoutingConfig, SpatialAttention, TemporalAttention,
-                                  spatial_rope_angles)
+from loopcast.models.sbm_attention import (
+    ROUTINGS,
+    RMSNorm,
+    RoutingConfig,
+    SpatialAttention,
+    TemporalAttention,
+    spatial_rope_angles,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -180,6 +186,8 @@ class SBMBlock(nn.Module):
 class SparseBrainModel(nn.Module):
     """SBM: logits (B, T, N) for the next step of spike probabilities (B, T, N); forward() rolls out
     `horizon` steps from a (B, C, N) context into (B, H, N) probabilities."""
+
+    positions: torch.Tensor                  # buffer (register_buffer)
 
     def __init__(self, config: SBMConfig, positions: torch.Tensor | np.ndarray) -> None:
         super().__init__()

@@ -271,6 +271,11 @@ class SpatialAttention(nn.Module):
     """Multi-head attention across the neurons of each time step (+ a stimulus key/value), dense or
     routed into clusters of exactly `routing.width` tokens (see the module docstring)."""
 
+    swap: torch.Tensor                       # buffers (register_buffer)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    centroids: torch.Tensor                  # routed attention only
+
     def __init__(self, d_model: int, n_heads: int, angles: torch.Tensor, routing: RoutingConfig) -> None:
         super().__init__()
         self.n_heads, self.routing = n_heads, routing
@@ -371,6 +376,8 @@ class SpatialAttention(nn.Module):
 
 class TemporalAttention(nn.Module):
     """Causal multi-head attention along time within each neuron, with RoPE over time indices."""
+
+    swap: torch.Tensor                       # buffer (register_buffer)
 
     def __init__(self, d_model: int, n_heads: int, base: float = 10000.0) -> None:
         super().__init__()

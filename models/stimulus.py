@@ -18,8 +18,8 @@ what the stimulus protocol alone explains). It is fitted, not gradient-trained:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class StimulusBaseline:
         self.profiles: dict[int, TrialProfile] = {}
 
     def fit(self, traces: np.ndarray, covariates: np.ndarray, offsets: tuple[int, ...] | list[int],
-            train_spans: Mapping[int, Span | None]) -> "StimulusBaseline":
+            train_spans: Mapping[int, Span | None]) -> StimulusBaseline:
         """Fit every condition k with a train span (start, stop) in `train_spans`; returns self."""
         if covariates.ndim != 2 or covariates.shape[0] != traces.shape[0]:
             raise ValueError(f"covariates {covariates.shape} must be (T, K) with T = {traces.shape[0]}")

@@ -25,11 +25,12 @@ Normalisation: as NLinear (subtract each neuron's last context value, add it bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from models.tsmixer import RevIN
+from loopcast.models.tsmixer import RevIN
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,9 @@ class TiDE(nn.Module):
         # z: (B, N, C), proj: (B, C + H, r)
         cfg = self.config
         flat = proj.flatten(1).unsqueeze(1)                       # (B, 1, (C + H) r)
-        e = self.encoder[0].forward_split(z, flat)                # (B, N, hidden)
-        for block in self.encoder[1:]:
+        first, rest = cast(ResidualBlock, self.encoder[0]), cast(nn.Sequential, self.encoder[1:])  # as built
+        e = first.forward_split(z, flat)                          # (B, N, hidden)
+        for block in rest:
             e = block(e)                                          # (B, N, hidden)
         d = self.decoder(e).unflatten(-1, (cfg.horizon, cfg.decoder_dim))  # (B, N, H, p)
         future = proj[:, cfg.context:].unsqueeze(1)               # (B, 1, H, r)

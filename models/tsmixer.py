@@ -122,6 +122,8 @@ class FeatureMixing(nn.Module):
 class TSMixer(nn.Module):
     """Forecast (B, H, N) from (B, C, N) with TSMixer blocks and a temporal projection C -> H."""
 
+    config: TSMixerConfig | TimeMixConfig         # TimeMix keeps its own config
+
     def __init__(self, config: TSMixerConfig) -> None:
         super().__init__()
         self.config = config
@@ -175,8 +177,9 @@ class TimeMix(TSMixer):
 
     def __init__(self, config: TimeMixConfig | None = None) -> None:
         nn.Module.__init__(self)
-        self.config = config or TimeMixConfig()  # type: ignore[assignment]
-        self._build(self.config.to_tsmixer())   # type: ignore[union-attr]
+        cfg = config or TimeMixConfig()
+        self.config = cfg
+        self._build(cfg.to_tsmixer())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,8 @@ class VideoUNetConfig:
     @property
     def total_factor(self) -> tuple[int, int, int]:
         """Cumulative downsampling factor per axis."""
-        return tuple(math.prod(f[a] for f in self.downsample) for a in range(3))  # type: ignore[return-value]
+        x, y, z = (math.prod(f[a] for f in self.downsample) for a in range(3))
+        return x, y, z
 
 
 def _normalise_downsample(value: Any) -> tuple[tuple[int, int, int], ...]:
@@ -112,8 +113,9 @@ def receptive_field(cfg: VideoUNetConfig) -> tuple[int, int, int]:
     centre voxel plus 2 per 3x3x3 conv (4 blocks x 2 + input + output = 10 convs) = 21; otherwise the
     cumulative factor x 4 lowest-resolution blocks x 4 (2 convs, each widening it by 2)."""
     if not cfg.downsample:
-        return (1 + (LOWEST_BLOCKS * 2 + 2) * 2,) * 3  # type: ignore[return-value]
-    return tuple(f * LOWEST_BLOCKS * 4 for f in cfg.total_factor)  # type: ignore[return-value]
+        return (1 + (LOWEST_BLOCKS * 2 + 2) * 2,) * 3
+    x, y, z = (f * LOWEST_BLOCKS * 4 for f in cfg.total_factor)
+    return x, y, z
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -136,7 +138,10 @@ class VolumeGroupNorm(nn.GroupNorm):
         if x.is_cuda or torch.compiler.is_exporting():   # exported programs may be served on a GPU
             return self.fused(x, scale, shift)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # faster on the CPU
-        return y if scale is None else y * (1.0 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+        if scale is None:
+            return y
+        assert shift is not None, "FiLM needs scale and shift"
+        return y * (1.0 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
 
     def fused(self, x: torch.Tensor, scale: torch.Tensor | None = None,
               shift: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,7 +211,8 @@ def export_copy(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
-            if type(child) in (nn.GroupNorm, VolumeGroupNorm):
+            # exactly these two (an AxiswiseGroupNorm is a GroupNorm too)
+            if isinstance(child, nn.GroupNorm) and type(child) in (nn.GroupNorm, VolumeGroupNorm):
                 new = AxiswiseGroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
                 new.load_state_dict(child.state_dict())
                 setattr(module, name, new)
@@ -312,7 +318,7 @@ class VideoUNet(nn.Module):
             h = blk(h, cond)                                          # (B, F, lowest resolution)
         for i in reversed(range(len(self.up))):
             h = self.unpool[i](h) + skips[i]                          # (B, F, x, y, z) at level i
-            for blk in self.up[i]:
+            for blk in cast(nn.ModuleList, self.up[i]):
                 h = blk(h, cond)
         return h                                                      # (B, F, Xp, Yp, Zp)
 

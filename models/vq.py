@@ -28,6 +28,8 @@ class VQOutput:
 class VectorQuantizer(nn.Module):
     """A codebook of `size` vectors of dimension `dim`, nearest-neighbour assignment."""
 
+    usage: torch.Tensor                      # buffer (register_buffer)
+
     def __init__(self, size: int, dim: int, commitment: float = 0.25, normalise: bool = True,
                  usage_decay: float = 0.9) -> None:
         super().__init__()

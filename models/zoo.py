@@ -1,7 +1,7 @@
 """Model registry: name -> (config dataclass, module class), and a strict builder.
 
 MODELS holds the trace forecasters (what `[train] model` may name); SPIKE_MODELS the causal spike
-inference networks (offline_training.spike_train); VIDEO_MODELS the volumetric video forecasters.
+inference networks (offline_training.spikes.train); VIDEO_MODELS the volumetric video forecasters.
 `build_model` builds any of them.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 from torch import nn
 
 from loopcast.config import from_dict
-from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
-from models.linear import NLinear, NLinearConfig
-from models.spikenet import SpikeNet, SpikeNetConfig
-from models.tide import TiDE, TiDEConfig
-from models.tsmixer import TimeMix, TimeMixConfig, TSMixer, TSMixerConfig
-from models.video_unet import VideoUNet, VideoUNetConfig
+from loopcast.models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.models.spikenet import SpikeNet, SpikeNetConfig
+from loopcast.models.tide import TiDE, TiDEConfig
+from loopcast.models.tsmixer import TimeMix, TimeMixConfig, TSMixer, TSMixerConfig
+from loopcast.models.video_unet import VideoUNet, VideoUNetConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "nlinear": (NLinearConfig, NLinear),

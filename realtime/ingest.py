@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from realtime.metrics import Metrics
-from realtime.shm import ShmReader
-from realtime.wire import Frame, WireError, decode_frame
+import numpy as np
+
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.codec import Frame, FrameHeader, WireError, decode_frame, encode_frame
+from loopcast.realtime.wire.shm import ShmReader
 
 log = logging.getLogger(__name__)
 LOG_INTERVAL_S = 5.0   # per kind of problem: log the first at once, then at most one line per interval
@@ -69,6 +72,16 @@ class Ingest:
 
     def setup(self) -> None:
         self.last_seq = None
+
+    def warm_up(self) -> None:
+        """Decode one synthetic frame message of the rig's shape and dtype in each memory order (the
+        header codec and the payload view), as `process` would, without counting it or recording its seq."""
+        rig = self.rig
+        for order in ("F", "C"):
+            volume = np.zeros(rig.shape, rig.dtype, order=order)
+            header = FrameHeader(seq=0, t_src_ns=time.time_ns(), shape=rig.shape, dtype=rig.dtype, order=order,
+                                 rig=rig.name, stimulus=(0.0,) * rig.n_covariates)
+            decode_frame(encode_frame(header, volume), rig.shape, rig.dtype, self.shm)
 
     def process(self, parts: Sequence[Any]) -> Frame | None:
         try:

@@ -91,6 +91,9 @@ class Metrics:
         self.stimulations = Counter("loopcast_stimulations_total", "Trigger commands applied by a "
                                     "(simulated) stimulator", registry=r)
         self.errors = Counter("loopcast_errors_total", "Failures that escalated", ["kind"], registry=r)
+        self.stage_skipped = Counter("loopcast_stage_frames_skipped_total", "Frames a forecast stage served "
+                                     "beside the first did not run on: it was busy with an earlier frame and "
+                                     "ran on the newest next (stage = its topic)", ["stage"], registry=r)
         self.engine_swaps = Counter("loopcast_engine_swaps_total", "Engine versions switched to at a "
                                     "frame boundary (hot swap)", registry=r)
         self.engine_load_failures = Counter("loopcast_engine_load_failures_total", "Newer engine versions "
@@ -101,11 +104,18 @@ class Metrics:
         self.armed = Gauge("loopcast_controller_armed", "1 when the controller is armed", registry=r)
         self._latency = {s: LatencyRecorder(self.stage_latency.labels(stage=s), self.config.keep_samples)
                          for s in STAGES}
+        self._latency_lock = threading.Lock()
         self._server: Any = None
         self.port: int | None = None
 
     def latency(self, stage: str) -> LatencyRecorder:
-        return self._latency[stage]
+        """The recorder of a stage label: one of STAGES, or another made on first use (e.g. a second
+        forecast stage's topic, 'forecast/sbm')."""
+        with self._latency_lock:
+            if stage not in self._latency:
+                self._latency[stage] = LatencyRecorder(self.stage_latency.labels(stage=stage),
+                                                       self.config.keep_samples)
+            return self._latency[stage]
 
     def serve(self) -> int | None:
         """Start the /metrics endpoint (if enabled); returns the bound port."""
@@ -139,7 +149,9 @@ class Metrics:
         return float(value or 0.0)
 
     def summary(self) -> dict[str, Any]:
-        latency = {s: r.summary() for s, r in self._latency.items()}
+        with self._latency_lock:
+            recorders = dict(self._latency)
+        latency = {s: r.summary() for s, r in recorders.items()}
         return {"process": self.process, "latency": {s: q for s, q in latency.items() if q["count"]},
                 "counters": self.counters()}
 

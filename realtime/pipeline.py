@@ -5,26 +5,37 @@ but only the newest of a backlog is forecast: latency stays bounded and what was
 in `loopcast_frames_dropped_total{reason="forecast_skipped"}`. Several stages (e.g. a forecaster and an
 activation predictor) may run side by side: each has its own context buffer of its engine's rows and
 runs once its context is full and its inputs (dF/F, spike estimates) are past warm-up.
+
+The first stage (the main forecaster) runs on the loop's thread. The others run as
+`pipeline.forecast.also_schedule` says (realtime.forecast.stage.SCHEDULES): by default each in its own
+thread on the newest frame it can take (realtime.forecast.worker), so no stage waits for another and a
+slow one skips frames, counted per stage (`PipelineReport.skipped`,
+`loopcast_stage_frames_skipped_total{stage}`). Every stage has its own hot swap and failure count; a
+worker's failure streak is raised in the loop's thread.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from realtime.context import ContextBuffer
-from realtime.forecast import ForecastConfig, ForecastStage
-from realtime.ingest import Ingest, RigConfig
-from realtime.metrics import Metrics
-from realtime.preprocess import Preprocess, PreprocessConfig
-from realtime.wire import Frame, FrameHeader
+from loopcast.realtime.forecast.context import ContextBuffer
+from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage
+from loopcast.realtime.forecast.worker import MAX_CONSECUTIVE_FAILURES as MAX_CONSECUTIVE_FAILURES
+from loopcast.realtime.forecast.worker import StageRunner, StageWorker
+from loopcast.realtime.ingest import Ingest, RigConfig
+from loopcast.realtime.jit import cache_dir as kernel_cache_dir
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig
+from loopcast.realtime.wire.codec import Frame
 
 log = logging.getLogger(__name__)
-MAX_CONSECUTIVE_FAILURES = 10  # a broken engine stops the pipeline loudly instead of limping on
+DRAIN_TIMEOUT_S = 60.0   # at the end of a run, how long the stages beside the first may take to finish
 
 
 @dataclass(frozen=True)
@@ -49,19 +60,38 @@ class PipelineConfig:
 
 class FrameSource(Protocol):
     """Anything that yields raw multipart messages: a live ZeroMQ subscriber
-    (realtime.transport.Subscriber) or a recording read in process (replay.player.RecordingSource)."""
+    (realtime.wire.transport.Subscriber) or a recording read in process (replay.player.RecordingSource)."""
 
     @property
     def finished(self) -> bool: ...
-    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]: ...
+    def recv_all(self, timeout_ms: int, limit: int = 64) -> Sequence[Sequence[Any]]: ...
     def close(self) -> None: ...
+
+
+class _Unconnected:
+    """The source of a pipeline built without one, until `Pipeline.connect`."""
+
+    finished = False
+
+    def recv_all(self, timeout_ms: int, limit: int = 64) -> Sequence[Sequence[Any]]:
+        raise RuntimeError("the pipeline has no frame source yet: warm_up(), then connect(source)")
+
+    def close(self) -> None:
+        pass
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 @dataclass
 class PipelineReport:
     """What a run did, for the summary file and the demo. `forecasts` and `first_forecast_seq` are the
-    first stage's (`Pipeline.forecast`); `published` and `failures` count per stage, keyed by its topic
-    ('forecast/<model>', 'activation/<model>')."""
+    first stage's (`Pipeline.forecast`); `published`, `failures` and `skipped` (frames a stage was
+    ready for but did not run on, being busy) count per stage, keyed by its topic ('forecast/<model>',
+    'activation/<model>'); `latency` names each stage's label of loopcast_stage_latency_seconds{stage}."""
 
     frames: int = 0
     forecasts: int = 0
@@ -69,6 +99,8 @@ class PipelineReport:
     first_forecast_seq: int | None = None
     published: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,15 +109,16 @@ class Pipeline:
     `forecast` is one stage or a sequence of them; `self.forecast` / `self.context` are the first
     stage and its buffer, `self.stages` / `self.contexts` all of them."""
 
-    def __init__(self, cfg: PipelineConfig, rig: RigConfig, source: FrameSource,
+    def __init__(self, cfg: PipelineConfig, rig: RigConfig, source: FrameSource | None,
                  segmentation: np.ndarray, forecast: ForecastStage | Sequence[ForecastStage], metrics: Metrics,
                  shm_dir: str = "/dev/shm") -> None:
         self.cfg = cfg
-        self.source = source
+        self.rig = rig
+        self.source: FrameSource = source if source is not None else _Unconnected()
         self.metrics = metrics
         self.ingest = Ingest(rig, metrics, shm_dir)
         self.preprocess = Preprocess(segmentation, cfg.preprocess, rig.frame_period_s, metrics)
-        self.stages = list(forecast) if isinstance(forecast, (list, tuple)) else [forecast]
+        self.stages = [forecast] if isinstance(forecast, ForecastStage) else list(forecast)
         if not self.stages:
             raise ValueError("a pipeline needs at least one forecast stage")
         names = [s.name for s in self.stages]
@@ -98,11 +131,47 @@ class Pipeline:
         self.contexts = [ContextBuffer(s.context, s.row_size(n)) for s in self.stages]
         self.forecast, self.context = self.stages[0], self.contexts[0]
         self.report = PipelineReport()
-        self._failures = [0] * len(self.stages)
+        self._report_lock = threading.Lock()
+        kinds: set[str] = set()
+        for stage in self.stages:   # the first stage of a kind keeps its label ('forecast'), others their topic
+            if stage.kind in kinds:
+                stage.record_latency_as(stage.name)
+            kinds.add(stage.kind)
+            self.report.latency[stage.name] = stage.latency_label
+        self.runners = [StageRunner(s, metrics, self._tally) for s in self.stages]
+        self.schedule = cfg.forecast.also_schedule
+        self.workers = [] if self.schedule == "serial" else \
+            [StageWorker(r, cfg.forecast.also_nice) for r in self.runners[1:]]
         self.stop_event = threading.Event()
 
+    def warm_up(self) -> dict[str, float]:
+        """Run every stage's compiled and lazily initialised paths once, on synthetic input of the real
+        shapes (the rig's volume shape and dtype, in both memory orders; the segmentation's N), before
+        any frame is subscribed to (`loopcast.app.build_pipeline` calls it, then `connect`). On a fresh
+        install numba compiled the preprocessing kernels on the first frames (~10 s at the demo scale)
+        and a GPU engine set itself up on its first call, while frames queued and were lost. No stage's
+        state changes: no warm-up frame reaches a dF/F window, the spike estimator, a context buffer or a
+        counter. Returns seconds per part ('ingest', 'preprocess.traces', ..., one per forecast stage
+        by its topic), also logged."""
+        t0 = time.perf_counter()
+        times = {"ingest": _timed(self.ingest.warm_up)}
+        times.update({f"preprocess.{k}": v for k, v in self.preprocess.warm_up(self.rig.dtype).items()})
+        n = self.preprocess.n_neurons
+        for stage in self.stages:
+            times[stage.name] = stage.warm_up(n)
+        log.info("warm-up before subscribing to frames: %.0f ms (%s; numba kernel cache %s)",
+                 (time.perf_counter() - t0) * 1e3, ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()),
+                 kernel_cache_dir() or "off")
+        return times
+
+    def connect(self, source: FrameSource) -> None:
+        """Take frames from `source` from now on (after `warm_up`: a subscription makes a source send)."""
+        self.source = source
+
     def step(self, timeout_ms: int | None = None) -> int:
-        """Receive what is queued, process it; returns the number of valid frames handled."""
+        """Receive what is queued, process it; returns the number of valid frames handled. Raises a
+        stage's failure streak, a worker's included."""
+        self._check_workers()
         msgs = self.source.recv_all(self.cfg.source.poll_ms if timeout_ms is None else timeout_ms,
                                     self.cfg.source.max_batch)
         received = [f for f in (self.ingest.process(m) for m in msgs) if f is not None]
@@ -124,29 +193,39 @@ class Pipeline:
         self.report.frames += len(frames)
         self.report.last_seq = frames[-1].header.seq
         header = frames[-1].header
-        for i, stage in enumerate(self.stages):
-            if ready[i] and self._run_stage(i, header) and i == 0:
-                self._first_stage_done(header.seq)
+        if ready[0] and self.runners[0].run(self.context.window(), header):   # first: its latency comes first
+            self._first_stage_done(header.seq)
+        for i in range(1, len(self.stages)):
+            if not ready[i]:
+                continue
+            if self.workers:
+                self.workers[i - 1].offer(self.contexts[i].window(), header)
+            else:
+                self.runners[i].run(self.contexts[i].window(), header)
+        if self.schedule == "every":
+            for worker in self.workers:
+                worker.wait_idle()
         if any(ready) and len(frames) > 1:
             self.metrics.frames_dropped.labels(reason="forecast_skipped").inc(len(frames) - 1)
+        self._check_workers()
 
-    def _run_stage(self, i: int, header: FrameHeader) -> bool:
-        """Run stage i on its window; True if it published. Failures are counted per stage and escalate
-        after MAX_CONSECUTIVE_FAILURES in a row."""
-        stage = self.stages[i]
-        try:
-            stage.process(self.contexts[i].window(), header)
-        except Exception:
-            self._failures[i] += 1
-            self.report.failures[stage.name] = self.report.failures.get(stage.name, 0) + 1
-            self.metrics.errors.labels(kind=stage.kind).inc()
-            log.exception("%s failed for seq %d (%d in a row)", stage.name, header.seq, self._failures[i])
-            if self._failures[i] >= MAX_CONSECUTIVE_FAILURES:
-                raise
-            return False
-        self._failures[i] = 0
-        self.report.published[stage.name] = self.report.published.get(stage.name, 0) + 1
-        return True
+    def _tally(self, name: str, what: str) -> None:
+        """Count one published, failed or skipped frame of a stage in the report (workers call it too)."""
+        with self._report_lock:
+            counts: dict[str, int] = getattr(self.report, what)
+            counts[name] = counts.get(name, 0) + 1
+
+    def _check_workers(self) -> None:
+        """Raise, here in the loop's thread, the failure streak that ended a worker."""
+        for worker in self.workers:
+            worker.check()
+
+    def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Wait until every stage beside the first has run the frames it was given (False on timeout);
+        raises a worker's failure streak."""
+        done = all([w.wait_idle(timeout_s) for w in self.workers])
+        self._check_workers()
+        return done
 
     def _first_stage_done(self, seq: int) -> None:
         self.report.forecasts += 1
@@ -170,12 +249,18 @@ class Pipeline:
             if idle and last_frame is not None and time.monotonic() - last_frame > idle:
                 log.info("no frame for %.1f s: source finished", idle)
                 break
+        if not self.stop_event.is_set() and not self.drain():
+            log.warning("stages still busy %.0f s after the last frame", DRAIN_TIMEOUT_S)
         return self.report
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def close(self) -> None:
+        """Stop the stages' threads (a frame still pending is counted as skipped), then close the source,
+        ingest and the stages. No thread of the pipeline's is left running."""
+        for worker in self.workers:
+            worker.stop()
         self.source.close()
         self.ingest.close()
         for stage in self.stages:

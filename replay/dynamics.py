@@ -17,7 +17,7 @@ import numpy as np
 from scipy.linalg import cholesky, solve_discrete_lyapunov
 from scipy.spatial import cKDTree
 
-from replay.protocol import N_COVARIATES
+from loopcast.replay.protocol import N_COVARIATES
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class CalciumKernel:
     norm: float
 
     @classmethod
-    def build(cls, dt: float, tau_rise: float, tau_decay: float) -> "CalciumKernel":
+    def build(cls, dt: float, tau_rise: float, tau_decay: float) -> CalciumKernel:
         t = np.arange(int(np.ceil(20 * tau_decay / dt)) + 2) + 0.5
         k = np.exp(-t * dt / tau_decay) - np.exp(-t * dt / tau_rise)
         return cls(float(np.exp(-dt / tau_decay)), float(np.exp(-dt / tau_rise)),

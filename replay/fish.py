@@ -21,13 +21,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from replay.anatomy import Anatomy, brain_mask, build_anatomy  # noqa: F401  (re-exported)
-from replay.dynamics import (CalciumKernel, behaviour_drivers, ensemble_coupling, latent_dynamics,
-                             stimulus_input)
-from replay.protocol import (CONDITION_COVARIATES, CONDITION_NAMES, FRAME_PERIOD_S,  # noqa: F401  (re-exported)
-                             N_COVARIATES, ZAPBENCH_CONDITION_OFFSETS, Schedule, condition_offsets,
-                             schedule_for_seed)
-from replay.render import Renderer, solve_shot_gain
+from loopcast.replay.anatomy import Anatomy, brain_mask, build_anatomy  # noqa: F401  (re-exported)
+from loopcast.replay.dynamics import (
+    CalciumKernel,
+    behaviour_drivers,
+    ensemble_coupling,
+    latent_dynamics,
+    stimulus_input,
+)
+from loopcast.replay.protocol import (  # noqa: F401  (the constants and condition_offsets are re-exported)
+    CONDITION_COVARIATES,
+    CONDITION_NAMES,
+    FRAME_PERIOD_S,
+    N_COVARIATES,
+    ZAPBENCH_CONDITION_OFFSETS,
+    Schedule,
+    condition_offsets,
+    schedule_for_seed,
+)
+from loopcast.replay.render import Renderer, solve_shot_gain
 
 
 @dataclass(frozen=True)
@@ -225,6 +237,12 @@ class FishModel:
             if start <= t:
                 drive[tg] += gain
         return drive, drive > 0
+
+    def warm_up(self, out: np.ndarray | None = None) -> None:
+        """Render one blank volume into `out` (as `step` takes it; a scratch volume when None) without
+        advancing the fish or drawing from its random streams: its frames stay what an unwarmed fish's
+        would be (replay.render.Renderer.warm_up)."""
+        self._renderer.warm_up(self.cfg.n_neurons, self._renderer.check_out(out))
 
     def step(self, covariates: np.ndarray, out: np.ndarray | None = None) -> FishFrame:
         """Advance one frame under `covariates` (26,); render into `out` ((x, y, z) uint16 F-contiguous,

@@ -21,18 +21,26 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from replay.fish import (CONDITION_NAMES, FRAME_PERIOD_S, N_COVARIATES,  # noqa: F401  (re-exported)
-                         ZAPBENCH_CONDITION_OFFSETS)
-from replay.store import (Expect, Location, RecordingError, check, dtype_of, exists, is_remote,  # noqa: F401
-                          join, normalize, open_array, read_ahead, read_key)   # (RecordingError re-exported)
-
-if TYPE_CHECKING:
-    from replay.writer import RecordingWriter  # noqa: F401  (re-exported lazily, see __getattr__)
+from loopcast.replay.fish import CONDITION_NAMES, FRAME_PERIOD_S, N_COVARIATES, ZAPBENCH_CONDITION_OFFSETS
+from loopcast.replay.store import (
+    Expect,
+    Location,
+    RecordingError,
+    check,
+    dtype_of,
+    exists,
+    is_remote,
+    join,
+    normalize,  # (RecordingError re-exported)
+    open_array,
+    read_ahead,
+    read_key,
+)
 
 TRAIN_CONDITIONS: tuple[int, ...] = (0, 1, 2, 4, 5, 6, 7, 8)
 HOLDOUT_CONDITIONS: tuple[int, ...] = (3,)
@@ -50,14 +58,6 @@ XYZT: tuple[str, ...] = ("x", "y", "z", "t")
 MAX_LEVELS = 8
 
 
-def __getattr__(name: str) -> Any:
-    """`from replay.layout import RecordingWriter` keeps working (it lives in replay.writer)."""
-    if name == "RecordingWriter":
-        from replay.writer import RecordingWriter
-        return RecordingWriter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def level_candidates(name: str, level: int) -> list[str]:
     """Array names that may hold volume `name` at multiscale `level` (ZAPBench's spelling first)."""
     first = [name] if level == 0 else []
@@ -69,7 +69,8 @@ class Volume:
 
     def __init__(self, name: str, level: int, location: str, array: ts.TensorStore) -> None:
         self.name, self.level, self.location, self.array = name, level, location, array
-        self.shape: tuple[int, int, int] = tuple(int(s) for s in array.shape[:3])  # type: ignore[assignment]
+        x, y, z = (int(s) for s in array.shape[:3])
+        self.shape = (x, y, z)
         self.n_frames: int = int(array.shape[3])
         self.dtype: np.dtype = dtype_of(array)
 
@@ -108,13 +109,13 @@ class Recording:
         self._volumes: dict[tuple[str, int], Volume] = {}
         self.n_frames: int = int(meta["n_frames"])
         self.n_neurons: int = int(meta["n_neurons"])
-        self.volume_shape: tuple[int, int, int] = tuple(meta["volume_shape"])  # type: ignore[assignment]
+        self.volume_shape: tuple[int, int, int] = tuple(meta["volume_shape"])
         self.frame_period_s: float = float(meta["frame_period_s"])
         self.condition_offsets: tuple[int, ...] = tuple(int(o) for o in meta["condition_offsets"])
         self.condition_names: tuple[str, ...] = tuple(meta["condition_names"])
 
     @classmethod
-    def open(cls, root: Location) -> "Recording":
+    def open(cls, root: Location) -> Recording:
         """Open and validate the recording at a path or URL; any problem raises RecordingError naming it."""
         root = normalize(root)
         if not is_remote(root) and not Path(root).is_dir():

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from realtime.transport import Publisher, TransportConfig, VolumeSender
-from realtime.wire import FrameHeader, encode_frame, volume_order
-from replay.layout import Recording
+from loopcast.realtime.wire.codec import FrameHeader, encode_frame, volume_order
+from loopcast.realtime.wire.transport import Publisher, TransportConfig, VolumeSender
+from loopcast.replay.layout import Recording
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,22 @@ class Player:
                              f"{self.rec.n_frames} frames")
         return range(self.cfg.start, end)
 
+    def warm_up(self) -> dict[str, float]:
+        """Before the first volume is published: one read of the first frame to be sent (the store's
+        threads, codecs and first chunks; discarded) and what the sender needs for volumes like it (shm:
+        its ring). Returns seconds per part ('read', 'sender'), also logged."""
+        t0 = time.perf_counter()
+        volume = self.volumes.read(self.frame_range()[0])
+        t1 = time.perf_counter()
+        self.sender.prepare(volume.shape, str(volume.dtype), volume_order(volume))
+        times = {"read": t1 - t0, "sender": time.perf_counter() - t1}
+        log.info("replay warm-up before publishing: %s", ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
+        return times
+
     def run(self, progress: bool = True) -> ReplayReport:
+        """Warm up, wait for the subscribers, then send the frames on schedule."""
         frames = self.frame_range()
+        self.warm_up()
         if self.cfg.wait_subscribers and not self.publisher.wait_for_subscribers(
                 self.cfg.wait_subscribers, self.cfg.wait_timeout_s):
             raise TimeoutError(f"no subscriber on {self.endpoint} after {self.cfg.wait_timeout_s} s")
@@ -123,7 +137,7 @@ def frame_message(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.n
 
 class RecordingSource:
     """A recording as a pipeline frame source, in process and without sockets (the recorded twin of
-    realtime.transport.Subscriber): the same messages a replay would send, one per call, as fast as
+    realtime.wire.transport.Subscriber): the same messages a replay would send, one per call, as fast as
     the pipeline takes them. For offline runs of the real-time code on recorded data."""
 
     def __init__(self, recording: Recording, rig: str, start: int = 0, stop: int = 0) -> None:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from replay.anatomy import Nuclei
+from loopcast.replay.anatomy import Nuclei
 
 CHUNK = 1 << 18           # voxels per work item (1 MiB of float32: stays in cache)
 NOISE_MARGIN = 1 << 22    # the noise bank's length beyond the volume: the range of per-frame offsets
@@ -79,10 +79,11 @@ class Renderer:
         self._rng = rng
         self._bank = rng.standard_normal(self.size + NOISE_MARGIN, dtype=np.float32)
         starts = np.arange(0, self.size, CHUNK)
-        self._split = np.searchsorted(nuclei.idx, np.r_[starts, self.size])   # (K+1,) nuclear range per chunk
+        self._split = np.searchsorted(nuclei.idx, np.append(starts, self.size))  # (K+1,) nuclear range per chunk
         chunk_of = np.repeat(np.arange(len(starts)), np.diff(self._split))
         self._loc = (nuclei.idx - starts[chunk_of]).astype(np.intp)           # (M,) index inside its chunk
-        self._threads = max(1, min(MAX_THREADS, os.cpu_count() or 1, len(starts)))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._threads = max(1, min(MAX_THREADS, cpus, len(starts)))   # the CPUs this process may run on
         m = int(np.diff(self._split).max()) if len(starts) else 0
         self._scratch = [tuple(np.zeros(k, np.float32) for k in (CHUNK, CHUNK, m, m))
                          for _ in range(self._threads)]
@@ -100,10 +101,19 @@ class Renderer:
             raise ValueError("out must be Fortran-contiguous (x fastest) and writeable")
         return out
 
-    def render(self, fluor: np.ndarray, neuropil_gain: float, out: np.ndarray) -> None:
+    def render(self, fluor: np.ndarray, neuropil_gain: float | np.float32, out: np.ndarray) -> None:
         """Write the frame for per-neuron F `fluor` (N,) float32 into `out` (checked by check_out)."""
+        self._render_at(int(self._rng.integers(0, NOISE_MARGIN + 1)), fluor, neuropil_gain, out)
+
+    def warm_up(self, n_neurons: int, out: np.ndarray) -> None:
+        """Render a blank frame into `out` (checked by check_out) at noise offset 0, drawing nothing from
+        the random stream: the worker threads start and `out`'s pages are written before the first real
+        frame, whose pixels stay bit-identical to an unwarmed renderer's."""
+        self._render_at(0, np.zeros(n_neurons, np.float32), 1.0, out)
+
+    def _render_at(self, o: int, fluor: np.ndarray, neuropil_gain: float | np.float32, out: np.ndarray) -> None:
+        """`render` with the frame's noise offset `o` given."""
         flat = out.reshape(-1, order="F")                          # a view: out is F-contiguous
-        o = int(self._rng.integers(0, NOISE_MARGIN + 1))
         fluor = np.ascontiguousarray(fluor, np.float32)
         g = np.float32(neuropil_gain)
         if self._threads == 1:

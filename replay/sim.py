@@ -18,10 +18,9 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from realtime.transport import Publisher, TransportConfig, VolumeSender
-from realtime.wire import (FrameHeader, TriggerCommand, WireError, encode_frame, mqtt_topic,
-                           volume_order)
-from replay.fish import FishFrame, FishModel, stimulus_schedule
+from loopcast.realtime.wire.codec import FrameHeader, TriggerCommand, WireError, encode_frame, mqtt_topic, volume_order
+from loopcast.realtime.wire.transport import Publisher, TransportConfig, VolumeSender
+from loopcast.replay.fish import FishFrame, FishModel, stimulus_schedule
 
 log = logging.getLogger(__name__)
 FAULT_KINDS = ("duplicate_seq", "malformed_header", "truncated_payload", "bad_dtype")
@@ -104,8 +103,22 @@ class LiveSim:
         self.render_s: list[float] = []      # seconds per fish.step, for benchmarks
         self.mqtt_ready = asyncio.Event()
 
+    def warm_up(self) -> dict[str, float]:
+        """Before the first frame is published: the sender's buffers for the fish's volumes (zmq: a pooled
+        buffer; shm: the ring) and one blank render into them (the renderer's threads, the pages), without
+        advancing the fish or drawing from its random streams, so its frames are what an unwarmed sim sends.
+        Returns seconds per part ('sender', 'render'), also logged."""
+        t0 = time.perf_counter()
+        out = self.sender.warm_up(self.fish.cfg.shape, "uint16", "F")
+        t1 = time.perf_counter()
+        self.fish.warm_up(out)
+        times = {"sender": t1 - t0, "render": time.perf_counter() - t1}
+        log.info("sim warm-up before publishing: %s", ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
+        return times
+
     async def run(self, stop: asyncio.Event) -> SimReport:
-        """Stream until `stop` is set or n_frames were sent; returns the report."""
+        """Warm up, then stream until `stop` is set or n_frames were sent; returns the report."""
+        await asyncio.to_thread(self.warm_up)
         if self.mqtt is None:
             await self._stream(stop)
         else:

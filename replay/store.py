@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from realtime.wire import volume_order
+from loopcast.realtime.wire.codec import volume_order
 
 Location = str | Path
 ZARR3, ZARR2 = "zarr3", "zarr"
@@ -41,6 +41,16 @@ def context() -> ts.Context:
     if _CONTEXT is None:
         _CONTEXT = ts.Context(CONTEXT_SPEC)
     return _CONTEXT
+
+
+def set_threads(threads: int) -> None:
+    """Bound TensorStore's data-copy pool (chunk decoding and encoding: its CPU work) to `threads` for the
+    arrays opened from now on (the process's [runtime] tensorstore_threads, set at its start)."""
+    global _CONTEXT
+    if threads < 1:
+        raise ValueError(f"TensorStore threads must be >= 1, got {threads}")
+    CONTEXT_SPEC["data_copy_concurrency"] = {"limit": threads}
+    _CONTEXT = None
 
 
 # ---------------------------------------------------------------- locations

@@ -1,27 +1,27 @@
 """Synthesize a recording: run the synthetic fish through the stimulus protocol and write the ZAPBench layout.
 
 Traces are computed the way ZAPBench's come from the microscope: the mean of each neuron's segmentation
-voxels in every rendered (noisy, quantised) volume (realtime.traces, as the pipeline does), then the
-centred dF/F of realtime.dff. Rendering, trace extraction and compression overlap: the writer compresses
+voxels in every rendered (noisy, quantised) volume (realtime.preprocess.traces, as the pipeline does), then the
+centred dF/F of realtime.preprocess.dff. Rendering, trace extraction and compression overlap: the writer compresses
 and writes earlier volumes on TensorStore's threads while the fish renders the next one.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from loopcast.config import dump_toml
-from realtime.dff import DffConfig, centered_dff
-from realtime.traces import TraceExtractor
-from replay.fish import CONDITION_NAMES, FishConfig, FishModel, stimulus_schedule
-from replay.layout import CONFIG_FILE, Recording
-from replay.store import ZAPBENCH_CODEC, BloscCodec
-from replay.writer import RecordingWriter
+from loopcast.realtime.preprocess.dff import DffConfig, centered_dff
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.replay.fish import CONDITION_NAMES, FishConfig, FishModel, stimulus_schedule
+from loopcast.replay.layout import CONFIG_FILE, Recording
+from loopcast.replay.store import ZAPBENCH_CODEC, BloscCodec
+from loopcast.replay.writer import RecordingWriter
 
 GT_BLOCK = 64  # frames of ground truth buffered per write
 
@@ -32,7 +32,7 @@ class SynthConfig:
 
     fish: FishConfig = field(default_factory=FishConfig)
     n_frames: int = 1200
-    baseline_stride: int = 8          # F0 stride of realtime.dff.centered_dff (see its docstring)
+    baseline_stride: int = 8          # F0 stride of realtime.preprocess.dff.centered_dff (see its docstring)
     write_raw: bool = True
     opto_period_frames: int = 0       # > 0: a pulse every this many frames (0 = no stimulation)
     opto_n_targets: int = 20          # neurons per pulse, drawn from one random ensemble
@@ -76,7 +76,7 @@ def synthesize(cfg: SynthConfig, out: str | Path, progress: bool = True, overwri
     meta = {"condition_offsets": list(schedule.offsets), "condition_names": list(CONDITION_NAMES),
             "frame_period_s": fc.frame_period_s, "seed": fc.seed, "source": "synthetic", "timing": timing,
             "behaviour_neurons": [int(i) for i in fish.behaviour_neurons],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
     return writer.finish(meta)
 
 

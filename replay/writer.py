@@ -11,10 +11,29 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from replay.layout import (FORMAT, FRAME_PERIOD_S, GT_DTYPES, INCOMPLETE_MARKER, META_FILE, N_COVARIATES,
-                           VERSION, XYZT, Recording)
-from replay.store import (ZAPBENCH_CODEC, BloscCodec, BufferPool, Location, RecordingError, WriteQueue,
-                          create_array, is_remote, join, normalize)
+from loopcast.replay.layout import (
+    FORMAT,
+    FRAME_PERIOD_S,
+    GT_DTYPES,
+    INCOMPLETE_MARKER,
+    META_FILE,
+    N_COVARIATES,
+    VERSION,
+    XYZT,
+    Recording,
+)
+from loopcast.replay.store import (
+    ZAPBENCH_CODEC,
+    BloscCodec,
+    BufferPool,
+    Location,
+    RecordingError,
+    WriteQueue,
+    create_array,
+    is_remote,
+    join,
+    normalize,
+)
 
 VOLUME_CHUNKS = (512, 512, 1, 1)     # ZAPBench's raw / aligned / df_over_f chunks (clipped to the extent)
 TRACE_CHUNKS = (512, 512)            # ZAPBench's traces chunks
@@ -42,7 +61,8 @@ class RecordingWriter:
         if is_remote(self.root):
             raise RecordingError(f"{self.root}: writing is supported to local paths only")
         self.n_frames, self.n_neurons = int(n_frames), int(n_neurons)
-        self.volume_shape: tuple[int, int, int] = tuple(int(s) for s in volume_shape)  # type: ignore[assignment]
+        x, y, z = (int(s) for s in volume_shape)
+        self.volume_shape = (x, y, z)
         self.codec = codec
         _prepare_root(Path(self.root), overwrite)
         (Path(self.root) / INCOMPLETE_MARKER).touch()

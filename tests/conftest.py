@@ -7,16 +7,17 @@ for the whole session.
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
+from loopcast.broker import Broker, BrokerKind, find_mosquitto, start_broker
 from loopcast.settings import load_settings, new_run_dir
 from loopcast.workflows import ensure_engine, ensure_recording
-
-from loopcast.broker import Broker, BrokerKind, find_mosquitto, start_broker
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,6 +36,36 @@ def pytest_report_header(config: pytest.Config) -> str:
     else:
         which = f"mosquitto ({binary})"
     return f"loopcast mqtt_broker fixture: {which}"
+
+
+# --- pytest-xdist: `make test` runs `pytest -n 2 --dist loadfile` ------------------------------------------
+# loadfile runs each file whole on one worker, so its module fixtures are built once per run. Files that share
+# an expensive session fixture are made one unit here, so that one worker builds it, not both.
+XDIST_UNITS = {"tests/test_e2e_activation.py": "tests/test_cli.py"}     # both use qf_sbm_engines
+
+
+@pytest.hookimpl(optionalhook=True)                  # a hook of pytest-xdist, when it is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist", None) != "loadfile":
+        return None                                   # any other --dist: xdist's own scheduler
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileWithUnits(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return XDIST_UNITS.get(path, path)
+
+    return LoadFileWithUnits(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _torch_on_one_thread() -> None:
+    """Every test starts with torch on one intra-op thread, whatever the test before it set (a training
+    sets its config's `threads`). The tiny models here run several times slower on two threads than on
+    one as soon as the other core is busy (a second pytest-xdist worker, another job)."""
+    torch = sys.modules.get("torch")     # (loopcast.workflows, imported above, imports it)
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +97,59 @@ def loop_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
     return root, overrides
 
 
-# --- tiny real engines (torch modules exported through offline_training.export) ----------------------
+# Tiny QuantFormer and SBM trainings on the loop_setup recording (tests/test_cli.py, tests/test_e2e_activation.py).
+QF_OVERRIDES = [
+    "train_quantformer.context=8", "train_quantformer.horizon=4", "train_quantformer.model_options.patch=4",
+    "train_quantformer.model_options.d_model=16", "train_quantformer.model_options.n_heads=2",
+    "train_quantformer.model_options.n_layers=1", "train_quantformer.model_options.codebook_size=16",
+    "train_quantformer.model_options.code_dim=8",
+    "train_quantformer.pretrain_epochs=1", "train_quantformer.finetune_epochs=1",
+    "train_quantformer.max_train_windows=64", "train_quantformer.neurons_per_batch=32",
+    "train_quantformer.max_eval_windows=32", "train_quantformer.export_forecaster=false",
+    "train_quantformer.max_context=8", "train_quantformer.threads=1"]
+SPIKE_WARMUP = 20   # OASIS warm-up frames: the SBM's input starts after them (live and in training)
+SBM_OVERRIDES = [
+    "train_sbm.context=4", "train_sbm.max_steps=3", 'train_sbm.optimizer="adamw"', "train_sbm.threads=1",
+    "train_sbm.eval.rollout_steps=2", "train_sbm.model_options.d_model=8", "train_sbm.model_options.n_layers=1",
+    "train_sbm.model_options.cluster_size=64", f"pipeline.preprocess.spikes.oasis.warmup={SPIKE_WARMUP}"]
+
+
+@dataclass(frozen=True)
+class QfSbmEngines:
+    """What `loopcast train-sbm` and `loopcast train-quantformer` left: engine entries, run dirs, stdout."""
+
+    quantformer: Path            # <registry>/quantformer-act-c8-h4, its one version v0001
+    sbm: Path                    # <registry>/sbm-c4-h1
+    runs: dict[str, Path]        # command -> its --run-dir
+    stdout: dict[str, str]       # command -> what it printed
+    overrides: list[str]         # loop_setup's, plus QF_OVERRIDES and SBM_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def qf_sbm_engines(loop_setup: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> QfSbmEngines:
+    """QuantFormer (activation) and SBM engines trained once per session by the real console commands on
+    the loop_setup recording, into a registry of their own (loop_setup's holds only its trace engine).
+    Each training with its export is the slowest part of the tests that need it: they share it."""
+    import contextlib
+    import io
+
+    from loopcast.cli import main
+    _, overrides = loop_setup
+    root = tmp_path_factory.mktemp("qf-sbm")
+    sets = [*overrides, *QF_OVERRIDES, *SBM_OVERRIDES]
+    argv = [a for s in [*sets, f'paths.engines="{root}/engines"'] for a in ("-s", s)]
+    runs, stdout = {}, {}
+    for command in ("train-sbm", "train-quantformer"):
+        runs[command], out = root / command, io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main([command, *argv, "--run-dir", str(runs[command])])
+        stdout[command] = out.getvalue()
+        assert code == 0, f"loopcast {command} exited {code}:\n{stdout[command][-3000:]}"
+    return QfSbmEngines(root / "engines" / "quantformer-act-c8-h4", root / "engines" / "sbm-c4-h1", runs, stdout,
+                        sets)
+
+
+# --- tiny real engines (torch modules exported through offline_training.export.engine) ----------------------
 TOY_N, TOY_C, TOY_H, TOY_K = 10, 3, 2, 2     # (C + H) * K == N: the covariate toy echoes every input
 ACTIVATION_BLOCK = {"criterion": "mean_dff_above", "threshold": 0.1, "window": TOY_H}
 
@@ -145,7 +228,7 @@ def export_toy() -> Callable[..., Path]:
     """export_toy(kind, registry, model=..., signal=..., scale=...) -> the exported version dir."""
     import torch
 
-    from offline_training.export import export_engine
+    from loopcast.offline_training.export.engine import export_engine
     torch.set_num_threads(1)
 
     def export(kind: str, registry: Path, model: str | None = None, signal: str = "dff",

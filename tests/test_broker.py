@@ -8,7 +8,7 @@ import uuid
 import aiomqtt
 import pytest
 
-from loopcast.broker import Broker, EmbeddedBroker, MosquittoBroker, find_mosquitto, start_broker
+from loopcast.broker import Broker, BrokerKind, EmbeddedBroker, MosquittoBroker, find_mosquitto, start_broker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -44,7 +44,7 @@ async def _round_trip(host: str, port: int) -> tuple[aiomqtt.Message, aiomqtt.Me
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_qos1_round_trip(kind: str) -> None:
+def test_qos1_round_trip(kind: BrokerKind) -> None:
     with start_broker(kind) as broker:
         assert isinstance(broker, Broker) and broker.kind == kind and broker.port > 0
         message, retained = asyncio.run(_round_trip(broker.host, broker.port))

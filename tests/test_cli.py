@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from loopcast.cli import main
+from loopcast.settings import DEFAULT_CONFIG
 
 
 def tiny(tmp: Path) -> list[str]:
@@ -41,6 +42,29 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path: Path, argv: list[str]
     assert message in capsys.readouterr().err
 
 
+BROKEN = Path(__file__).resolve().parent / "broken" / "configs"
+
+
+@pytest.mark.parametrize("broken, command", [("bad_train_device", "train"), ("bad_train_device", "export"),
+                                             ("bad_quantformer_model_option", "train-quantformer")])
+def test_a_broken_training_section_stops_the_commands_that_train_not_the_loop(
+        tmp_path: Path, broken: str, command: str, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """A training section is checked by the commands that read it, before they start (no run
+    directory); `loopcast run` does not import it and goes on (here to the missing recording)."""
+    monkeypatch.chdir(tmp_path)
+    path = BROKEN / f"{broken}.toml"
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    argv = ["-c", str(DEFAULT_CONFIG), "-c", str(path), "-s", f'paths.recording="{tmp_path}/missing"',
+            "-s", f'paths.runs="{tmp_path}/runs"']
+    extra = ["--checkpoint", "nowhere.pt"] if command == "export" else []
+    assert main([command, *argv, *extra]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main(["run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "make a synthetic one with `loopcast synth`" in err and expected not in err
+
+
 @pytest.mark.timeout(60)
 def test_control_command_drives_a_running_controller(loop_setup, mqtt_broker) -> None:
     """`loopcast control`: arm, a latching stop (arm refused until reset), reset, arm."""
@@ -48,8 +72,8 @@ def test_control_command_drives_a_running_controller(loop_setup, mqtt_broker) ->
 
     from loopcast import app
     from loopcast.control import send_control
+    from loopcast.realtime.metrics import Metrics
     from loopcast.settings import load_settings
-    from realtime.metrics import Metrics
 
     cfg = load_settings(overrides=[*loop_setup[1], f"mqtt.port={mqtt_broker.port}", 'rig.name="ctltest"'])
 
@@ -87,8 +111,8 @@ def test_train_on_a_zapbench_layout_copy_by_url(tmp_path: Path) -> None:
     ZAPBench's condition offsets, its stimulus covariates for TiDE, export with a covariates input."""
     import numpy as np
 
-    from replay.fish import ZAPBENCH_CONDITION_OFFSETS
-    from replay.store import create_array
+    from loopcast.replay.fish import ZAPBENCH_CONDITION_OFFSETS
+    from loopcast.replay.store import create_array
     t, n = ZAPBENCH_CONDITION_OFFSETS[-1], 6
     rng = np.random.default_rng(0)
     data = tmp_path / "zapbench"
@@ -143,22 +167,11 @@ def test_video_prepare_train_evaluate_commands(tmp_path: Path, capsys: pytest.Ca
     assert (out / "table.md").is_file() and (out / "figure.png").is_file()
 
 
-def test_train_sbm_and_quantformer_commands(loop_setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root, overrides = loop_setup
-    argv = [a for s in [*overrides, f'paths.engines="{tmp_path}/engines"', "train_sbm.context=4",
-                        "train_sbm.max_steps=3", "train_sbm.optimizer=\"adamw\"", "train_sbm.eval.rollout_steps=2",
-                        "train_sbm.model_options.d_model=8", "train_sbm.model_options.n_layers=1",
-                        "train_quantformer.context=8", "train_quantformer.horizon=4",
-                        "train_quantformer.model_options.d_model=16", "train_quantformer.model_options.n_layers=1",
-                        "train_quantformer.model_options.codebook_size=16", "train_quantformer.pretrain_epochs=1",
-                        "train_quantformer.finetune_epochs=1", "train_quantformer.max_train_windows=32",
-                        "train_quantformer.max_eval_windows=16", "train_quantformer.max_context=8",
-                        "train_quantformer.export_forecaster=false"] for a in ("-s", s)]
-    assert main(["train-sbm", *argv, "--run-dir", str(tmp_path / "sbm")]) == 0
-    out = capsys.readouterr().out
+def test_train_sbm_and_quantformer_commands(qf_sbm_engines) -> None:
+    """The commands ran (exit 0) in the session fixture `qf_sbm_engines` (tests/conftest.py), which
+    tests/test_e2e_activation.py's loop shares: here, what they printed and wrote."""
+    out = qf_sbm_engines.stdout["train-sbm"]
     assert "next-step MAE (train_conditions): SBM" in out and "calibration (train_conditions)" in out
-    assert (tmp_path / "engines" / "sbm-c4-h1").is_dir() and (tmp_path / "sbm" / "metrics.json").is_file()
-    assert main(["train-quantformer", *argv, "--run-dir", str(tmp_path / "qf")]) == 0
-    out = capsys.readouterr().out
-    assert "test: activation AUROC" in out
-    assert (tmp_path / "engines" / "quantformer-act-c8-h4").is_dir()
+    assert qf_sbm_engines.sbm.is_dir() and (qf_sbm_engines.runs["train-sbm"] / "metrics.json").is_file()
+    assert "test: activation AUROC" in qf_sbm_engines.stdout["train-quantformer"]
+    assert qf_sbm_engines.quantformer.is_dir()

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from loopcast.config import ConfigError, apply_overrides, dump_toml, from_dict, load_toml, parse_override
-from loopcast.settings import DEFAULT_CONFIG, from_config, load_settings, resolve, with_overrides
+from loopcast.settings import (
+    DEFAULT_CONFIG,
+    TRAINING_SECTIONS,
+    from_config,
+    load_settings,
+    resolve,
+    training_sections,
+    with_overrides,
+)
 
 BROKEN = Path(__file__).resolve().parent / "broken" / "configs"
 CASES = sorted(BROKEN.glob("*.toml"))
@@ -58,6 +66,27 @@ def test_later_files_win(tmp_path: Path) -> None:
     assert cfg.sim.speed == 4.0 and cfg.rig.name == load_settings().rig.name
 
 
+def test_training_sections_load_as_tables_and_resolve_when_read(tmp_path: Path) -> None:
+    """Loading never imports the training code: each training section is kept as its table (and saved
+    so by the commands that do not train) until it is read."""
+    from loopcast.config import load_toml
+    from loopcast.settings import TrainingTable, new_run_dir, training_table
+    cfg = load_settings(overrides=["train.context=16"])
+    assert all(isinstance(cfg.__dict__[name], TrainingTable) for name in TRAINING_SECTIONS)
+    saved = load_toml(new_run_dir(cfg, "run", str(tmp_path / "run")) / "config.toml")
+    assert saved["train"] == training_table(cfg, "train") == {**load_toml(DEFAULT_CONFIG)["train"], "context": 16}
+    assert "dff" not in saved["train_spikes"] and "frame_period_s" not in saved["train_spikes"]["fish"]  # derived
+    assert cfg.train.context == 16 and type(cfg.train).__name__ == "TrainConfig"
+    assert training_table(cfg, "train")["max_context"] == cfg.train.max_context   # every key once resolved
+    assert cfg.train_spikes.fish.frame_period_s == cfg.rig.frame_period_s         # derived keys still injected
+    assert cfg.train_spikes.dff == cfg.pipeline.preprocess.dff
+    assert load_settings(new_run_dir(cfg, "train", str(tmp_path / "train")) / "config.toml") == cfg
+    with pytest.raises(ConfigError, match="train_sbm: expected a table, got int"):
+        load_settings(overrides=["train_sbm=3"])
+    with pytest.raises(ValueError, match="not training sections"):
+        training_sections(cfg, "pipeline")
+
+
 def test_strict_types_and_unknown_keys() -> None:
     assert from_dict(Outer, {"n": 2, "inner": {"rate": 3, "names": ["a"]}}) == Outer(2, Inner(3.0, ("a",)))
     with pytest.raises(ConfigError, match=r"unknown key 'inner.rat' \(did you mean 'rate'\?\)"):
@@ -80,9 +109,16 @@ def test_override_parsing() -> None:
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_broken_config_gives_its_error(path: Path) -> None:
-    expected = re.match(r"# expect: (.*)", path.read_text().splitlines()[0]).group(1)
+    """Loading reports it, unless it is in a training section: those load as tables and are reported
+    when resolved, as every command that trains does before it starts (loopcast.cli.TRAINING_READ)."""
+    header = re.match(r"# expect: (.*)", path.read_text().splitlines()[0])
+    assert header is not None, f"{path.name} lacks its '# expect:' line"
+    expected = header.group(1)
     with pytest.raises(ConfigError) as err:
         base = load_toml(DEFAULT_CONFIG)
         from loopcast.config import merge_dicts
-        resolve(merge_dicts(base, load_toml(path)))
+        cfg = resolve(merge_dicts(base, load_toml(path)))
+        sections = [k for k in load_toml(path) if k in TRAINING_SECTIONS]
+        assert sections, f"{path.name} loaded without an error, yet it breaks no training section"
+        training_sections(cfg, *sections)
     assert expected in str(err.value), str(err.value)

@@ -2,8 +2,9 @@
 a QuantFormer activation engine and a Sparse Brain Model -> controller with an activation policy ->
 MQTT -> back into the fish.
 
-QuantFormer and the SBM are trained and exported here, on the `loop_setup` recording, with the real
-training code (tiny configurations); everything else is the real loop of tests/test_e2e.py.
+QuantFormer and the SBM are trained and exported on the `loop_setup` recording by the real training
+commands (tiny configurations, the session fixture `qf_sbm_engines`); everything else is the real loop of
+tests/test_e2e.py.
 """
 from __future__ import annotations
 
@@ -15,35 +16,20 @@ import pytest
 
 from loopcast.broker import free_port
 from loopcast.inprocess import run_loop
-from loopcast.settings import load_settings, new_run_dir
-from loopcast.workflows import train_quantformer_on_recording, train_sbm_on_recording
-from replay.layout import Recording
+from loopcast.replay.layout import Recording
+from loopcast.settings import load_settings
 
 N_FRAMES = 70
-QF = ["train_quantformer.context=8", "train_quantformer.horizon=4", "train_quantformer.model_options.patch=4",
-      "train_quantformer.model_options.d_model=16", "train_quantformer.model_options.n_heads=2",
-      "train_quantformer.model_options.n_layers=1", "train_quantformer.model_options.codebook_size=16",
-      "train_quantformer.model_options.code_dim=8",
-      "train_quantformer.pretrain_epochs=1", "train_quantformer.finetune_epochs=1",
-      "train_quantformer.max_train_windows=64", "train_quantformer.neurons_per_batch=32",
-      "train_quantformer.max_eval_windows=32", "train_quantformer.export_forecaster=false",
-      "train_quantformer.max_context=8", "train_quantformer.threads=1"]
 SPIKE_WARMUP = 20   # OASIS warm-up frames: the SBM's input starts after them (live and in training)
-SBM = ["train_sbm.context=4", "train_sbm.max_steps=3", 'train_sbm.optimizer="adamw"', "train_sbm.threads=1",
-       "train_sbm.eval.rollout_steps=2", "train_sbm.model_options.d_model=8", "train_sbm.model_options.n_layers=1",
-       "train_sbm.model_options.cluster_size=64", f"pipeline.preprocess.spikes.oasis.warmup={SPIKE_WARMUP}"]
 
 
 @pytest.fixture(scope="module")
-def engines(loop_setup: tuple[Path, list[str]]) -> tuple[Path, Path, list[str]]:
-    """(QuantFormer activation engine, SBM engine, overrides) trained on the loop_setup recording."""
-    _, overrides = loop_setup
-    cfg = load_settings(overrides=[*overrides, *QF, *SBM])
-    rec = Recording.open(cfg.paths.recording)
-    qf = train_quantformer_on_recording(cfg, rec, new_run_dir(cfg, "train-quantformer"), progress=False)
-    sbm = train_sbm_on_recording(cfg, rec, new_run_dir(cfg, "train-sbm"), progress=False)
-    assert qf.engine is not None and sbm.engine is not None
-    return qf.engine, sbm.engine, [*overrides, *QF, *SBM]
+def engines(qf_sbm_engines: Any) -> tuple[Path, Path, list[str]]:
+    """(QuantFormer activation engine, SBM engine, overrides): the session's `loopcast train-quantformer`
+    and `loopcast train-sbm` runs on the loop_setup recording (tests/conftest.py, shared with test_cli.py)."""
+    overrides = qf_sbm_engines.overrides
+    assert f"pipeline.preprocess.spikes.oasis.warmup={SPIKE_WARMUP}" in overrides
+    return qf_sbm_engines.quantformer / "v0001", qf_sbm_engines.sbm / "v0001", overrides
 
 
 @pytest.mark.timeout(300)

@@ -11,17 +11,14 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import synthesize
+from loopcast.settings import DEFAULT_CONFIG, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from loopcast.settings import DEFAULT_CONFIG, load_settings  # noqa: E402
-from replay.layout import Recording  # noqa: E402
-from replay.synth import synthesize  # noqa: E402
 
 
 def recording(path: str | None, frames: int) -> Recording:
@@ -88,6 +85,7 @@ def projection(ax: plt.Axes, rec: Recording, t: int) -> None:
 
 
 def main() -> int:
+    matplotlib.use("Agg")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recording", default=None)
     ap.add_argument("--frames", type=int, default=1200)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from offline_training.splits import gather_windows
-from realtime.manifest import FUTURE_COVARIATES
+from loopcast.offline_training.data.splits import gather_windows
+from loopcast.realtime.engines.manifest import FUTURE_COVARIATES
 
 
 def check_future_covariates(value: str) -> None:

@@ -2,7 +2,7 @@
 
 Models that the loop feeds with its own causal signals must be trained on those signals, not on the
 recording's centred (ZAPBench) dF/F: `loop_dff` is the pipeline's causal dF/F of the raw segment means
-(realtime.dff, bit-equal to CausalDff row by row) and `loop_spike_probs` runs the pipeline's spike
+(realtime.preprocess.dff, bit-equal to CausalDff row by row) and `loop_spike_probs` runs the pipeline's spike
 estimator (realtime.spikes, streaming OASIS by default) over it frame by frame, giving the probability of
 at least one spike per frame that the Sparse Brain Model consumes. Both are cached beside a local
 recording (`<root>/loop_signals/`), keyed by a hash of the settings that produced them.
@@ -13,19 +13,19 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from loopcast.config import to_dict
-from realtime.dff import DffConfig, causal_dff
-from realtime.preprocess import PreprocessConfig
-from realtime.spikes import make_spike_estimator
-from realtime.traces import TraceExtractor
-from replay.layout import Recording, RecordingError
-from replay.store import is_remote
+from loopcast.realtime.preprocess.dff import DffConfig, causal_dff
+from loopcast.realtime.preprocess.stage import PreprocessConfig
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.spikes.stage import make_spike_estimator
+from loopcast.replay.layout import Recording, RecordingError
+from loopcast.replay.store import is_remote
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "loop_signals"
@@ -51,7 +51,7 @@ def segment_means(rec: Recording, progress: bool = False) -> np.ndarray:
 
 
 def extract_segment_means(rec: Recording, progress: bool = False) -> np.ndarray:
-    """(T, N) float32: the pipeline's trace extraction (realtime.traces) over every raw volume."""
+    """(T, N) float32: the pipeline's trace extraction (realtime.preprocess.traces) over every raw volume."""
     extractor = TraceExtractor(rec.segmentation())
     out = np.empty((rec.n_frames, extractor.n_neurons), np.float32)
     frames = rec.volume("raw").stream(range(rec.n_frames))

@@ -10,8 +10,9 @@ as in google-research/zapbench. A held-out condition has no train/val; its test 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import tomllib
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
-from models.stimulus import StimulusBaseline, StimulusBaselineConfig
-from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
-from realtime.engine import Engine
+from loopcast.models.baselines import LastValue, LastValueConfig, MeanBaseline, MeanBaselineConfig
+from loopcast.models.stimulus import StimulusBaseline, StimulusBaselineConfig
+from loopcast.offline_training.data.splits import ConditionSplit, condition_splits, gather_windows, split_windows
+from loopcast.offline_training.eval.plot import markdown_table, write_report
+from loopcast.realtime.engines.base import Engine
 
 BASELINES = ("mean", "last", "stimulus")
 SPLIT_KEYS = ("holdout", "val_frac", "test_frac", "padding")  # what decides an engine's training windows
@@ -38,8 +40,11 @@ SPLIT_KEYS = ("holdout", "val_frac", "test_frac", "padding")  # what decides an 
 class Forecaster(Protocol):
     """What evaluation needs from a model."""
 
-    context: int
-    horizon: int
+    @property
+    def context(self) -> int: ...
+
+    @property
+    def horizon(self) -> int: ...
 
     def predict(self, x: np.ndarray, cov: np.ndarray | None, condition: int,
                 starts: np.ndarray) -> np.ndarray | None: ...
@@ -63,7 +68,7 @@ class EvalConfig:
             raise ValueError(f"stride and batch_size must be >= 1, got {self.stride}, {self.batch_size}")
 
     @classmethod
-    def from_train(cls, train: Any, **kw: Any) -> "EvalConfig":
+    def from_train(cls, train: Any, **kw: Any) -> EvalConfig:
         """The split parameters of a TrainConfig (what the engines were trained with)."""
         keys = ("holdout", "max_context", "val_frac", "test_frac", "padding")
         return cls(**{k: getattr(train, k) for k in keys}, **kw)
@@ -78,7 +83,7 @@ class EvalConfig:
 
 @dataclass
 class EngineForecaster:
-    """An exported engine (realtime.engine.load_engine) as a Forecaster."""
+    """An exported engine (realtime.engines.loader.load_engine) as a Forecaster."""
 
     engine: Engine
     baseline: bool = False
@@ -207,12 +212,10 @@ class EvalResult:
 
     def markdown(self) -> str:
         """The table as GitHub markdown, n/a where a model is undefined."""
-        from offline_training.eval_plot import markdown_table
         return markdown_table(self.table())
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """table.md, table.csv, mae_per_step.csv (long format), results.json and figure.png."""
-        from offline_training.eval_plot import write_report
         return write_report(self, Path(out_dir))
 
     def to_json(self) -> dict[str, Any]:
@@ -311,7 +314,7 @@ def evaluate_engines(engines: Sequence[str | Path], traces: np.ndarray, offsets:
     """Load engines (registry name dirs -> newest version, or version dirs) and score them with
     the baselines; labels are '<name>/<version>'. Video engines read their input volumes from
     `recording` (replay.layout.Recording, its prepared dF/F volumes) and are scored on its traces."""
-    from realtime.engine import load_engine
+    from loopcast.realtime.engines.loader import load_engine
     models: dict[str, Forecaster] = {}
     grids: dict[tuple[int, int, int], Any] = {}
     for path in engines:
@@ -370,5 +373,5 @@ def _engine_forecaster(engine: Engine, recording: Any, grids: dict[tuple[int, in
     if recording is None:
         raise ValueError(f"engine {engine.version} is a video engine: evaluating it needs the recording "
                          f"(its prepared dF/F volumes), not only traces")
-    from offline_training.video_eval import video_forecaster
+    from loopcast.offline_training.video.forecasters import video_forecaster
     return video_forecaster(engine, recording, cache=grids)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Sequence
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from offline_training.evaluate import EvalResult
 
 Panel = tuple[str, dict[str, np.ndarray]]
 FILES = {"markdown": "table.md", "csv": "table.csv", "long": "mae_per_step.csv", "json": "results.json",
@@ -51,7 +49,23 @@ def long_rows(panels: Sequence[Panel]) -> list[dict[str, Any]]:
             for title, curves in panels for m, v in curves.items() for h in range(len(v))]
 
 
-def write_report(result: "EvalResult", out: Path) -> dict[str, Path]:
+class Report(Protocol):
+    """What write_report needs of an evaluation result (offline_training.eval.harness.EvalResult)."""
+
+    @property
+    def baselines(self) -> frozenset[str]: ...
+
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
+    def table(self) -> list[dict[str, Any]]: ...
+
+    def panels(self) -> list[Panel]: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def write_report(result: Report, out: Path) -> dict[str, Path]:
     """Write every output file of `result` into `out`; returns {kind: path}."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f for k, f in FILES.items()}

@@ -1,6 +1,6 @@
 """Export a trained model to an engine: ONNX graph + manifest.json + config.toml, checked for parity.
 
-The real-time side loads only these files (realtime/engine.py); nothing here is imported there.
+The real-time side loads only these files (realtime/engines/base.py); nothing here is imported there.
 Three tasks share the format: "forecast" (trace forecasters, lead times 1..H, output 'forecast'),
 "spikes" (causal spike inference, H = 1 at lead time 0: the current frame, output 'spikes') and
 "activation" (per-neuron probability that the response over the next H frames meets a criterion:
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -20,8 +21,9 @@ import logging
 import shutil
 import subprocess
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -29,9 +31,9 @@ import torch
 from torch import nn
 
 from loopcast.config import dump_toml
-from offline_training.registry import engine_name, publish, staging_dir
-from offline_training.train import TrainConfig
-from realtime.manifest import EngineError, EngineManifest
+from loopcast.offline_training.export.versions import engine_name, publish, staging_dir
+from loopcast.offline_training.trace.train import TrainConfig
+from loopcast.realtime.engines.manifest import EngineError, EngineManifest
 
 FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
@@ -98,12 +100,11 @@ def export_engine(model: nn.Module, train_cfg: TrainConfig | ExportConfig, regis
         if export_program(model, staged / TORCH_FILE, inputs[0], dynamic_n):
             files["torch"] = TORCH_FILE
         dump_toml(train_cfg, staged / CONFIG_FILE)
-        fields = dict(name=name, model=model, cfg=train_cfg, n_neurons=n_neurons, dynamic_n=dynamic_n,
-                      metrics=metrics, max_diff=max_diff, tolerance=tolerance,
-                      data={"fingerprint": data_fingerprint, "source": data_source}, task=task,
-                      n_covariates=k, files=files, signal=signal, extra=extra)
-
-        path = publish_engine(staged, lambda version: build_manifest(version=version, **fields))
+        manifest = functools.partial(build_manifest, name=name, model=model, cfg=train_cfg, n_neurons=n_neurons,
+                                     dynamic_n=dynamic_n, metrics=metrics, max_diff=max_diff, tolerance=tolerance,
+                                     data={"fingerprint": data_fingerprint, "source": data_source}, task=task,
+                                     n_covariates=k, files=files, signal=signal, extra=extra)
+        path = publish_engine(staged, lambda version: manifest(version=version))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -135,8 +136,8 @@ def check_extra(extra: dict[str, Any] | None) -> None:
 
 def publish_engine(staged: Path, manifest: Callable[[str], dict[str, Any]]) -> Path:
     """Publish a staged engine as the next version of its registry entry, with manifest.json written for
-    the version the registry assigns (offline_training.registry.publish: atomic, never half visible).
-    The manifest is validated by the reader the rig uses (realtime.manifest) before it is published."""
+    the version the registry assigns (offline_training.export.versions.publish: atomic, never half visible).
+    The manifest is validated by the reader the rig uses (realtime.engines.manifest) before it is published."""
     def finalize(staged_dir: Path, version: str) -> None:
         text = json.dumps(manifest(version), indent=2, default=_json_default) + "\n"
         (staged_dir / MANIFEST_FILE).write_text(text)
@@ -150,13 +151,13 @@ def publish_engine(staged: Path, manifest: Callable[[str], dict[str, Any]]) -> P
 
 def prebuild_tensorrt(path: Path) -> str:
     """Where TensorRT and CUDA exist, build the engine's fp16 plan now (cached beside the ONNX file,
-    parity-checked against ONNX Runtime, see realtime.engine_trt) so the rig never waits for a build.
+    parity-checked against ONNX Runtime, see realtime.engines.tensorrt) so the rig never waits for a build.
     Returns what happened; a failed build raises (an engine that cannot run on the rig is an error)."""
     if importlib.util.find_spec("tensorrt") is None:
         return "skipped: tensorrt is not installed"
     if not torch.cuda.is_available():
         return "skipped: no CUDA device"
-    from realtime.engine_trt import TensorRTEngine
+    from loopcast.realtime.engines.tensorrt import TensorRTEngine
     engine = TensorRTEngine(path)
     engine.close()
     log.info("built the TensorRT plan of %s (parity %s)", path, getattr(engine, "parity", None))
@@ -187,7 +188,7 @@ def export_onnx(model: nn.Module, path: Path, context: int, n_neurons: int,
     batch = torch.export.Dim("batch")
     attempts = [(True, 7, {0: batch, 2: torch.export.Dim("neurons")}), (False, n_neurons, {0: batch})]
     names = [INPUT_NAME, COVARIATES_NAME][:2 if covariates else 1]
-    errors = []
+    errors: list[str] = []
     for dynamic_n, n, dims in attempts:
         shapes = (dims, {0: batch}) if covariates else (dims,)
         try:
@@ -215,7 +216,8 @@ def export_program(model: nn.Module, path: Path, example: tuple[np.ndarray, ...]
             torch.export.save(program, str(path))
         return True
     except Exception as exc:  # torch.export raises many types
-        warnings.warn(f"no torch runtime artifact for {type(model).__name__}: {type(exc).__name__}: {exc}")
+        warnings.warn(f"no torch runtime artifact for {type(model).__name__}: {type(exc).__name__}: {exc}",
+                      stacklevel=2)
         return False
 
 
@@ -264,7 +266,7 @@ def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig |
                    tolerance: float, data: dict[str, str], task: str = "forecast", n_covariates: int = 0,
                    files: dict[str, str] | None = None, signal: str = "dff",
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest.json mapping (format_version 1) that realtime.engine.EngineManifest reads; `extra`
+    """The manifest.json mapping (format_version 1) that realtime.engines.manifest.EngineManifest reads; `extra`
     fields are merged in (ExportError if one would override a core field)."""
     mcfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type):
@@ -285,7 +287,7 @@ def build_manifest(name: str, version: str, model: nn.Module, cfg: TrainConfig |
         "normalisation": None, "metrics": metrics,
         "parity": {"max_abs_diff": max_diff, "tolerance": tolerance, "runtime": "onnxruntime-cpu"},
         "data": data, "code_version": code_version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "files": files or {"onnx": ONNX_FILE, "config": CONFIG_FILE},
         **({"future_covariates": getattr(cfg, "future_covariates", "recorded")} if n_covariates else {}),
         **(extra or {}),

@@ -1,7 +1,7 @@
 """Engine registry writes: `<registry>/<name>/<version>/`, versions v0001, v0002, ...
 
 A version is built in a hidden temp directory beside the versions and renamed into place, so a
-reader (realtime.engine.resolve_engine) never sees a half-written version. Directory renames do
+reader (realtime.engines.base.resolve_engine) never sees a half-written version. Directory renames do
 not overwrite an existing version: a concurrent writer that loses the race takes the next number.
 """
 from __future__ import annotations
@@ -10,10 +10,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-VERSION_RE = re.compile(r"^v(\d{4,})$")
+from loopcast.realtime.engines.manifest import VERSION_RE
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

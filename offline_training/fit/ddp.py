@@ -12,15 +12,16 @@ loss. So N ranks reproduce one process with the same config (up to float summati
 
 Backend: gloo on CPU; nccl with one GPU per rank (cuda:LOCAL_RANK) where CUDA has a GPU for every local
 rank ([train] ddp_device = "auto"); "cpu" or "cuda" forces the choice. A single process trains on its
-config's `device` instead (offline_training/device.py).
+config's `device` instead (offline_training/fit/device.py).
 """
 from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch

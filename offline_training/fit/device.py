@@ -1,7 +1,7 @@
 """The single-process training device of every trainer's `device` field.
 
 DEVICE_CHOICES: "auto" (cuda when torch sees a GPU, else the CPU), "cpu", "cuda" (the current GPU) or
-"cuda:N" (GPU N). Under torchrun the ranks use `ddp_device` (offline_training/ddp.py) instead, where a
+"cuda:N" (GPU N). Under torchrun the ranks use `ddp_device` (offline_training/fit/ddp.py) instead, where a
 trainer has one. Trained models still end on the CPU, where the exporters expect them.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from offline_training.ddp import DistEnv
+from loopcast.offline_training.fit.ddp import DistEnv
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 _PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -1,1 +1,3 @@
-"""QuantFormer: training its forecaster and activation heads and scoring activation predictions (AUROC) and forecasts."""
+"""QuantFormer: training its forecaster and activation heads and scoring activation predictions (AUROC) and
+forecasts.
+"""

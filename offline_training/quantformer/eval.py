@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.quantformer import DECODES, QuantFormer
-from offline_training.covariates import covariate_windows
-from offline_training.eval_plot import pyplot, save_figure
-from offline_training.splits import gather_windows
+from loopcast.models.quantformer import DECODES, QuantFormer
+from loopcast.offline_training.data.covariates import covariate_windows
+from loopcast.offline_training.data.splits import gather_windows
+from loopcast.offline_training.eval.plot import pyplot, save_figure
+
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve of `scores` for boolean `labels` (NaN if a class is missing)."""
@@ -85,7 +86,7 @@ class Scores:
 def score_windows(model: QuantFormer, dff: np.ndarray, cov: np.ndarray | None, starts: np.ndarray,
                   threshold: float, batch_size: int = 16, future: str = "recorded") -> Scores:
     """Run `model` over all neurons of the windows at `starts`; collect what the metrics need (`future`:
-    the covariates' future steps, offline_training.covariates)."""
+    the covariates' future steps, offline_training.data.covariates)."""
     cfg, model = model.config, model.eval()
     ids = torch.arange(cfg.n_neurons)
     out = Scores()

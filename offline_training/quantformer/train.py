@@ -1,7 +1,7 @@
 """Train QuantFormer on a recording: pretrain (masked auto-encoding + VQ), fine-tune, evaluate, export.
 
-Input is the pipeline's causal dF/F (offline_training.loop_signals.loop_dff) with ZAPBench-style splits
-(offline_training.splits; condition 3 held out). Every step draws `batch_size` train windows and a random
+Input is the pipeline's causal dF/F (offline_training.data.loop_signals.loop_dff) with ZAPBench-style splits
+(offline_training.data.splits; condition 3 held out). Every step draws `batch_size` train windows and a random
 subset of `neurons_per_batch` neurons: QuantFormer's sequences are per neuron, so this is exact.
 
 1. Pretraining: `pretrain_epochs` of masked auto-encoding (QuantFormer.pretrain_loss); codes unused for a
@@ -28,22 +28,26 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from loopcast.config import from_dict
-from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
-from offline_training import quantformer_eval as qe
-from offline_training.covariates import check_future_covariates, covariate_windows
-from offline_training.device import check_device, resolve_device
-from offline_training.export import export_engine
-from offline_training.loop_signals import loop_dff
-from offline_training.splits import condition_splits, gather_windows, split_windows
-from offline_training.train import data_fingerprint
-from realtime.dff import DffConfig
-from replay.layout import Recording
+from loopcast.models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
+from loopcast.offline_training.data.covariates import check_future_covariates, covariate_windows
+from loopcast.offline_training.data.fingerprint import data_fingerprint
+from loopcast.offline_training.data.loop_signals import loop_dff
+from loopcast.offline_training.data.splits import condition_splits, gather_windows, split_windows
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.fit.device import check_device, resolve_device
+from loopcast.offline_training.fit.loop import FitPlan, FitTask, fit
+from loopcast.offline_training.quantformer import eval as qe
+from loopcast.realtime.preprocess.dff import DffConfig
+from loopcast.replay.layout import Recording
 
 DERIVED = frozenset({"n_neurons", "n_covariates", "context", "horizon"})   # set by the trainer and the data
 OPTIONS = {f.name: f.default for f in dataclasses.fields(QuantFormerConfig) if f.name not in DERIVED}  # + defaults
+# Config keys that may differ when a phase resumes its checkpoint (run_dir/resume_<phase>.pt): where it runs,
+# what only evaluation and export read, the fine-tuning length, and for pretraining all of fine-tuning.
+FINETUNE_FREE = frozenset({"threads", "device", "eval_batch_size", "export_forecaster", "tolerance", "finetune_epochs"})
+PRETRAIN_FREE = FINETUNE_FREE | {"finetune_lr", "forecast_weight", "activation_threshold", "activation_quantile"}
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,11 @@ class QuantFormerTrainConfig:
     context: int = 16
     horizon: int = 8
     seed: int = 0
-    model_options: dict[str, Any] = field(default_factory=dict)   # other QuantFormerConfig fields (patch, ...)
+    # other QuantFormerConfig fields; [train_quantformer.model_options] keys layer onto these
+    model_options: dict[str, Any] = field(default_factory=lambda: {
+        "patch": 4, "codebook_size": 512, "d_model": 64, "n_layers": 3})
     covariates: bool = True           # stimulus token from the recording's covariates
-    future_covariates: str = "recorded"  # the stimulus of the H future frames: "recorded" or "held" (the loop)
+    future_covariates: str = "held"   # the stimulus of the H future frames: "recorded" or "held" (the loop)
     normalisation: str = "global"     # input mean / std: "global" (all neurons) or "neuron"
     pretrain_epochs: int = 10
     finetune_epochs: int = 10
@@ -235,27 +241,40 @@ class Steps:
         return out
 
 
-def pretrain(model: QuantFormer, data: Data, cfg: QuantFormerTrainConfig, progress: bool) -> list[dict[str, float]]:
-    """Masked auto-encoding epochs; returns per-epoch mean train parts and the val loss."""
+def pretrain(model: QuantFormer, data: Data, cfg: QuantFormerTrainConfig, progress: bool,
+             checkpoint: Path | None = None, stop_after: int | None = None) -> list[dict[str, float]]:
+    """Masked auto-encoding epochs on the one loop (offline_training.fit.loop); returns per-epoch mean train
+    parts and the val loss. The model keeps its last epoch's weights. With `checkpoint`, a rerun resumes it;
+    `stop_after` ends after that many epochs."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps, dev = Steps(data, cfg, 1), model.mean.device  # the model's device (a buffer's)
     gen = torch.Generator(dev).manual_seed(cfg.seed)
-    history, step = [], 0
-    for epoch in tqdm(range(1, cfg.pretrain_epochs + 1), desc="quantformer pretrain", disable=not progress):
+
+    def epoch(e: int) -> dict[str, float]:
         model.train()
         parts = []
-        for starts, neurons in steps.epoch():
+        for i, (starts, neurons) in enumerate(steps.epoch()):
             x, ids, cov = data.batch(starts, neurons, cfg, dev)
             loss, p = model.pretrain_loss(x, ids, cov, generator=gen)
             _step(opt, loss)
             parts.append(p)
-            step += 1
-            if cfg.restart_every and step % cfg.restart_every == 0 and epoch < cfg.pretrain_epochs:
+            step = (e - 1) * steps.per_epoch + i + 1
+            if cfg.restart_every and step % cfg.restart_every == 0 and e < cfg.pretrain_epochs:
                 with torch.no_grad():
                     model.vq.restart_dead(model.code_latents(x, ids, cov), generator=gen)
-        row = {"epoch": epoch, **{k: float(np.mean([p[k] for p in parts])) for k in parts[0]}}
-        history.append({**row, **{f"val_{k}": v for k, v in _val_pretrain(model, data, cfg).items()}})
-    return history
+        return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
+
+    task = FitTask(model, epoch, lambda: {f"val_{k}": v for k, v in _val_pretrain(model, data, cfg).items()},
+                   stateful={"optimizer": opt}, rngs={"batches": steps.rng, "masks": gen})
+    return fit(task, _plan(cfg, cfg.pretrain_epochs, PRETRAIN_FREE, checkpoint, stop_after, progress,
+                           "quantformer pretrain")).history
+
+
+def _plan(cfg: QuantFormerTrainConfig, epochs: int, free: frozenset[str], checkpoint: Path | None,
+          stop_after: int | None, progress: bool, desc: str) -> FitPlan:
+    """An epoch per unit, validated after each; no early stopping (the best val loss is still tracked)."""
+    return FitPlan(total=epochs, config=cfg, unit="epoch", monitor="val_loss", checkpoint=checkpoint,
+                   resume_free=free, stop_after=stop_after, progress=progress, desc=desc)
 
 
 @torch.no_grad()
@@ -293,9 +312,10 @@ class FinetuneLoss:
         return loss, {"loss": float(loss.detach()), "bce": float(bce.detach()), "ce": float(ce.detach())}
 
 
-def finetune(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerTrainConfig,
-             progress: bool) -> list[dict[str, float]]:
-    """Joint fine-tuning of encoder and heads (codebook, projection, decoder frozen); keeps the best val epoch."""
+def finetune(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerTrainConfig, progress: bool,
+             checkpoint: Path | None = None, stop_after: int | None = None) -> list[dict[str, float]]:
+    """Joint fine-tuning of encoder and heads (codebook, projection, decoder frozen) on the one loop; keeps
+    the best val epoch. The teacher is the model as handed in: resume pretraining before fine-tuning."""
     _, future = gather_windows(data.dff, data.starts["train"], cfg.context, cfg.horizon)
     base = float(qe.activation_labels(future, threshold).mean())
     criterion = FinetuneLoss(model, threshold, (1 - base) / max(base, 1e-3), cfg)
@@ -303,22 +323,25 @@ def finetune(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerT
         module.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.finetune_lr,
                             weight_decay=cfg.weight_decay)
-    steps, history = Steps(data, cfg, 2), []
-    best, best_state = math.inf, copy.deepcopy(model.state_dict())
-    for epoch in tqdm(range(1, cfg.finetune_epochs + 1), desc="quantformer finetune", disable=not progress):
+    steps = Steps(data, cfg, 2)
+
+    def epoch(_: int) -> dict[str, float]:
         model.train()
         parts = []
         for starts, neurons in steps.epoch():
             loss, p = criterion(model, *data.batch(starts, neurons, cfg, model.mean.device))
             _step(opt, loss)
             parts.append(p)
-        val = _val_finetune(model, data, criterion, cfg)
-        history.append({"epoch": epoch, **{k: float(np.mean([p[k] for p in parts])) for k in parts[0]},
-                        **{f"val_{k}": v for k, v in val.items()}})
-        if val["loss"] < best:
-            best, best_state = val["loss"], copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return history
+        return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
+
+    def validate() -> dict[str, float]:
+        return {f"val_{k}": v for k, v in _val_finetune(model, data, criterion, cfg).items()}
+
+    task = FitTask(model, epoch, validate, stateful={"optimizer": opt}, rngs={"batches": steps.rng})
+    state = fit(task, _plan(cfg, cfg.finetune_epochs, FINETUNE_FREE, checkpoint, stop_after, progress,
+                            "quantformer finetune"))
+    model.load_state_dict(state.best_state)
+    return state.history
 
 
 @torch.no_grad()
@@ -342,7 +365,8 @@ def evaluate(model: QuantFormer, data: Data, threshold: float, cfg: QuantFormerT
                                "train_base_rate": float(qe.activation_labels(future, threshold).mean()),
                                "decode": model.config.decode}
     metrics.update({s: qe.split_metrics(sc, f1_thr) for s, sc in scores.items()})
-    curves = {s: qe.roc_curve(*scores[s].probs()) for s in ("test", "holdout") if s in scores}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {s: qe.roc_curve(*scores[s].probs())
+                                                        for s in ("test", "holdout") if s in scores}
     return metrics, [qe.plot(curves, metrics, run_dir / "quantformer.png")]
 
 
@@ -373,7 +397,8 @@ def export(model: QuantFormer, data: Data, rec: Recording, cfg: QuantFormerTrain
 def train_quantformer(rec: Recording, cfg: QuantFormerTrainConfig, registry_dir: str | Path | None,
                       run_dir: str | Path, progress: bool = True, dff: DffConfig = DffConfig()) -> QuantFormerResult:
     """Pretrain, fine-tune, evaluate and export QuantFormer on `rec`'s causal dF/F (computed as the pipeline
-    does with `dff`); no export if registry_dir is None."""
+    does with `dff`); no export if registry_dir is None. Each phase checkpoints after every epoch
+    (run_dir/resume_pretrain.pt, resume_finetune.pt) and a rerun with the same run_dir resumes them."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -383,8 +408,8 @@ def train_quantformer(rec: Recording, cfg: QuantFormerTrainConfig, registry_dir:
     model = QuantFormer(cfg.build_model_config(data.n_neurons, 0 if data.cov is None else data.cov.shape[1]))
     normalise(model.to(device), data, cfg)
     threshold = activation_threshold(data, cfg)
-    history = {"pretrain": pretrain(model, data, cfg, progress)}
-    history["finetune"] = finetune(model, data, threshold, cfg, progress)
+    history = {"pretrain": pretrain(model, data, cfg, progress, run_dir / "resume_pretrain.pt")}
+    history["finetune"] = finetune(model, data, threshold, cfg, progress, run_dir / "resume_finetune.pt")
     metrics, figures = evaluate(model.to("cpu"), data, threshold, cfg, run_dir)  # evaluation, export: CPU
     metrics["device"] = str(device)
     last = history["pretrain"][-1]

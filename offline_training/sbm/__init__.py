@@ -1,1 +1,3 @@
-"""The Sparse Brain Model and its population-neuron baseline: training on the loop's spike probabilities, the fit routine, rollout evaluation and calibration."""
+"""The Sparse Brain Model and its population-neuron baseline: training on the loop's spike probabilities, the fit
+routine, rollout evaluation and calibration.
+"""

@@ -3,7 +3,7 @@
 Everything here takes a generic `Predictor` (torch_predictor adapts an SBM): contexts (B, C, N) of spike
 probabilities and, for stimulus models, covariates (B, C + 1, K) (the C context steps then the predicted
 step) -> next-step probabilities (B, N). Three reports on the ZAPBench-style test windows
-(offline_training.splits):
+(offline_training.data.splits):
   - next-step MAE per condition, the training conditions' mean and the holdout, beside the last-value and
     mean-of-context baselines on the same targets;
   - calibration: per-neuron predicted vs observed mean probability (Pearson r, slope) and a binned
@@ -13,18 +13,20 @@ step) -> next-step probabilities (B, N). Three reports on the ZAPBench-style tes
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from offline_training.covariates import covariate_windows
-from offline_training.eval_plot import pyplot, save_figure
-from offline_training.splits import ConditionSplit, gather_windows, split_windows
+from loopcast.models.sbm import SparseBrainModel
+from loopcast.offline_training.data.covariates import covariate_windows
+from loopcast.offline_training.data.splits import ConditionSplit, gather_windows, split_windows
+from loopcast.offline_training.eval.metrics import pearson
+from loopcast.offline_training.eval.plot import pyplot, save_figure
 
 Predictor = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # (B, C, N), (B, C+1, K) -> (B, N)
 BASELINES = ("last_value", "context_mean")
@@ -67,7 +69,7 @@ class NextStep:
 def predict_next(predict: Predictor, probs: np.ndarray, cov: np.ndarray | None, starts: np.ndarray,
                  context: int, batch_size: int = 64, future: str = "recorded") -> np.ndarray:
     """Next-step predictions (B, N) for the windows (C context + 1 target) at `starts`; `future`: the
-    target frame's stimulus as recorded or held (offline_training.covariates)."""
+    target frame's stimulus as recorded or held (offline_training.data.covariates)."""
     out = np.empty((len(starts), probs.shape[1]), dtype=np.float32)
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
@@ -113,14 +115,13 @@ def next_step_frames(predict: Predictor, probs: np.ndarray, cov: np.ndarray | No
     return out
 
 
-def teacher_logits(model: nn.Module, x: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+def teacher_logits(model: SparseBrainModel, x: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
     """Logits (B, C, N) of window x (B, C + 1, N) with covariates (B, C + 1, K) | None: step t sees
     x[:, :t + 1] and predicts x[:, t + 1] (covariates aligned as the model's logits() expects)."""
-    uses = getattr(model, "uses_covariates", False)
-    return model.logits(x[:, :-1], cov[:, 1:] if uses and cov is not None else None)
+    return model.logits(x[:, :-1], cov[:, 1:] if model.uses_covariates and cov is not None else None)
 
 
-def torch_predictor(model: nn.Module, device: torch.device | str = "cpu") -> Predictor:
+def torch_predictor(model: SparseBrainModel, device: torch.device | str = "cpu") -> Predictor:
     """The SBM as an sbm_eval.Predictor: contexts (B, C, N) [+ covariates (B, C + 1, K)] -> (B, N)."""
     model.eval()
 
@@ -163,14 +164,6 @@ def next_step_mae(rows: Sequence[NextStep]) -> dict[str, Any]:
 
 def _series(row: NextStep, label: str) -> np.ndarray:
     return row.pred if label == "model" else getattr(row, label)
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r of two 1-D arrays (NaN where either is constant)."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
 def calibration(pred: np.ndarray, target: np.ndarray, bins: int = 10) -> dict[str, Any]:
@@ -331,7 +324,7 @@ def evaluate_predictor(predict: Predictor, probs: np.ndarray, cov: np.ndarray | 
                        fig_dir: Path | None = None, progress: bool = False,
                        future: str = "recorded") -> tuple[dict[str, Any], list[Path]]:
     """Next-step MAE, calibration and rollout of `predict` on the test windows; figures in `fig_dir`;
-    `future`: the covariates' future steps as recorded or held (offline_training.covariates)."""
+    `future`: the covariates' future steps as recorded or held (offline_training.data.covariates)."""
     rows = next_step_predictions(predict, probs, cov, splits, context, cfg.batch_size, progress, future)
     cal = calibration_report(rows, cfg.bins)
     roll = rollout_errors(predict, probs, cov, splits, context, cfg, progress, future)

@@ -11,27 +11,28 @@ and, when given, for the SBM's next-step predictions of the same frames.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from models.pnm import PNM, PNMConfig
-from offline_training.device import check_device, resolve_device
-from offline_training.sbm_eval import pearson
-from offline_training.splits import ConditionSplit, condition_splits, split_windows
+from loopcast.models.pnm import PNM, PNMConfig
+from loopcast.offline_training.data.splits import ConditionSplit, condition_splits, split_windows
+from loopcast.offline_training.eval.metrics import pearson
+from loopcast.offline_training.fit.device import check_device, resolve_device
+from loopcast.offline_training.fit.loop import FitPlan, FitTask, fit
 
 DERIVED = frozenset({"n_times", "d_beh"})   # one head per behaviour dimension (the paper)
 METRICS_FILE = "pnm_metrics.json"
 MODEL_FILE = "pnm.pt"
+RESUME_FILE = "pnm_resume.pt"
+RESUME_FREE = frozenset({"threads", "device"})   # may differ when resuming
 
 
 @dataclass(frozen=True)
@@ -175,14 +176,17 @@ def predict(model: nn.Module, data: BehaviourData, frames: np.ndarray, probs: np
 
 def train_pnm(probs: np.ndarray, behaviour: np.ndarray, positions: np.ndarray, offsets: Sequence[int],
               cfg: PNMTrainConfig = PNMTrainConfig(), run_dir: str | Path | None = None, progress: bool = True,
-              predicted: np.ndarray | None = None) -> PNMResult:
+              predicted: np.ndarray | None = None, stop_after: int | None = None) -> PNMResult:
     """Train a PNM on spike probabilities (T, N) -> behaviour (T,); score it on test and holdout frames.
-    `predicted` (T, N): the SBM's next-step predictions (NaN where absent) to score the PNM on as input."""
+    `predicted` (T, N): the SBM's next-step predictions (NaN where absent) to score the PNM on as input.
+    With `run_dir`, training checkpoints to run_dir/pnm_resume.pt at every validation and a rerun resumes
+    it; `stop_after` ends training after that many steps, as an interrupted job would."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = build_data(probs, behaviour, positions, offsets, cfg)
     model, device = PNM(cfg.model_config()), resolve_device(cfg.device)
-    history = _fit(model.to(device), data, cfg, progress)
+    checkpoint = None if run_dir is None else Path(run_dir) / RESUME_FILE
+    history = _fit(model.to(device), data, cfg, progress, checkpoint, stop_after)
     model.to("cpu")
     names = {cs.index: cs.name for cs in cfg.splits(offsets)}
     holdout = set(cfg.holdout)
@@ -199,22 +203,36 @@ def train_pnm(probs: np.ndarray, behaviour: np.ndarray, positions: np.ndarray, o
     return PNMResult(metrics, model)
 
 
-def _fit(model: nn.Module, data: BehaviourData, cfg: PNMTrainConfig, progress: bool) -> list[dict[str, float]]:
-    """AdamW with linear warm-up, clipped L1 steps on balanced batches; keeps the best val weights."""
+def _fit(model: nn.Module, data: BehaviourData, cfg: PNMTrainConfig, progress: bool, checkpoint: Path | None,
+         stop_after: int | None) -> list[dict[str, float]]:
+    """The one loop (offline_training.fit.loop): AdamW with linear warm-up, clipped L1 steps on balanced
+    batches, val L1 every val_every steps; leaves the best val weights in `model`."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    train = np.concatenate(list(data.frames["train"].values()))
-    val = np.concatenate(list(data.frames["val"].values()))
-    thr = np.quantile(data.target[train], cfg.high_quantile)
-    high = train[data.target[train] > thr]
     rng = np.random.default_rng([cfg.seed, 7])
+    val = np.concatenate(list(data.frames["val"].values()))
+    task = FitTask(model, _train_step(model, data, cfg, opt, sched, rng),
+                   lambda: {"val_l1": float(np.mean(np.abs(predict(model, data, val) - data.target[val])))},
+                   stateful={"optimizer": opt, "scheduler": sched}, rngs={"batches": rng})
+    state = fit(task, FitPlan(total=cfg.steps, config=cfg, val_every=cfg.val_every, patience=cfg.patience,
+                              monitor="val_l1", checkpoint=checkpoint, resume_free=RESUME_FREE,
+                              stop_after=stop_after, progress=progress, desc="train pnm"))
+    model.load_state_dict(state.best_state)
+    model.eval()
+    return state.history
+
+
+def _train_step(model: nn.Module, data: BehaviourData, cfg: PNMTrainConfig, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler,
+                rng: np.random.Generator) -> Callable[[int], dict[str, float]]:
+    """One clipped L1 step on a balanced batch (high_frac of it above the train high_quantile)."""
+    train = np.concatenate(list(data.frames["train"].values()))
+    high = train[data.target[train] > np.quantile(data.target[train], cfg.high_quantile)]
     device = _device(model)
     positions = data.positions.to(device)
-    best, best_state, bad = math.inf, copy.deepcopy(model.state_dict()), 0
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(1, cfg.steps + 1), desc="train pnm", unit="step", disable=not progress)
-    for step in bar:
+
+    def step(_: int) -> dict[str, float]:
         model.train()
         frames = balanced_batch(train, high, cfg, rng)
         loss = nn.functional.l1_loss(model(data.inputs(frames).to(device), positions)[:, 0],
@@ -224,17 +242,8 @@ def _fit(model: nn.Module, data: BehaviourData, cfg: PNMTrainConfig, progress: b
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            val_l1 = float(np.mean(np.abs(predict(model, data, val) - data.target[val])))
-            history.append({"step": step, "train_l1": float(loss.detach()), "val_l1": val_l1})
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", val=f"{val_l1:.4f}")
-            best, best_state, bad = ((val_l1, copy.deepcopy(model.state_dict()), 0) if val_l1 < best
-                                     else (best, best_state, bad + 1))
-            if bad >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    return history
+        return {"train_l1": float(loss.detach())}
+    return step
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -1,1 +1,3 @@
-"""The learned causal spike net: training on simulated ground truth and scoring against OASIS and the first-difference baseline."""
+"""The learned causal spike net: training on simulated ground truth and scoring against OASIS and the first-
+difference baseline.
+"""

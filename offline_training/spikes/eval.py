@@ -3,15 +3,18 @@
 first-difference baseline every model is compared with."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.spikenet import causal_windows
-from realtime.engine import Engine, load_engine
+from loopcast.models.spikenet import causal_windows
+from loopcast.offline_training.eval.metrics import column_r
+from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.engines.loader import load_engine
 
 Predict = Callable[[np.ndarray], np.ndarray]   # windows (B, C, N) -> expected counts (B, N)
 
@@ -41,7 +44,8 @@ def as_predictor(obj: nn.Module | Engine | str | Path) -> tuple[Predict, int]:
     if isinstance(obj, (str, Path)):
         obj = load_engine(obj)
     if isinstance(obj, nn.Module):
-        return torch_predictor(obj), int(obj.config.context)  # type: ignore[union-attr]
+        config: Any = obj.config   # the model's typed config (a plain attribute; torch types it as a Module's)
+        return torch_predictor(obj), int(config.context)
     if hasattr(obj, "manifest") and hasattr(obj, "run"):
         return engine_predictor(obj), obj.manifest.context
     raise TypeError(f"expected a torch model, an engine or an engine path, got {type(obj).__name__}")
@@ -62,18 +66,9 @@ def first_difference(dff: np.ndarray) -> np.ndarray:
     return np.maximum(np.diff(dff, axis=0, prepend=dff[:1]), 0.0).astype(np.float32)
 
 
-def pearson_per_neuron(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pearson r over time for each neuron, (N,); NaN where either series is constant."""
-    p = pred - pred.mean(axis=0)
-    q = truth - truth.mean(axis=0)
-    denom = np.sqrt((p * p).sum(axis=0) * (q * q).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (p * q).sum(axis=0) / denom, np.nan)
-
-
 def correlation_summary(pred: np.ndarray, baseline: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """Median over neurons of the per-neuron correlation with true spikes: model and baseline."""
-    r_model, r_base = pearson_per_neuron(pred, truth), pearson_per_neuron(baseline, truth)
+    r_model, r_base = column_r(pred, truth), column_r(baseline, truth)
     ok = np.isfinite(r_model) & np.isfinite(r_base)
     if not ok.any():
         raise ValueError("no neuron has both a non-constant prediction and spikes in these frames")

@@ -1,7 +1,7 @@
 """Train the causal spike-inference network (models/spikenet.py) on the simulator's ground truth; export it.
 
 Data: one synthetic recording per (snr, seed) at the rig's frame period (cached under work_dir), its raw
-segment means turned into the pipeline's causal dF/F (realtime.dff), and the true spike counts per frame.
+segment means turned into the pipeline's causal dF/F (realtime.preprocess.dff), and the true spike counts per frame.
 Recordings are stacked along the neuron axis (the network is per neuron). Each target frame t gets the
 past-only window t-C+1 .. t; targets start once every frame of the window is past the dF/F warm-up.
 Train/val split by time: train targets t < split, val targets t >= split + C - 1 (val windows hold only
@@ -14,35 +14,44 @@ by its own variance, where MSE lets the rare bursts dominate the gradient. `loss
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import realtime.dff as dff_module
+import loopcast.realtime.preprocess.dff as dff_module
 from loopcast.config import to_dict
-from models.registry import SPIKE_MODELS, build_model
-from models.spikenet import gather_windows
-from offline_training.device import check_device, resolve_device
-from offline_training.export import export_engine
-from offline_training.spike_eval import (as_predictor, correlation_summary, evaluate_spikes, first_difference,
-                                         predict_frames, torch_predictor)
-from realtime.dff import CausalDff, DffConfig
-from realtime.engine import Engine
-from replay.fish import FishConfig
-from replay.layout import Recording, RecordingError
-from replay.synth import SynthConfig, synthesize
+from loopcast.models.spikenet import gather_windows
+from loopcast.models.zoo import SPIKE_MODELS, build_model
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.fit.device import check_device, resolve_device
+from loopcast.offline_training.fit.loop import FitPlan, FitState, FitTask, fit
+from loopcast.offline_training.spikes.eval import (
+    as_predictor,
+    correlation_summary,
+    evaluate_spikes,
+    first_difference,
+    predict_frames,
+    torch_predictor,
+)
+from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.preprocess.dff import CausalDff, DffConfig
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording, RecordingError
+from loopcast.replay.synth import SynthConfig, synthesize
 
+# may differ when resuming: training may be extended; where it runs; what only evaluation and export read
+RESUME_FREE = frozenset({"max_epochs", "threads", "device", "eval_seeds", "engine_neurons"})
+RESUME_FILE = "resume.pt"   # in the run directory
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class SpikeTrainConfig:
     batch_size: int = 4096                    # (neuron, frame) windows per step
     steps_per_epoch: int = 500
     max_epochs: int = 40
-    patience: int = 5
+    patience: int = 5                         # validations (one per epoch) without improvement before stopping
     val_frac: float = 0.15
     val_samples: int = 262144                 # random val windows for the per-epoch val loss (early stopping)
     seed: int = 0
@@ -105,7 +114,7 @@ class SpikeTrainConfig:
         return self.dff.warmup + self.context - 1
 
     def model_config(self) -> dict[str, Any]:
-        """The SpikeNetConfig mapping for models.registry.build_model."""
+        """The SpikeNetConfig mapping for models.zoo.build_model."""
         return {"context": self.context, "hidden": list(self.hidden), "noise_input": self.noise_input,
                 "activation": self.activation}
 
@@ -235,40 +244,41 @@ def sample_batch(data: SpikeData, rng: np.random.Generator, batch: int, split: L
     return torch.from_numpy(x).to(device), torch.from_numpy(np.ascontiguousarray(y)).to(device)
 
 
-def fit_spike_net(cfg: SpikeTrainConfig, data: SpikeData, progress: bool = True) -> SpikeTrainResult:
-    """Train with AdamW on random windows; early-stop on the val loss; keep the best epoch's weights."""
+def fit_spike_net(cfg: SpikeTrainConfig, data: SpikeData, progress: bool = True, checkpoint: str | Path | None = None,
+                  stop_after: int | None = None) -> SpikeTrainResult:
+    """Train with AdamW on random windows; early-stop on the val loss; keep the best epoch's weights.
+    With `checkpoint`, a rerun resumes it; `stop_after` ends after that many epochs (as an interrupted job)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, device = build_model(cfg.model, cfg.model_config()), resolve_device(cfg.device)
-    history, best_epoch = _fit(model.to(device), data, cfg, progress)
+    state = _fit(model.to(device), data, cfg, progress, checkpoint, stop_after)
     model.to("cpu")
     t = int(data.val_frames[0])
     window = np.ascontiguousarray(data.dff[t - cfg.context + 1:t + 1, :cfg.fish.n_neurons])   # (C, N_fish)
     metrics = {"val": validate(model, data, cfg), "device": str(device)}
-    return SpikeTrainResult(model.eval(), tuple(history), metrics, data.fingerprint(), window, best_epoch)
+    return SpikeTrainResult(model.eval(), tuple(state.history), metrics, data.fingerprint(), window,
+                            state.best_step)
 
 
-def _fit(model: nn.Module, data: SpikeData, cfg: SpikeTrainConfig,
-         progress: bool) -> tuple[list[dict[str, float]], int]:
-    """The epoch loop; leaves the best weights in `model`; returns (history, best epoch)."""
+def _fit(model: nn.Module, data: SpikeData, cfg: SpikeTrainConfig, progress: bool, checkpoint: str | Path | None,
+         stop_after: int | None) -> FitState:
+    """The one loop (offline_training.fit.loop), an epoch per unit; leaves the best weights in `model`."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
-    history: list[dict[str, float]] = []
     device = next(model.parameters()).device
     val_x, val_y = sample_batch(data, np.random.default_rng([cfg.seed, 2]), cfg.val_samples, "val", device)
-    bar = tqdm(range(1, cfg.max_epochs + 1), desc=f"train {cfg.model}", disable=not progress)
-    for epoch in bar:
-        train_loss = _train_epoch(model, opt, data, cfg, epoch)
-        with torch.no_grad():
-            val_loss = float(spike_loss(model.eval()(val_x), val_y, cfg.loss))
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-        if val_loss < best[0]:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best[1])
-        if epoch - best[1] >= cfg.patience:
-            break
-    model.load_state_dict(best[2])
-    return history, best[1]
+
+    @torch.no_grad()
+    def val_loss() -> dict[str, float]:
+        return {"val_loss": float(spike_loss(model.eval()(val_x), val_y, cfg.loss))}
+
+    task = FitTask(model, lambda epoch: {"train_loss": _train_epoch(model, opt, data, cfg, epoch)}, val_loss,
+                   stateful={"optimizer": opt})
+    state = fit(task, FitPlan(total=cfg.max_epochs, config=cfg, unit="epoch", patience=cfg.patience,
+                              monitor="val_loss", checkpoint=None if checkpoint is None else Path(checkpoint),
+                              resume_free=RESUME_FREE, stop_after=stop_after, progress=progress,
+                              desc=f"train {cfg.model}"))
+    model.load_state_dict(state.best_state)
+    return state
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: SpikeData, cfg: SpikeTrainConfig,
@@ -340,12 +350,13 @@ def export_spike_net(result: SpikeTrainResult, cfg: SpikeTrainConfig, registry_d
 
 
 def train_spike_net(cfg: SpikeTrainConfig, registry_dir: str | Path, work_dir: str | Path,
-                    progress: bool = True) -> Path:
-    """Build the data, train, evaluate on held-out fish, export; returns the engine version directory."""
+                    progress: bool = True, run_dir: str | Path | None = None) -> Path:
+    """Build the data, train, evaluate on held-out fish, export; returns the engine version directory.
+    With `run_dir`, training checkpoints to run_dir/resume.pt after every epoch and a rerun resumes it."""
     t0 = time.monotonic()
     data = build_data(cfg, work_dir, progress)
     t_data = time.monotonic()
-    result = fit_spike_net(cfg, data, progress)
+    result = fit_spike_net(cfg, data, progress, None if run_dir is None else Path(run_dir) / RESUME_FILE)
     metrics = dict(result.metrics)
     metrics["train"] = {"best_epoch": result.best_epoch, "epochs": len(result.history),
                         "data_s": round(t_data - t0, 1), "fit_s": round(time.monotonic() - t_data, 1),

@@ -2,34 +2,34 @@
 
 Models whose class sets `uses_covariates = True` also get the stimulus covariates (T, K) of every window:
 forward(x (B, C, N), cov (B, C + H, K)), cov being the C context steps followed by the H target steps.
-Under torchrun the same call trains data-parallel (offline_training/ddp.py); [train] batch_size is the
+Under torchrun the same call trains data-parallel (offline_training/fit/ddp.py); [train] batch_size is the
 global batch, so any number of ranks reproduces one process.
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loopcast.config import from_dict, to_dict
-from models.baselines import MeanBaseline, MeanBaselineConfig
-from models.registry import MODELS, build_model, check_model_options, config_fields
-from models.registry import model_config as typed_model_config
-from offline_training.covariates import check_future_covariates, covariate_windows
-from offline_training.ddp import DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
-from offline_training.device import check_device, train_env
-from offline_training.splits import ConditionSplit, condition_splits, gather_windows, split_windows
+from loopcast.config import from_dict
+from loopcast.models.baselines import MeanBaseline, MeanBaselineConfig
+from loopcast.models.zoo import MODELS, build_model, check_model_options, config_fields
+from loopcast.models.zoo import model_config as typed_model_config
+from loopcast.offline_training.data.covariates import check_future_covariates, covariate_windows
+from loopcast.offline_training.data.splits import ConditionSplit, condition_splits, gather_windows, split_windows
+from loopcast.offline_training.fit.ddp import DistEnv, all_reduce_sum, dist_env, process_group, wrap
+from loopcast.offline_training.fit.device import check_device, train_env
+from loopcast.offline_training.fit.loop import FitPlan, FitState, FitTask, cpu_state, fit
 
 # Model config fields that training fills in itself (from [train] and from the data).
 DERIVED_OPTIONS = frozenset({"context", "horizon", "n_neurons", "n_covariates"})
+RESUME_FREE = frozenset({"max_epochs", "device"})  # may differ when resuming: training may be extended
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TrainConfig:
     batch_size: int = 8  # global: split over the ranks under torchrun
     eval_batch_size: int = 64
     max_epochs: int = 30
-    patience: int = 3
+    patience: int = 3  # validations (one per epoch) without improvement before stopping
     steps_per_epoch: int = 0  # 0 = every train window once per epoch
     seed: int = 0
     threads: int = 2
@@ -81,7 +81,7 @@ class TrainConfig:
         return uses_covariates(MODELS[self.model][1])
 
     def model_config(self, n_neurons: int | None = None, n_covariates: int | None = None) -> dict[str, Any]:
-        """The model's own config mapping (for models.registry.build_model): context, horizon, the data's
+        """The model's own config mapping (for models.zoo.build_model): context, horizon, the data's
         neuron / covariate counts where the model has such fields, then model_options."""
         out: dict[str, Any] = {"context": self.context, "horizon": self.horizon}
         fields = config_fields(self.model)
@@ -115,7 +115,7 @@ class WindowData:
 
     traces: np.ndarray
     covariates: np.ndarray | None = None
-    future: str = "recorded"   # the covariates' future steps (offline_training.covariates)
+    future: str = "recorded"   # the covariates' future steps (offline_training.data.covariates)
 
     @property
     def n_neurons(self) -> int:
@@ -143,14 +143,6 @@ def uses_covariates(model: nn.Module | type) -> bool:
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Strict TrainConfig from a mapping (a TOML [train] table)."""
     return from_dict(TrainConfig, data, where="train")
-
-
-def data_fingerprint(traces: np.ndarray, offsets: Sequence[int]) -> str:
-    """sha256 over shape, dtype, condition offsets and the trace bytes."""
-    h = hashlib.sha256()
-    h.update(f"{traces.shape}|{traces.dtype}|{list(offsets)}".encode())
-    h.update(np.ascontiguousarray(traces).data)
-    return "sha256:" + h.hexdigest()
 
 
 def first_window(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig,
@@ -198,56 +190,29 @@ def train(traces: np.ndarray, offsets: Sequence[int], cfg: TrainConfig = TrainCo
     model.eval()
     metrics = {"val": evaluate(model, traces, val_starts, splits, cfg, data.covariates), "device": str(env.device)}
     return TrainResult(model=model, history=tuple(state.history), metrics=metrics, config=cfg,
-                       best_epoch=state.best_epoch)
-
-
-@dataclass
-class _TrainState:
-    best_state: dict[str, torch.Tensor]
-    best_val: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    next_epoch: int = 1
-    history: list[dict[str, float]] = field(default_factory=list)
+                       best_epoch=state.best_step)
 
 
 def _fit_model(model: nn.Module, data: WindowData, train_starts: np.ndarray, val_starts: dict[int, np.ndarray],
-               cfg: TrainConfig, env: DistEnv, progress: bool, checkpoint: str | Path | None) -> _TrainState:
-    """Fit on env.device (resuming from `checkpoint` if rank 0 has it); the model ends on the CPU."""
-    state = _TrainState(best_state=_cpu_state(model))
+               cfg: TrainConfig, env: DistEnv, progress: bool, checkpoint: str | Path | None) -> FitState:
+    """Fit on env.device with the one loop (offline_training.fit.loop: an epoch per unit, val MAE after each,
+    resuming `checkpoint` if rank 0 has it); the model ends on the CPU."""
     if not any(p.requires_grad for p in model.parameters()):
-        return state
+        return FitState(best_state=cpu_state(model))
     model.to(env.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    if checkpoint is not None:
-        state = _load_checkpoint(Path(checkpoint), model, opt, cfg, env) or state
-    _fit(wrap(model, env), model, opt, data, train_starts, val_starts, cfg, env, state, progress, checkpoint)
+    ddp_model, show = wrap(model, env), progress and env.is_main
+    task = FitTask(model, stateful={"optimizer": opt},
+                   train=lambda epoch: {"train_mae": _train_epoch(ddp_model, opt, data, train_starts, cfg, env,
+                                                                  epoch, show)},
+                   validate=lambda: {"val_mae": _val_mae(model, data, val_starts, cfg, env)})
+    plan = FitPlan(total=cfg.max_epochs, config=cfg, unit="epoch", patience=cfg.patience, monitor="val_mae",
+                   checkpoint=None if checkpoint is None else Path(checkpoint), resume_free=RESUME_FREE, env=env,
+                   progress=progress, desc=f"train {cfg.model}")
+    state = fit(task, plan)
     model.to("cpu")
     return state
-
-
-def _fit(ddp_model: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, data: WindowData,
-         train_starts: np.ndarray, val_starts: dict[int, np.ndarray], cfg: TrainConfig, env: DistEnv,
-         state: _TrainState, progress: bool, checkpoint: str | Path | None) -> None:
-    show = progress and env.is_main
-    epochs = tqdm(range(state.next_epoch, cfg.max_epochs + 1), desc=f"train {cfg.model}",
-                  disable=not show, initial=state.next_epoch - 1, total=cfg.max_epochs)
-    for epoch in epochs:
-        if state.bad_epochs >= cfg.patience:
-            break
-        train_loss = _train_epoch(ddp_model, opt, data, train_starts, cfg, env, epoch, show)
-        val_loss = _val_mae(model, data, val_starts, cfg, env)
-        state.history.append({"epoch": epoch, "train_mae": train_loss, "val_mae": val_loss})
-        if val_loss < state.best_val:
-            state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
-            state.best_state = _cpu_state(model)
-        else:
-            state.bad_epochs += 1
-        state.next_epoch = epoch + 1
-        epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=state.best_epoch)
-        if checkpoint is not None and env.is_main:
-            _save_checkpoint(Path(checkpoint), model, opt, cfg, state)
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: WindowData, starts: np.ndarray,
@@ -366,34 +331,3 @@ def _check_covariates(covariates: np.ndarray | None, n_frames: int, cfg: TrainCo
         raise ValueError(f"covariates must be a (T={n_frames}, K) array, "
                          f"got {getattr(covariates, 'shape', type(covariates))}")
     return np.ascontiguousarray(covariates, dtype=np.float32)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                     state: _TrainState) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": to_dict(cfg), "model": _cpu_state(model), "optimizer": opt.state_dict(),
-                "state": {k: getattr(state, k) for k in state.__dataclass_fields__}}, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                     env: DistEnv) -> _TrainState | None:
-    """The state to resume from (None: start afresh); rank 0 reads the file and broadcasts it."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False) if env.is_main and path.is_file() else None
-    ckpt = broadcast_object(ckpt, env)
-    if ckpt is None:
-        return None
-
-    def same(d: dict[str, Any]) -> dict[str, Any]:  # resuming may extend training; absent keys = defaults
-        return {k: v for k, v in {**to_dict(TrainConfig()), **d}.items() if k not in ("max_epochs", "device")}
-
-    if same(ckpt.get("config", {})) != same(to_dict(cfg)):
-        raise ValueError(f"{path}: checkpoint was written with a different training config")
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    return _TrainState(**ckpt["state"])

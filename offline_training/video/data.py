@@ -2,12 +2,12 @@
 
 `prepare_video` writes ZAPBench's multiscale dF/F array `df_over_f_xyz_chunked/s<level>` (x, y, z, t)
 float32 from a recording's `raw` volumes: each frame is mean-downsampled by 2**level in x and y
-(realtime.voxel_dff.downsample_xy) and turned into per-voxel dF/F, either
-  - "centered": ZAPBench's non-causal percentile baseline (realtime.dff.centered_dff with its `stride`
+(realtime.preprocess.voxel_dff.downsample_xy) and turned into per-voxel dF/F, either
+  - "centered": ZAPBench's non-causal percentile baseline (realtime.preprocess.dff.centered_dff with its `stride`
     approximation). Each voxel needs its whole time series, so the downsampled frames go through a
     temporary on-disk (T, V) float32 memmap (T * V * 4 bytes of disk under the output root, removed
     afterwards), processed in blocks of `block_voxels` voxels; or
-  - "causal": realtime.voxel_dff.VoxelDff frame by frame, what the live loop computes (a single pass).
+  - "causal": realtime.preprocess.voxel_dff.VoxelDff frame by frame, what the live loop computes (a single pass).
 How the array was made is stored in its zarr.json attributes (key "loopcast_video"), read back by
 `video_attrs` (empty for a real ZAPBench array).
 
@@ -16,25 +16,38 @@ trace targets, with the output grid and the VolumeReducer the loss and the engin
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from realtime.dff import DffConfig, centered_dff
-from realtime.video_reduce import VideoGrid, VolumeReducer, centre_crop, crop_y
-from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
-from replay.layout import XYZT, Recording, Volume, level_candidates
-from replay.store import (BloscCodec, Expect, Location, RecordingError, WriteQueue, create_array, exists,
-                          is_remote, join, normalize, open_array, read_key)
+from loopcast.realtime.forecast.video_reduce import VideoGrid, VolumeReducer, centre_crop, crop_y
+from loopcast.realtime.preprocess.dff import DffConfig, centered_dff
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
+from loopcast.replay.layout import XYZT, Recording, Volume, level_candidates
+from loopcast.replay.store import (
+    BloscCodec,
+    Expect,
+    Location,
+    RecordingError,
+    WriteQueue,
+    create_array,
+    exists,
+    is_remote,
+    join,
+    normalize,
+    open_array,
+    read_key,
+)
 
 BASELINES = ("centered", "causal")
 ATTRS_KEY = "loopcast_video"
@@ -116,7 +129,7 @@ def prepare_video(rec_or_path: Recording | Location, cfg: VideoPrepConfig = Vide
         write = _write_causal if cfg.baseline == "causal" else _write_centered
         write(raw, arr, shape, cfg, root, progress)
         attrs = {**cfg.attrs(), "source": "raw", "source_fingerprint": rec.fingerprint(),
-                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                 "created": datetime.now(UTC).isoformat(timespec="seconds")}
         _set_attrs(loc, attrs)
     except BaseException:
         shutil.rmtree(loc, ignore_errors=True)          # never leave a half-written array behind
@@ -151,12 +164,12 @@ def _write_causal(raw: Volume, arr: Any, shape: tuple[int, int, int], cfg: Video
                   root: str, progress: bool) -> None:
     """One pass: downsample, VoxelDff, write each frame."""
     dff = VoxelDff(shape, cfg.voxel_config())
-    queue, free = WriteQueue(3), []
+    queue, free = WriteQueue(3), list[np.ndarray]()
     for t, ds in _frames(raw, cfg.factor, progress, "video dF/F (causal)"):
         out = free.pop() if free else np.empty(shape, np.float32)
         dff.process(ds, out=out)
         queue.submit(arr[:, :, :, t], out, f"{join(root, video_array_name(cfg.level))} frame {t}",
-                     on_done=lambda b=out: free.append(b))
+                     on_done=functools.partial(free.append, out))
     queue.drain()
 
 
@@ -180,7 +193,7 @@ def _write_centered(raw: Volume, arr: Any, shape: tuple[int, int, int], cfg: Vid
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _centered_blocks(mm: np.ndarray, cfg: VideoPrepConfig, progress: bool) -> None:
+def _centered_blocks(mm: np.memmap, cfg: VideoPrepConfig, progress: bool) -> None:
     """mm (T, V) fluorescence -> centered dF/F in place, `block_voxels` columns at a time."""
     n_v, b = mm.shape[1], cfg.block_voxels
     dff_cfg = cfg.dff_config()
@@ -336,7 +349,7 @@ def _open_prepared(rec: Recording, level: int) -> Volume:
         return rec.volume("df_over_f", level)
     except RecordingError as exc:
         raise RecordingError(f"{rec.root}: no prepared dF/F video at level {level}; run "
-                             f"offline_training.video_data.prepare_video or `loopcast prepare-video "
+                             f"offline_training.video.data.prepare_video or `loopcast prepare-video "
                              f"{rec.root}` first ({exc})") from exc
 
 

@@ -5,11 +5,12 @@ The graph maps `volumes` [batch, C, X, Y, Z] float32 (the last C downsampled dF/
 time, upsampled by 2**super_resolution in x and y). The manifest's "video" block
 (VideoData.manifest_video()) tells the real-time side how the inputs were made and how to reduce a
 frame to per-neuron traces. The version is built in the registry's staging directory and published
-only after ONNX Runtime agrees with torch, exactly like trace engines (offline_training.export).
+only after ONNX Runtime agrees with torch, exactly like trace engines (offline_training.export.engine).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -20,10 +21,19 @@ import torch
 from torch import nn
 
 from loopcast.config import dump_toml
-from models.video_unet import export_copy
-from offline_training.export import (CONFIG_FILE, ONNX_FILE, TORCH_FILE, ExportConfig, ExportError,
-                                     build_manifest, export_program, publish_engine, quiet_exporter)
-from offline_training.registry import engine_name, staging_dir
+from loopcast.models.video_unet import export_copy
+from loopcast.offline_training.export.engine import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    TORCH_FILE,
+    ExportConfig,
+    ExportError,
+    build_manifest,
+    export_program,
+    publish_engine,
+    quiet_exporter,
+)
+from loopcast.offline_training.export.versions import engine_name, staging_dir
 
 TASK = "video"
 VOLUMES_NAME = "volumes"
@@ -47,7 +57,8 @@ def export_video_engine(model: nn.Module, cfg: ExportConfig, registry_dir: str |
     neuron count and a few real windows for the parity check). Raises ExportError (and publishes
     nothing) when the export fails or ONNX Runtime disagrees with torch beyond `tolerance`."""
     video = dict(data.manifest_video())
-    input_shape = tuple(int(v) for v in video["input_shape"])
+    x, y, z = (int(v) for v in video["input_shape"])
+    input_shape = (x, y, z)
     _check_model(model, cfg, video)
     name = name or engine_name(cfg.model, cfg.context, cfg.horizon)
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -62,15 +73,14 @@ def export_video_engine(model: nn.Module, cfg: ExportConfig, registry_dir: str |
         if export_program(model, staged / TORCH_FILE, inputs[0], dynamic_n=False):
             files["torch"] = TORCH_FILE
         dump_toml(cfg, staged / CONFIG_FILE)
-        fields = dict(name=name, model=model, cfg=cfg, n_neurons=_n_neurons(data), video=video,
-                      metrics=metrics, max_diff=max_diff, tolerance=tolerance, files=files,
-                      data={"fingerprint": data_fingerprint, "source": data_source})
-
-        path = publish_engine(staged, lambda version: build_video_manifest(version=version, **fields))
+        manifest = functools.partial(build_video_manifest, name=name, model=model, cfg=cfg, n_neurons=_n_neurons(data),
+                                     video=video, metrics=metrics, max_diff=max_diff, tolerance=tolerance,
+                                     files=files, data={"fingerprint": data_fingerprint, "source": data_source})
+        path = publish_engine(staged, lambda version: manifest(version=version))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    # No TensorRT plan here (export.prebuild_tensorrt): realtime.engine_trt serves trace engines only;
+    # No TensorRT plan here (export.prebuild_tensorrt): realtime.engines.tensorrt serves trace engines only;
     # video engines run on ONNX Runtime or the torch program (model.pt2).
     log.info("exported video engine %s", path)
     return path

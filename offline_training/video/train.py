@@ -9,36 +9,34 @@ lr to lr_min over `steps`; val MAE on a fixed seeded subsample of val (start, le
 `val_every` steps keeps best.pt (the paper chooses checkpoints on validation) and writes last.pt, from
 which `resume=True` continues to exactly the result of an uninterrupted run.
 
-Under torchrun the same call trains data-parallel (offline_training/ddp.py): batch_size is the global
+Under torchrun the same call trains data-parallel (offline_training/fit/ddp.py): batch_size is the global
 batch, every rank draws the same pairs and takes its slice of them, only rank 0 writes.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from loopcast.config import dump_toml, from_dict, to_dict
-from models.registry import VIDEO_MODELS, build_model, check_model_options
-from models.registry import model_config as typed_model_config
-from offline_training.ddp import DEVICES, DistEnv, all_reduce_sum, broadcast_object, dist_env, process_group, wrap
-from offline_training.device import check_device, resolve_device
-from offline_training.splits import ConditionSplit, condition_splits, split_windows
-from offline_training.video_data import VideoData, VideoDataConfig
-from replay.layout import Recording
+from loopcast.models.zoo import VIDEO_MODELS, build_model, check_model_options
+from loopcast.models.zoo import model_config as typed_model_config
+from loopcast.offline_training.data.splits import ConditionSplit, condition_splits, split_windows
+from loopcast.offline_training.fit.ddp import DEVICES, DistEnv, all_reduce_sum, dist_env, process_group, wrap
+from loopcast.offline_training.fit.device import check_device, resolve_device
+from loopcast.offline_training.fit.loop import FitPlan, FitState, FitTask, atomic_save, fit, start
+from loopcast.offline_training.video.data import VideoData, VideoDataConfig
+from loopcast.replay.layout import Recording
 
 # Model config fields that training fills in itself (from [train_video]).
 DERIVED_OPTIONS = frozenset({"context", "horizon"})
 CONFIG_FILE, BEST_FILE, LAST_FILE = "config.toml", "best.pt", "last.pt"
-RUNTIME_KEYS = frozenset({"threads", "device", "ddp_device"})  # may differ when resuming
+RESUME_FREE = frozenset({"threads", "device", "ddp_device", "data.cache_frames"})  # may differ when resuming
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class VideoTrainConfig:
     steps: int = 2000
     val_every: int = 200
     val_windows: int = 64  # seeded subsample of val (start, lead) pairs; 0 = all of them
-    patience: int = 0  # val checks without improvement before stopping; 0 = never stop early
+    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     device: str = "auto"  # single process: auto, cpu, cuda, cuda:N (torchrun ranks use ddp_device)
@@ -201,7 +199,8 @@ def val_mae(model: nn.Module, data: VideoData, pairs: np.ndarray, batch_size: in
     model.eval()
     device = torch.device(device)
     index = index or TraceIndex(data.reducer, device)
-    context = model.config.context
+    config: Any = model.config   # the VideoUNet's config (a plain attribute; torch types it as a Module's)
+    context = int(config.context)
     local, total = env.shard(pairs), torch.zeros((), dtype=torch.float64)
     for i in range(0, len(local), batch_size):
         x, lead, y = load_batch(data, local[i:i + batch_size], context, device)
@@ -212,19 +211,8 @@ def val_mae(model: nn.Module, data: VideoData, pairs: np.ndarray, batch_size: in
 # ------------------------------------------------------------------------------------- the run
 
 @dataclass
-class _State:
-    step: int = 0
-    best_val: float = math.inf
-    best_step: int = 0
-    bad_checks: int = 0
-    loss_sum: float = 0.0  # global-batch losses since the last val check
-    loss_steps: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
 class _Run:
-    """What the loop works on (one per process)."""
+    """What one process trains with."""
 
     cfg: VideoTrainConfig
     env: DistEnv
@@ -239,8 +227,6 @@ class _Run:
     starts: np.ndarray
     pairs: np.ndarray
     run_dir: Path
-    state: _State = field(default_factory=_State)
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train_video(rec: Recording, cfg: VideoTrainConfig, run_dir: str | Path, progress: bool = True,
@@ -254,18 +240,22 @@ def train_video(rec: Recording, cfg: VideoTrainConfig, run_dir: str | Path, prog
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with process_group(env):
-        run = _setup(rec, cfg, env, run_dir, resume)
-        _fit(run, progress and env.is_main, stop_after)
+        run = _setup(rec, cfg, env, run_dir)
+        task, plan = _task(run), _plan(run, progress, resume, stop_after)
+        state = start(task, plan)   # a checkpoint of another config raises before config.toml is written
+        if env.is_main:
+            dump_toml({"train_video": to_dict(cfg)}, run_dir / CONFIG_FILE)
+        state = fit(task, plan, state)
     model = run.model.to("cpu")
-    model.load_state_dict(run.best_state)
+    model.load_state_dict(state.best_state)
     model.eval()
-    return VideoTrainResult(model=model, best_val_mae=run.state.best_val, best_step=run.state.best_step,
-                            history=tuple(run.state.history), config=cfg, n_neurons=run.index.n_neurons,
+    return VideoTrainResult(model=model, best_val_mae=state.best_val, best_step=state.best_step,
+                            history=tuple(state.history), config=cfg, n_neurons=run.index.n_neurons,
                             checkpoints={"best": run_dir / BEST_FILE, "last": run_dir / LAST_FILE},
                             data_fingerprint=rec.fingerprint(), data_source=str(rec.root))
 
 
-def _setup(rec: Recording, cfg: VideoTrainConfig, env: DistEnv, run_dir: Path, resume: bool) -> _Run:
+def _setup(rec: Recording, cfg: VideoTrainConfig, env: DistEnv, run_dir: Path) -> _Run:
     device = env.device if env.distributed else resolve_device(cfg.device)
     sr = typed_model_config(cfg.model, cfg.model_config()).super_resolution
     data = VideoData(rec, cfg.data, super_resolution=sr)
@@ -273,33 +263,9 @@ def _setup(rec: Recording, cfg: VideoTrainConfig, env: DistEnv, run_dir: Path, r
     model = build_model(cfg.model, cfg.model_config()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
-    run = _Run(cfg=cfg, env=env, device=device, model=model, ddp=wrap(model, env), opt=opt, sched=sched,
-               rng=np.random.default_rng(cfg.seed), data=data, index=TraceIndex(data.reducer, device),
-               starts=train_starts(cfg, data.offsets), pairs=val_pairs(cfg, data.offsets), run_dir=run_dir,
-               best_state=_cpu_state(model))
-    if resume:
-        _load_checkpoint(run)
-    if env.is_main:
-        dump_toml({"train_video": to_dict(cfg)}, run_dir / CONFIG_FILE)
-    return run
-
-
-def _fit(run: _Run, progress: bool, stop_after: int | None) -> None:
-    cfg, state = run.cfg, run.state
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.model}", disable=not progress)
-    while state.step < cfg.steps and not (stop_after is not None and state.step >= stop_after):
-        loss = _train_step(run)
-        state.step += 1
-        state.loss_sum, state.loss_steps = state.loss_sum + loss, state.loss_steps + 1
-        bar.update(1)
-        val = state.history[-1]["val_mae"] if state.history else math.nan
-        bar.set_postfix(loss=f"{loss:.4f}", val=f"{val:.4f}", best=state.best_step)
-        if state.step % cfg.val_every == 0 or state.step == cfg.steps:
-            if _val_check(run):
-                break
-        elif stop_after is not None and state.step >= stop_after:
-            _save_last(run)
-    bar.close()
+    return _Run(cfg=cfg, env=env, device=device, model=model, ddp=wrap(model, env), opt=opt, sched=sched,
+                rng=np.random.default_rng(cfg.seed), data=data, index=TraceIndex(data.reducer, device),
+                starts=train_starts(cfg, data.offsets), pairs=val_pairs(cfg, data.offsets), run_dir=run_dir)
 
 
 def _train_step(run: _Run) -> float:
@@ -314,79 +280,27 @@ def _train_step(run: _Run) -> float:
     return float(all_reduce_sum(loss.detach().double().cpu(), run.env)) / run.env.world_size
 
 
-def _val_check(run: _Run) -> bool:
-    """Score val, keep the best weights, write best.pt / last.pt; True when early stopping ends the run."""
-    cfg, state = run.cfg, run.state
-    mae = val_mae(run.model, run.data, run.pairs, cfg.eval_batch_size, run.device, run.env, run.index)
-    state.history.append({"step": state.step, "loss": state.loss_sum / max(state.loss_steps, 1),
-                          "val_mae": mae, "lr": float(run.sched.get_last_lr()[0])})
-    state.loss_sum, state.loss_steps = 0.0, 0
-    if mae < state.best_val:
-        state.best_val, state.best_step, state.bad_checks = mae, state.step, 0
-        run.best_state = _cpu_state(run.model)
-        _save_best(run)
-    else:
-        state.bad_checks += 1
-    _save_last(run)
-    return bool(cfg.patience) and state.bad_checks >= cfg.patience
+# ---------------------------------------------------------------- the one loop (offline_training.fit.loop)
+
+def _task(run: _Run) -> FitTask:
+    """A step per unit; val MAE (and the lr) at every check; best.pt written at each new best."""
+    def validate() -> dict[str, float]:
+        mae = val_mae(run.model, run.data, run.pairs, run.cfg.eval_batch_size, run.device, run.env, run.index)
+        return {"val_mae": mae, "lr": float(run.sched.get_last_lr()[0])}
+    return FitTask(run.model, lambda step: {"loss": _train_step(run)}, validate,
+                   stateful={"optimizer": run.opt, "scheduler": run.sched}, rngs={"pairs": run.rng},
+                   on_best=lambda state: _save_best(run, state))
 
 
-# -------------------------------------------------------------------------------- checkpoints
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _plan(run: _Run, progress: bool, resume: bool, stop_after: int | None) -> FitPlan:
+    cfg = run.cfg
+    return FitPlan(total=cfg.steps, config=cfg, val_every=cfg.val_every, patience=cfg.patience, monitor="val_mae",
+                   checkpoint=run.run_dir / LAST_FILE, resume=resume, resume_free=RESUME_FREE,
+                   section="[train_video]", stop_after=stop_after, env=run.env, progress=progress,
+                   desc=f"train {cfg.model}")
 
 
-def _save_best(run: _Run) -> None:
-    if run.env.is_main:
-        _atomic_save({"config": to_dict(run.cfg), "model_name": run.cfg.model,
-                      "model_config": run.cfg.model_config(), "model": run.best_state,
-                      "step": run.state.best_step, "val_mae": run.state.best_val,
-                      "n_neurons": run.index.n_neurons, "device": str(run.device)}, run.run_dir / BEST_FILE)
-
-
-def _save_last(run: _Run) -> None:
-    if not run.env.is_main:
-        return
-    rngs = {"numpy": run.rng.bit_generator.state, "torch": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        rngs["cuda"] = torch.cuda.get_rng_state(run.device)
-    _atomic_save({"config": to_dict(run.cfg), "model": _cpu_state(run.model), "optimizer": run.opt.state_dict(),
-                  "scheduler": run.sched.state_dict(), "state": dataclasses.asdict(run.state), "rng": rngs},
-                 run.run_dir / LAST_FILE)
-
-
-def _resumable(config: dict[str, Any]) -> dict[str, Any]:
-    """The config minus what may change between a run and its resumption (where and how fast it runs)."""
-    out = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
-    return {**out, "data": {k: v for k, v in config.get("data", {}).items() if k != "cache_frames"}}
-
-
-def _load_checkpoint(run: _Run) -> None:
-    """Continue from run_dir/last.pt (and best.pt) if rank 0 has it; nothing otherwise."""
-    last, best = run.run_dir / LAST_FILE, run.run_dir / BEST_FILE
-    load = run.env.is_main and last.is_file()
-    ckpt = torch.load(last, map_location="cpu", weights_only=False) if load else None
-    if ckpt is not None and best.is_file():
-        ckpt["best"] = torch.load(best, map_location="cpu", weights_only=False)["model"]
-    ckpt = broadcast_object(ckpt, run.env)
-    if ckpt is None:
-        return
-    if _resumable(ckpt["config"]) != _resumable(to_dict(run.cfg)):
-        raise ValueError(f"{last}: checkpoint was written with a different [train_video] config")
-    run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
-    run.state = _State(**ckpt["state"])
-    run.best_state = ckpt.get("best", _cpu_state(run.model))
-    run.rng.bit_generator.state = ckpt["rng"]["numpy"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+def _save_best(run: _Run, state: FitState) -> None:
+    atomic_save({"config": to_dict(run.cfg), "model_name": run.cfg.model, "model_config": run.cfg.model_config(),
+                 "model": state.best_state, "step": state.best_step, "val_mae": state.best_val,
+                 "n_neurons": run.index.n_neurons, "device": str(run.device)}, run.run_dir / BEST_FILE)

@@ -26,11 +26,19 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from realtime.interlocks import InterlockConfig, Interlocks
-from realtime.metrics import Metrics
-from realtime.policy import Decision, PolicyConfig, PolicyError, make_policy
-from realtime.wire import (ACTIVATION_PREFIX, FORECAST_PREFIX, Forecast, TriggerCommand, WireError,
-                           decode_forecast, mqtt_topic, parse_control)
+from loopcast.realtime.control.interlocks import InterlockConfig, Interlocks
+from loopcast.realtime.control.policy import Decision, PolicyConfig, PolicyError, make_policy
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.codec import (
+    ACTIVATION_PREFIX,
+    FORECAST_PREFIX,
+    Forecast,
+    TriggerCommand,
+    WireError,
+    decode_forecast,
+    mqtt_topic,
+    parse_control,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +156,9 @@ class Controller:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for t in done:
-            if not t.cancelled() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                raise exc
 
     async def _publish_final_status(self) -> None:
         self.interlocks.disarm()

@@ -28,7 +28,7 @@ class InterlockConfig:
 
     armed_at_start: bool = False
     min_interval_s: float = 2.0
-    max_per_minute: int = 10
+    max_per_minute: int = 20
     max_forecast_age_s: float = 0.5
 
     def __post_init__(self) -> None:

@@ -17,12 +17,13 @@ the rig's neuron count and its groupings (e.g. ensemble ids per neuron):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
-from realtime.wire import Forecast, TriggerCommand
+from loopcast.realtime.wire.codec import Forecast, TriggerCommand
 
 POLICY_KINDS = ("forecast_threshold", "activation_threshold")
 REDUCTIONS = ("mean", "max", "any")
@@ -33,18 +34,18 @@ PROB_TOLERANCE = 1e-6
 class PolicyConfig:
     """A threshold trigger policy and the stimulation it asks for."""
 
-    name: str = "ensemble-threshold"
+    name: str = "ensemble0-above"
     kind: Literal["forecast_threshold", "activation_threshold"] = "forecast_threshold"
     model: str = ""               # only messages from this model ("" = any)
     monitor: str = "ensemble:0"   # neuron set spec whose mean predicted dF/F (or probabilities) is watched
-    lead: int = 1                 # forecast: lead time h read (1-based); activation: the window H expected
-    level: float = 0.2            # threshold on the value (activation: a probability)
+    lead: int = 2                 # forecast: lead time h read (1-based); activation: the window H expected
+    level: float = 0.08           # threshold on the value (activation: a probability)
     reduce: Literal["mean", "max", "any"] = "mean"  # activation: how the monitored probabilities combine
-    mode: Literal["above", "rising"] = "rising"  # rising = only on a below->above crossing
-    pattern: str = "ensemble-0"
-    targets: str = "ensemble:0"   # neurons to stimulate, same spec syntax
+    mode: Literal["above", "rising"] = "above"  # rising = only on a below->above crossing
+    pattern: str = "ensemble-3"
+    targets: str = "ensemble:3"   # neurons to stimulate, same spec syntax
     power_mw: float = 5.0
-    duration_ms: float = 500.0
+    duration_ms: float = 2000.0
 
     def __post_init__(self) -> None:
         if self.kind not in POLICY_KINDS:

@@ -1,7 +1,7 @@
 """Engine manifests: the manifest.json every exported engine carries, parsed and validated.
 
 The real-time side loads an artifact, not code: this is the whole contract between offline_training
-(which writes manifests) and the runtimes of realtime.engine (which read them). See realtime.engine for
+(which writes manifests) and the runtimes of realtime.engines (which read them). See realtime.engines for
 what the tasks ("forecast", "spikes", "video", "activation") mean, and for `signal` which per-neuron
 values ("dff" or "spike_prob") a trace engine's context rows hold.
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 FORMAT = "loopcast-engine"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+VERSION_RE = re.compile(r"^v(\d{4,})$")  # a registry version directory: v0001, v0002, ...
 TASKS = ("forecast", "spikes", "video", "activation")
 SIGNALS = ("dff", "spike_prob")
 FUTURE_COVARIATES = ("recorded", "held")  # a covariate engine's future stimulus in training (the loop holds)
@@ -90,7 +93,7 @@ class EngineManifest:
         return self.engine_dir / self.files[key]
 
     @classmethod
-    def load(cls, path: str | Path) -> "EngineManifest":
+    def load(cls, path: str | Path) -> EngineManifest:
         """Parse and validate a manifest.json (or the version directory holding one)."""
         p = Path(path)
         p = p / MANIFEST_FILE if p.is_dir() else p

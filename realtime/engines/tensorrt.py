@@ -3,21 +3,25 @@
 The plan is `files["tensorrt"]` when the manifest lists one, else it is built once (ONNX parser ->
 builder config with FP16 -> optimization profile: batch 1..max_batch, neurons fixed to N) and cached
 beside the ONNX file as `model.fp16.n<N>.plan`. TensorRT 11 removed the FP16 builder flag (networks are
-strongly typed): there the ONNX graph is first cast to fp16 with float32 inputs/outputs (`fp16_onnx`). Before serving, the plan is checked against ONNX Runtime (CPU) on a
-seeded random batch within fp16 tolerance. Torch CUDA tensors are the device buffers and torch's
-current stream is the stream. Optional: without `tensorrt` or CUDA it raises a clear EngineError.
+strongly typed): there the ONNX graph is first cast to fp16 with float32 inputs/outputs (`fp16_onnx`).
+Before serving, the plan is checked against ONNX Runtime (CPU) on a seeded random batch within fp16
+tolerance. Torch CUDA tensors are the device buffers and torch's current stream is the stream.
+Optional: without `tensorrt` or CUDA it raises a clear EngineError.
 """
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from realtime.engine import COVARIATES_INPUT, EngineBase, EngineError, OnnxEngine
+from loopcast.realtime.engines.base import EngineBase
+from loopcast.realtime.engines.manifest import COVARIATES_INPUT, EngineError
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 
 log = logging.getLogger(__name__)
 TRT_FILE_KEY = "tensorrt"
@@ -257,7 +261,8 @@ class TensorRTEngine(EngineBase):
             stream = torch.cuda.current_stream(self.device)
             if not self._context.execute_async_v3(stream.cuda_stream):
                 raise EngineError(f"{self.plan_path}: TensorRT execution failed for batch {b}")
-            return self._buffers[self._out][:b].cpu().numpy()  # a blocking copy: waits on the stream
+            y: np.ndarray = self._buffers[self._out][:b].cpu().numpy()  # a blocking copy: waits on the stream
+            return y
 
     def close(self) -> None:
         """Release the execution context, engine and device buffers."""

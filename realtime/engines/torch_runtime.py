@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from realtime.engine import EngineBase, EngineError
+from loopcast.realtime.engines.base import PRECISIONS, EngineBase
+from loopcast.realtime.engines.manifest import EngineError
 
 TORCH_FILE_KEY = "torch"
-PRECISIONS = ("fp32", "bf16")   # bf16: the program runs under bfloat16 autocast (meant for CUDA)
 
 
 class TorchEngine(EngineBase):
@@ -63,7 +63,8 @@ class TorchEngine(EngineBase):
     def _infer(self, x: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            return self._forward(x, cov).cpu().numpy()                      # contiguous float32
+            y: np.ndarray = self._forward(x, cov).cpu().numpy()             # contiguous float32
+            return y
 
     def _infer_traces(self, x: np.ndarray, lead: np.ndarray, reducer: Any) -> np.ndarray:
         """Frames (B, X', Y', Z') on the device -> per-neuron means (B, N), reduced there."""
@@ -71,7 +72,8 @@ class TorchEngine(EngineBase):
         with torch.inference_mode():
             y = self._check_frames(self._forward(x, lead), x.shape[0])             # (B, X', Y', Z')
             traces = reduce_frames(y, self._reduction(reducer), reducer.n_neurons)  # (B, N)
-            return traces.cpu().numpy()                                      # (B, N), contiguous
+            out: np.ndarray = traces.cpu().numpy()                           # (B, N), contiguous
+            return out
 
     def _forward(self, x: np.ndarray, extra: np.ndarray | None) -> Any:
         """The program's output on the device (call under inference_mode)."""
@@ -119,7 +121,7 @@ def reduction_index(reducer: Any, device: Any) -> tuple[Any, Any, Any]:
     torch = _import_torch()
     weights = (1.0 / reducer.counts[reducer.neuron_index]).astype(np.float32)
     arrays = (reducer.voxel_index, reducer.neuron_index, weights)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)  # type: ignore[return-value]
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
 
 
 def reduce_frames(frames: Any, index: tuple[Any, Any, Any], n_neurons: int) -> Any:

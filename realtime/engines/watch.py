@@ -12,18 +12,17 @@ in `loopcast_engine_load_failures_total{reason}`, logged, and not retried until 
 from __future__ import annotations
 
 import logging
-import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from realtime.engine import MANIFEST_FILE, Engine, EngineError, EngineManifest
-from realtime.metrics import Metrics
+from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.engines.manifest import MANIFEST_FILE, VERSION_RE, EngineError, EngineManifest
+from loopcast.realtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
-VERSION_RE = re.compile(r"^v(\d{4,})$")  # the registry's version directories (as in resolve_engine)
 Loader = Callable[[Path], Engine]
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -186,6 +185,7 @@ class EngineWatcher:
             raise CandidateRefused("warmup", f"warm-up output must be finite {want}, got {got}")
 
     def _offer(self, path: Path, engine: Engine) -> None:
+        stale: Engine | None
         with self._lock:
             if self._stop.is_set():  # stopped while it loaded: it will never be taken
                 stale = engine

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from realtime.forecast import ForecastStage
+from loopcast.realtime.forecast.stage import ForecastStage
 
 
 class ActivationStage(ForecastStage):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 
 class ContextBuffer:
     """Fixed-size history; every row is written twice so a window is a slice, never a copy."""
 
-    def __init__(self, context: int, n: int, dtype: type = np.float32) -> None:
+    def __init__(self, context: int, n: int, dtype: DTypeLike = np.float32) -> None:
         if context < 1 or n < 1:
             raise ValueError("context and n must be >= 1")
         self.context = context

@@ -21,15 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from realtime.engine import Engine, EngineError, load_engine
-from realtime.engine_torch import PRECISIONS
-from realtime.engine_watch import EngineWatcher, Loader, close_engine, watch_dir
-from realtime.metrics import Metrics
-from realtime.preprocess import Preprocessed
-from realtime.transport import Publisher
-from realtime.wire import FrameHeader, ForecastHeader, encode_forecast
+from loopcast.realtime.engines.base import PRECISIONS, Engine
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.watch import EngineWatcher, Loader, close_engine, watch_dir
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.preprocess.stage import Preprocessed
+from loopcast.realtime.wire.codec import ForecastHeader, FrameHeader, encode_forecast
+from loopcast.realtime.wire.transport import Publisher
 
 log = logging.getLogger(__name__)
+# How the stages of `also` engines run beside the first stage (which runs on the pipeline's thread):
+#   newest  each in its own thread, on the newest frame when it is free; frames that came while it was busy
+#           are skipped and counted (loopcast_stage_frames_skipped_total{stage}): no stage waits for another
+#   every   each in its own thread on every frame; the pipeline waits for them before the next frame (no
+#           skips, a frame costs the slowest stage: offline replays, deterministic tests)
+#   serial  on the pipeline's thread after the first, one after the other (a frame costs their sum)
+SCHEDULES = ("newest", "every", "serial")
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,10 @@ class ForecastConfig:
 
     engine: str = ""        # a registry entry (newest version) or one version dir; "" = what `train` makes
     also: tuple[str, ...] = ()               # more engines served beside `engine`, same runtime settings
+    also_schedule: str = "newest"            # how `also` stages run: SCHEDULES
+    also_nice: int = 10                      # "newest"/"every": their threads' nice increment (0..19)
     runtime: str = "onnxruntime"
-    threads: int = 1
+    threads: int = 1                         # per engine; derived from [runtime] (loopcast/runtime.py)
     device: str = "cpu"                      # "cpu" or "cuda[:k]"
     memory_arena: bool = True                # ONNX Runtime CPU arena (off: large engines free their peak)
     precision: str = "fp32"                  # "bf16": runtime "torch" under bfloat16 autocast (for CUDA)
@@ -54,6 +64,12 @@ class ForecastConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.also_schedule not in SCHEDULES:
+            raise ValueError(f"also_schedule must be one of {list(SCHEDULES)}, got {self.also_schedule!r}")
+        if not 0 <= self.also_nice <= 19:
+            raise ValueError(f"also_nice must be in 0..19, got {self.also_nice}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 def engine_loader(cfg: ForecastConfig) -> Loader:
@@ -87,6 +103,7 @@ class ForecastStage:
         self.publisher = publisher
         self.metrics = metrics
         self.watcher = watcher
+        self.latency_label = self.kind
         self._latency = metrics.latency(self.kind)
         m = engine.manifest
         self.context = m.context  # fixed for the stage's life: a swap keeps it
@@ -102,6 +119,12 @@ class ForecastStage:
     def name(self) -> str:
         """'<kind>/<model>': the topic the stage publishes on (and its key in pipeline reports)."""
         return f"{self.kind}/{self.model}"
+
+    def record_latency_as(self, label: str) -> None:
+        """Observe this stage's latency under `label` of loopcast_stage_latency_seconds{stage} (default:
+        its kind; the pipeline gives a second stage of one kind its topic, so none mixes with another)."""
+        self.latency_label = label
+        self._latency = self.metrics.latency(label)
 
     def _serve(self, engine: Engine) -> None:
         m = engine.manifest

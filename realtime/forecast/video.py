@@ -4,7 +4,7 @@ The pipeline's context buffer holds the last C causal dF/F volumes of the prepro
 (`pipeline.preprocess.voxels`, 4x mean-downsampled in xy), each centre-cropped in y to the engine's
 grid and flattened. Per frame the engine predicts one volume per configured lead time (batched over
 lead times, `lead_batch` per call), every predicted volume is reduced to per-neuron means through the
-strided segmentation (realtime.video_reduce; on the engine's device for the torch runtime), and the
+strided segmentation (realtime.forecast.video_reduce; on the engine's device for the torch runtime), and the
 (L, N) forecast is published exactly like a trace model's, with the same header (lead_times = the
 configured ones).
 
@@ -16,12 +16,13 @@ import logging
 
 import numpy as np
 
-from realtime.engine import Engine, EngineError
-from realtime.forecast import ForecastStage
-from realtime.metrics import Metrics
-from realtime.preprocess import Preprocessed
-from realtime.transport import Publisher
-from realtime.video_reduce import VideoGrid, VolumeReducer
+from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.forecast.stage import ForecastStage
+from loopcast.realtime.forecast.video_reduce import VideoGrid, VolumeReducer
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.preprocess.stage import Preprocessed
+from loopcast.realtime.wire.transport import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ class VideoForecastStage(ForecastStage):
         super().__init__(engine, publisher, metrics, watcher=None)
         video = engine.manifest.video or {}
         self.grid = VideoGrid.from_manifest(video)
-        self.input_shape: tuple[int, int, int] = tuple(int(s) for s in video["input_shape"])  # type: ignore
-        self.crop_y: tuple[int, int] = tuple(int(v) for v in video["crop_y"])  # type: ignore[assignment]
+        sx, sy, sz = (int(s) for s in video["input_shape"])      # 3 sizes: the manifest checks them on load
+        self.input_shape = (sx, sy, sz)
+        y0, y1 = (int(v) for v in video["crop_y"])                # 2 rows: VideoGrid checked them
+        self.crop_y = (y0, y1)
         self.reducer = VolumeReducer(segmentation, self.grid, engine.manifest.n_neurons)
         log.info("video engine %s: input %s, lead times %s in batches of %d; traces from the segmentation "
                  "strided by %d (%s)", engine.version, self.input_shape, list(self.lead_times), lead_batch,

@@ -71,7 +71,7 @@ class VideoGrid:
     @property
     def stride(self) -> int:
         """Full-resolution voxels between neighbouring output voxels in x and y."""
-        return self.factor // 2 ** self.super_resolution
+        return self.factor >> self.super_resolution        # factor // 2 ** super_resolution
 
     @property
     def y_offset(self) -> int:
@@ -79,7 +79,7 @@ class VideoGrid:
         return self.crop_y[0] * self.factor
 
     @classmethod
-    def from_manifest(cls, video: dict[str, Any]) -> "VideoGrid":
+    def from_manifest(cls, video: dict[str, Any]) -> VideoGrid:
         """The grid of an engine manifest's "video" block (level, factor, crop_y, super_resolution, ...)."""
         missing = [k for k in ("factor", "crop_y", "super_resolution", "output_shape") if k not in video]
         if missing:
@@ -89,8 +89,7 @@ class VideoGrid:
         crop = tuple(video["crop_y"])
         if len(crop) != 2:
             raise ValueError(f"video manifest: crop_y must be [y0, y1], got {video['crop_y']}")
-        return cls(int(video["factor"]), crop, int(video["super_resolution"]),  # type: ignore[arg-type]
-                   tuple(video["output_shape"]))                             # type: ignore[arg-type]
+        return cls(int(video["factor"]), crop, int(video["super_resolution"]), tuple(video["output_shape"]))
 
 
 class VolumeReducer:

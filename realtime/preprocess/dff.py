@@ -6,7 +6,7 @@ Warm-up: the first frames use every frame seen so far (the same formula with a s
 `ready` turns true after `warmup` frames. `causal_dff_reference` computes exactly this offline and the
 online result equals it; `centered_dff` is ZAPBench's non-causal definition (window t-W .. t+W).
 
-`method="running"` (default) keeps an exact running percentile (realtime.percentile), O(1) expected
+`method="running"` (default) keeps an exact running percentile (realtime.preprocess.percentile), O(1) expected
 work per neuron and frame and bit-identical to `method="naive"`: the full np.percentile over the
 window every frame, kept as the benchmark's reference. `causal_dff` runs the online path over a whole
 (T, N) array; `centered_dff` (stride 1) uses the same running percentile with window 2W+1.
@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numpy.typing import NDArray
 
-from realtime.percentile import PARALLEL_MIN, RunningPercentile
-from realtime.percentile_kernels import ratio_one
+from loopcast.realtime.jit import njit
+from loopcast.realtime.preprocess.percentile import PARALLEL_MIN, RunningPercentile
+from loopcast.realtime.preprocess.percentile_kernels import ratio_one
 
 METHODS = ("running", "naive")
 OFFLINE_BLOCK = 256              # frames per block push of `causal_dff`
@@ -56,24 +58,25 @@ class DffStats:
     floored: int
 
 
-@numba.njit(cache=True, nogil=True)
-def _nonfinite_seq(x):  # pragma: no cover (compiled)
+@njit(nogil=True)
+def _nonfinite_seq(x: NDArray[np.float32]) -> int:  # pragma: no cover (compiled)
     n = 0
     for i in range(x.shape[0]):
         n += not np.isfinite(x[i])
     return n
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _nonfinite_par(x):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _nonfinite_par(x: NDArray[np.float32]) -> int:  # pragma: no cover (compiled)
     n = 0
     for i in numba.prange(x.shape[0]):
         n += not np.isfinite(x[i])
     return n
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _ratio_seq(f, f0, min_baseline, clip_min, clip_max, out):  # pragma: no cover (compiled)
+@njit(nogil=True, error_model="numpy")
+def _ratio_seq(f: NDArray[np.float32], f0: NDArray[np.float32], min_baseline: np.float32, clip_min: np.float32,
+               clip_max: np.float32, out: NDArray[np.float32]) -> tuple[int, int]:  # pragma: no cover (compiled)
     floored, nonfinite = 0, 0
     for i in range(f.shape[0]):
         floored += f0[i] < min_baseline
@@ -82,8 +85,9 @@ def _ratio_seq(f, f0, min_baseline, clip_min, clip_max, out):  # pragma: no cove
     return floored, nonfinite
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _ratio_par(f, f0, min_baseline, clip_min, clip_max, out):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True, error_model="numpy")
+def _ratio_par(f: NDArray[np.float32], f0: NDArray[np.float32], min_baseline: np.float32, clip_min: np.float32,
+               clip_max: np.float32, out: NDArray[np.float32]) -> tuple[int, int]:  # pragma: no cover (compiled)
     floored, nonfinite = 0, 0
     for i in numba.prange(f.shape[0]):
         floored += f0[i] < min_baseline
@@ -126,6 +130,17 @@ class CausalDff:
     def ready(self) -> bool:
         return self.frames >= self.cfg.warmup
 
+    def warm_up(self) -> None:
+        """Run `process` on a throwaway estimator of the same N and config (so the same kernels: their
+        parallel variants from PARALLEL_MIN neurons on), a finite frame and one with a NaN to repair;
+        this estimator's window sees nothing."""
+        scratch = CausalDff(self.n, self.cfg)
+        f = np.full(self.n, 100.0, np.float32)
+        scratch.process(f)
+        if self.n:
+            f[0] = np.nan
+        scratch.process(f)
+
     def process(self, f: np.ndarray) -> tuple[np.ndarray, DffStats]:
         """f: (N,) fluorescence -> ((N,) float32 dF/F, repair stats)."""
         if f.shape != (self.n,):
@@ -156,7 +171,7 @@ class CausalDff:
         return _ratio(f, f0, self.cfg), DffStats(nonfinite, int((f0 < self.cfg.min_baseline).sum()))
 
 
-def _ratio(f: np.ndarray, f0: np.ndarray, cfg: DffConfig) -> np.ndarray:
+def _ratio(f: NDArray[np.float32], f0: NDArray[np.float32], cfg: DffConfig) -> NDArray[np.float32]:
     denom = np.maximum(f0, np.float32(cfg.min_baseline))
     return np.clip((f - f0) / denom, cfg.clip_min, cfg.clip_max).astype(np.float32)
 

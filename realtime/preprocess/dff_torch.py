@@ -1,4 +1,4 @@
-"""Causal dF/F on a torch device (CUDA on GPU machines): the semantics of `realtime.dff.CausalDff`.
+"""Causal dF/F on a torch device (CUDA on GPU machines): the semantics of `realtime.preprocess.dff.CausalDff`.
 
 A (W, N) ring of the repaired fluorescence lives on the device; every frame recomputes the two order
 statistics the percentile needs with one `torch.topk(..., largest=False)` over the held rows (a
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from realtime.dff import DffConfig, DffStats
-from realtime.percentile import order_statistics
+from loopcast.realtime.preprocess.dff import DffConfig, DffStats
+from loopcast.realtime.preprocess.percentile import order_statistics
 
 
 class TorchCausalDff:
@@ -30,6 +30,16 @@ class TorchCausalDff:
     @property
     def ready(self) -> bool:
         return self.frames >= self.cfg.warmup
+
+    def warm_up(self) -> None:
+        """Run `process` on a throwaway estimator of the same N, config and device (the device's lazy
+        set-up: a CUDA context, its kernels); this estimator's ring sees nothing."""
+        scratch = TorchCausalDff(self.n, self.cfg, self.device)
+        f = np.full(self.n, 100.0, np.float32)
+        scratch.process(f)
+        if self.n:
+            f[0] = np.nan
+        scratch.process(f)
 
     def process(self, f: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, DffStats]:
         """f: (N,) fluorescence (numpy or torch) -> ((N,) float32 dF/F on device, repair stats)."""

@@ -4,7 +4,7 @@
 (method "linear") returns for the samples currently held: float32, in numpy's own arithmetic (its
 interpolation index, weight and two-sided lerp are reproduced), so the two agree bit for bit.
 
-Algorithm (compiled in realtime.percentile_kernels; parallel over series, series-major state).
+Algorithm (compiled in realtime.preprocess.percentile_kernels; parallel over series, series-major state).
 Every held sample gets a unique 64-bit key (order-preserving bits of its float32 value, then its ring
 slot), so ties need no special case. Only the order statistics lo = floor(q (n-1)) and lo + 1 are
 read, so only the K = lo + 2 smallest keys matter: each series keeps its `size` smallest keys (the
@@ -21,18 +21,21 @@ keys; a selection scan if ties defeat the count); the slack makes that rare for 
 once per ~slack/2 frames for a steadily rising baseline.
 
 Inputs must be finite (NaN has no order): `push` raises ValueError on non-finite input unless made
-with `check_finite=False` by a caller that repairs first (realtime.dff.CausalDff does).
+with `check_finite=False` by a caller that repairs first (realtime.preprocess.dff.CausalDff does).
 Memory: N x (4 W + 8 B + 40) bytes, e.g. 71,721 x (1,600 + 536 + 40) = 156 MB at W=400, p=8 and
 the default slack 16, margin 8.
 """
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import numpy as np
+from numpy.typing import NDArray
 
-from realtime.percentile_kernels import all_finite, pop_chunk, pop_par, push_chunk, push_par
+from loopcast.realtime.preprocess.percentile_kernels import all_finite, pop_chunk, pop_par, push_chunk, push_par
 
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
 MARGIN = 8        # free entries kept on each side of a low set before it is re-centred
 
 
@@ -68,7 +71,7 @@ class RunningPercentile:
         self._parallel = n_series >= PARALLEL_MIN
 
     def _allocate(self, width: int) -> None:
-        """The per-series state (see realtime.percentile_kernels), pages written up front."""
+        """The per-series state (see realtime.preprocess.percentile_kernels), pages written up front."""
         n = self.n
         self._ring = _touched((n, self.window), np.float32)                # (N, W) samples
         self._keys = _touched((n, width), np.uint64)                       # (N, B) sorted runs
@@ -102,9 +105,10 @@ class RunningPercentile:
         self._push(xs, out, _NO_RATIO)
         return out
 
-    def push_dff(self, x: np.ndarray, bounds: tuple[float, float, float], out: np.ndarray) -> int:
+    def push_dff(self, x: np.ndarray, bounds: tuple[float | np.float32, float | np.float32, float | np.float32],
+                 out: np.ndarray) -> int:
         """`push(x)`, then out = clip((x - F0) / max(F0, b0), b1, b2) with F0 the new value and
-        bounds = (min_baseline, clip_min, clip_max), in float32 and the same pass (realtime.dff's
+        bounds = (min_baseline, clip_min, clip_max), in float32 and the same pass (realtime.preprocess.dff's
         fast path). Returns how many F0 < min_baseline."""
         out = _checked_out(out, (self.n,))
         return self._push(self._frames(x, 1), out[None], np.asarray(bounds, np.float32))
@@ -179,7 +183,7 @@ _NO_OUT = np.empty((0, 0), np.float32)
 _NO_RATIO = np.empty(0, np.float32)
 
 
-def _touched(shape: tuple[int, int], dtype: type) -> np.ndarray:
+def _touched(shape: tuple[int, int], dtype: type[_ScalarT]) -> NDArray[_ScalarT]:
     """Zeros whose pages are written now, not on their first use inside a frame's deadline."""
     arr = np.empty(shape, dtype)
     arr.fill(0)

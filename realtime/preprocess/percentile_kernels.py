@@ -1,4 +1,4 @@
-"""Compiled kernels of realtime.percentile.RunningPercentile (numba; see that module for the algorithm).
+"""Compiled kernels of realtime.preprocess.percentile.RunningPercentile (numba; see that module for the algorithm).
 
 State of N series (series-major, row i = series i): ring (N, W) float32 samples; keys (N, B) uint64
 sorted runs of each series' low set at start[i] with size[i] keys; top (N,) the largest low key;
@@ -14,6 +14,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from loopcast.realtime.jit import njit
 
 # A frame's parameters, one int64 row per pushed frame (`RunningPercentile._params`).
 SLOT, FULL, N_LIVE, NEED, HEAD, LO, HI, MOVED, UPPER = range(9)
@@ -70,7 +72,7 @@ def _memmove(typingctx, arr, i, dst, src, count):  # pragma: no cover (compiled)
     return types.void(arr, i, dst, src, count), codegen
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _key(v, slot, sb):  # pragma: no cover (compiled)
     """Unique, order-preserving key of sample v held at `slot` (sb = bits of the slot)."""
     b = np.uint64(_f32_bits(v))
@@ -78,7 +80,7 @@ def _key(v, slot, sb):  # pragma: no cover (compiled)
     return (o << np.uint64(sb)) | np.uint64(slot)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _value(k, sb):  # pragma: no cover (compiled)
     """The float32 sample of a key."""
     o = k >> np.uint64(sb)
@@ -86,20 +88,20 @@ def _value(k, sb):  # pragma: no cover (compiled)
     return _bits_f32(np.uint32(b))
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _lerp(a, b, g, g1, upper):  # pragma: no cover (compiled)
     """numpy's `_lerp` in float32: a + (b-a) g, or b - (b-a)(1-g) when g >= 0.5."""
     d = b - a
     return b - d * g1 if upper else a + d * g
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(nogil=True, error_model="numpy", inline="always")
 def ratio_one(f, f0, min_baseline, clip_min, clip_max):  # pragma: no cover (compiled)
-    """dF/F of one sample in float32: clip((f - f0) / max(f0, min_baseline)), as realtime.dff."""
+    """dF/F of one sample in float32: clip((f - f0) / max(f0, min_baseline)), as realtime.preprocess.dff."""
     return min(max((f - f0) / max(f0, min_baseline), clip_min), clip_max)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _rank(keys, i, a, b, k):  # pragma: no cover (compiled)
     """Index of the first key >= k in the sorted keys[i, a:b]: a branch-free bisection (selects,
     not jumps, so no mispredictions; the run was prefetched)."""
@@ -111,7 +113,7 @@ def _rank(keys, i, a, b, k):  # pragma: no cover (compiled)
     return a + 1 if n == 1 and keys[i, a] < k else a
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _insert(keys, start, i, n, k):  # pragma: no cover (compiled)
     """Insert key k into the sorted run of series i (n keys at start[i]), shifting the shorter side
     (re-centring the run first when that side has no room)."""
@@ -133,7 +135,7 @@ def _insert(keys, start, i, n, k):  # pragma: no cover (compiled)
     return n + 1
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _delete(keys, start, i, n, k):  # pragma: no cover (compiled)
     """Remove key k (present) from the sorted run of series i, shifting the shorter side."""
     st = start[i]
@@ -146,7 +148,7 @@ def _delete(keys, start, i, n, k):  # pragma: no cover (compiled)
     return n - 1
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _take(keys, i, base, want, filled, k):  # pragma: no cover (compiled)
     """Put key k into the sorted buffer keys[i, base:base+filled] (its largest drops out when the
     buffer holds `want`) by an insertion step (short buffers: no search, no call); returns the new
@@ -159,7 +161,7 @@ def _take(keys, i, base, want, filled, k):  # pragma: no cover (compiled)
     return filled + 1 if filled < want else filled
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _scan(ring, keys, i, s0, s1, thr, base, want, filled, lim, sb):  # pragma: no cover (compiled)
     """Slots s0..s1-1 of series i into the sorted buffer keys[i, base:base+want] of the smallest
     keys in (thr, lim); returns the new (filled, lim). Blocks of 16 samples whose values all lie
@@ -183,7 +185,7 @@ def _scan(ring, keys, i, s0, s1, thr, base, want, filled, lim, sb):  # pragma: n
     return filled, lim
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _count_le(ring, i, first, n_live, tau):  # pragma: no cover (compiled)
     """How many of the n_live held samples (slots from `first`, wrapping) are <= tau (vectorised)."""
     w = ring.shape[1]
@@ -195,7 +197,7 @@ def _count_le(ring, i, first, n_live, tau):  # pragma: no cover (compiled)
     return c
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _gather(ring, keys, i, first, n_live, tau, thr, end, sb):  # pragma: no cover (compiled)
     """Append at keys[i, end:] the keys > thr of held samples <= tau; returns the new end. Branch
     free: every key is written, the end advances only for a match (keys[i, end] must exist)."""
@@ -209,7 +211,7 @@ def _gather(ring, keys, i, first, n_live, tau, thr, end, sb):  # pragma: no cove
     return end
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _threshold(ring, keys, i, st, n, lo_c, hi_c, first, n_live, sb):  # pragma: no cover (compiled)
     """A value tau >= top with lo_c <= (held samples <= tau) - n <= hi_c: vectorised counts from a
     guess (the low set's spread extrapolated), then doubling / bisection. NaN if a few tries fail
@@ -234,7 +236,7 @@ def _threshold(ring, keys, i, st, n, lo_c, hi_c, first, n_live, sb):  # pragma: 
     return np.float32(np.nan)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _refill(ring, keys, start, i, n, need, target, cap, first, n_live,
             sb):  # pragma: no cover (compiled)
     """Grow the low set of series i (n < need) with the smallest held keys above its top, to
@@ -265,7 +267,7 @@ def _refill(ring, keys, start, i, n, need, target, cap, first, n_live,
     return n + filled
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@njit(nogil=True, inline="always")
 def _settle(keys, start, size, top, stats, i, n, lo, hi, sb):  # pragma: no cover (compiled)
     """Store series i's new size, top key and the two order statistics it needs."""
     size[i] = n
@@ -278,7 +280,7 @@ def _settle(keys, start, size, top, stats, i, n, lo, hi, sb):  # pragma: no cove
     stats[i, 1] = _value(keys[i, st + hi], sb)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _update(ring, keys, start, size, top, stats, i, old, old_in, kx, slot, n_live, need, cap,
             target, head, sb, lo, hi):  # pragma: no cover (compiled)
     """The rare path of a push (the new sample is already in the ring): the old key `old` leaves
@@ -296,7 +298,7 @@ def _update(ring, keys, start, size, top, stats, i, old, old_in, kx, slot, n_liv
     _settle(keys, start, size, top, stats, i, n, lo, hi, sb)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _prefetch_run(keys, start, size, i):  # pragma: no cover (compiled)
     """Ask for the cache lines of series i's sorted run before it is searched."""
     st = start[i]
@@ -304,7 +306,7 @@ def _prefetch_run(keys, start, size, i):  # pragma: no cover (compiled)
         _prefetch(keys, i, j)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@njit(nogil=True, error_model="numpy")
 def push_chunk(ring, keys, start, size, top, stats, xs, prm, w, cap, target, sb, out, ratio,
                 todo, olds, a, b):  # pragma: no cover (compiled)
     """Series a..b-1 take the frames xs (T, N), in order; with `out` (T, N), the values too, or,
@@ -345,7 +347,7 @@ def push_chunk(ring, keys, start, size, top, stats, xs, prm, w, cap, target, sb,
     return floored
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+@njit(parallel=True, nogil=True, error_model="numpy")
 def push_par(ring, keys, start, size, top, stats, xs, prm, w, cap, target, sb, out, ratio, todo,
               olds, a, b):  # pragma: no cover (compiled)
     """`push_chunk` over series a..b-1, parallel over chunks of series; floored baselines summed."""
@@ -356,7 +358,7 @@ def push_par(ring, keys, start, size, top, stats, xs, prm, w, cap, target, sb, o
     return floored
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def pop_chunk(ring, keys, start, size, top, stats, head, n_live, k_need, target, cap, lo, hi, sb,
                a, b):  # pragma: no cover (compiled)
     """Series a..b-1 drop the sample at `head` (the oldest); n_live remain, from head + 1."""
@@ -372,7 +374,7 @@ def pop_chunk(ring, keys, start, size, top, stats, head, n_live, k_need, target,
         _settle(keys, start, size, top, stats, i, n, lo, hi, sb)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, nogil=True)
 def pop_par(ring, keys, start, size, top, stats, head, n_live, k_need, target, cap, lo, hi, sb,
              a, b):  # pragma: no cover (compiled)
     """`pop_chunk` over series a..b-1, parallel over chunks of series."""
@@ -381,7 +383,7 @@ def pop_par(ring, keys, start, size, top, stats, head, n_live, k_need, target, c
                    sb, a + c * CHUNK, min(b, a + (c + 1) * CHUNK))
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def all_finite(x):  # pragma: no cover (compiled)
     for i in range(x.shape[0]):
         if not np.isfinite(x[i]):

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from realtime.dff import CausalDff, DffConfig, DffStats
-from realtime.metrics import Metrics
-from realtime.spikes import SpikeConfig, SpikeEstimate, make_spike_estimator
-from realtime.traces import METHODS as TRACE_METHODS
-from realtime.traces import TraceExtractor, TraceStats
-from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
-from realtime.wire import Frame
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.preprocess.dff import CausalDff, DffConfig, DffStats
+from loopcast.realtime.preprocess.traces import METHODS as TRACE_METHODS
+from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
+from loopcast.realtime.spikes.stage import SpikeConfig, SpikeEstimate, make_spike_estimator
+from loopcast.realtime.wire.codec import Frame
 
 BACKENDS = ("numpy", "torch")
 
@@ -92,13 +92,13 @@ class _TorchPath:
     """Traces and dF/F on a torch device; the dF/F tensor stays there for the torch OASIS."""
 
     def __init__(self, segmentation: np.ndarray, cfg: PreprocessConfig) -> None:
-        from realtime.traces_torch import TorchTraceExtractor
+        from loopcast.realtime.preprocess.traces_torch import TorchTraceExtractor
         self.traces = TorchTraceExtractor(segmentation, cfg.device)
         self.n_neurons = self.traces.n_neurons
         self.reset(cfg)
 
     def reset(self, cfg: PreprocessConfig) -> None:
-        from realtime.dff_torch import TorchCausalDff
+        from loopcast.realtime.preprocess.dff_torch import TorchCausalDff
         self.dff = TorchCausalDff(self.n_neurons, cfg.dff, cfg.device)
         self._spikes_on_device = cfg.spikes.method == "oasis"
 
@@ -143,6 +143,33 @@ class Preprocess:
             f = self.cfg.voxels.factor
             self.voxels = VoxelDff((x // f, y // f, z), self.cfg.voxels.dff)
             self._ds = np.empty(self.voxels.shape, np.float32)
+
+    def warm_up(self, dtype: str) -> dict[str, float]:
+        """Run every compiled or lazily initialised path of `process` once, before frames flow: trace
+        extraction on synthetic volumes of the segmentation's shape in `dtype` (both memory orders), dF/F
+        and the spike estimator on throwaway instances of the same N (and device), and with the voxel
+        stage the downsampling (both orders) and the voxel baselines (which start over after). This stage's
+        state and counters are left as they were. Returns seconds per part: traces, dff, spikes (, voxels)."""
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(part: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            times[part], t = now - t, now
+
+        self.path.traces.warm_up(dtype)
+        lap("traces")
+        self.path.dff.warm_up()
+        lap("dff")
+        self.spikes.warm_up()
+        lap("spikes")
+        if self.voxels is not None:
+            for order in ("F", "C"):
+                downsample_xy(np.zeros(self.volume_shape, dtype, order=order), self.cfg.voxels.factor, out=self._ds)
+            self.voxels.warm_up()
+            lap("voxels")
+        return times
 
     def process(self, frame: Frame) -> Preprocessed | None:
         """One frame -> per-neuron results; None (counted) if its shared-memory slot was reused while

@@ -13,11 +13,14 @@ non-finite, which the dF/F stage repairs and counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
+from numpy.typing import NDArray
 
-from realtime.wire import volume_order
+from loopcast.realtime.jit import njit, read_only
+from loopcast.realtime.wire.codec import Order, volume_order
 
 METHODS = ("csr", "bincount")
 
@@ -30,8 +33,10 @@ class TraceStats:
     saturated_neurons: int
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _csr_means(flat, idx, offsets, inv_counts, sat_value, out, sat):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _csr_means(flat: NDArray[Any], idx: NDArray[np.integer], offsets: NDArray[np.int64],
+               inv_counts: NDArray[np.float64], sat_value: float, out: NDArray[np.float32],
+               sat: NDArray[np.int32]) -> None:  # pragma: no cover (compiled)
     for i in numba.prange(out.shape[0]):
         s = 0.0
         n_sat = 0
@@ -71,14 +76,14 @@ class TraceExtractor:
         self.n_voxels = int(fg.size)
         self._inv_counts = 1.0 / counts.astype(np.float64)
         by_neuron = np.argsort(labels, kind="stable")
-        self._offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        self._offsets: NDArray[np.int64] = np.r_[0, np.cumsum(counts)].astype(np.int64)
         index_dtype = np.int32 if segmentation.size < 2**31 else np.int64
         self._idx = {"C": fg[by_neuron].astype(index_dtype)}    # grouped by neuron
         self._fg, self._labels = fg, labels                      # the naive path's arrays
         self._f_fg: np.ndarray | None = None
         self._sat = np.empty(self.n_neurons, np.int32)
 
-    def indices(self, order: str) -> np.ndarray:
+    def indices(self, order: Order) -> np.ndarray:
         """Flat indices (grouped by neuron, see `offsets`) of the labelled voxels for `order` "C" or "F"."""
         if order not in self._idx:
             c = self._idx["C"].astype(np.int64)
@@ -90,6 +95,13 @@ class TraceExtractor:
     def offsets(self) -> np.ndarray:
         """(N + 1,) int64: neuron i owns indices(order)[offsets[i]:offsets[i + 1]]."""
         return self._offsets
+
+    def warm_up(self, dtype: str) -> None:
+        """Extract traces once from a synthetic volume of `dtype` in each memory order: compiles (or loads)
+        the kernel for that dtype and builds the F-order index, neither of which a first frame should wait
+        for. Nothing is kept but that index."""
+        for order in ("F", "C"):
+            self.process_with_stats(np.zeros(self.shape, dtype, order=order))
 
     def process(self, volume: np.ndarray) -> np.ndarray:
         """volume (x, y, z), C- or F-contiguous -> (N,) float32 mean over each neuron's voxels."""
@@ -105,13 +117,13 @@ class TraceExtractor:
             return self._bincount(flat, order), TraceStats(0, 0)
         sat_value = np.iinfo(flat.dtype).max if flat.dtype.kind in "ui" else np.inf
         out = np.empty(self.n_neurons, np.float32)
-        _csr_means(flat, self.indices(order), self._offsets, self._inv_counts, sat_value, out, self._sat)
+        _csr_means(read_only(flat), self.indices(order), self._offsets, self._inv_counts, sat_value, out, self._sat)
         if sat_value == np.inf:
             return out, TraceStats(0, 0)
         n_sat = int(self._sat.sum())
         return out, TraceStats(n_sat, int(np.count_nonzero(self._sat)) if n_sat else 0)
 
-    def _bincount(self, flat: np.ndarray, order: str) -> np.ndarray:
+    def _bincount(self, flat: np.ndarray, order: Order) -> np.ndarray:
         """The naive reference: gather in C-index order, weighted bincount by label."""
         if order == "F" and self._f_fg is None:
             self._f_fg = np.ravel_multi_index(np.unravel_index(self._fg, self.shape), self.shape, order="F")

@@ -1,4 +1,4 @@
-"""Trace extraction on a torch device (CUDA on GPU machines): the same CSR index as `realtime.traces`.
+"""Trace extraction on a torch device (CUDA on GPU machines): the same CSR index as `realtime.preprocess.traces`.
 
 The volume is copied to the device as it arrives (uint16 travels as int16 bits and is widened there),
 the labelled voxels are gathered and summed per neuron with `index_add_`. Results equal the CPU path
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from realtime.traces import TraceExtractor, TraceStats
-from realtime.wire import volume_order
+from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
+from loopcast.realtime.wire.codec import Order, volume_order
 
 
 class TorchTraceExtractor:
@@ -22,12 +22,18 @@ class TorchTraceExtractor:
         counts = np.diff(base.offsets)
         labels = np.repeat(np.arange(self.n_neurons), counts)            # neuron of each CSR entry
         self._labels = torch.from_numpy(labels).to(self.device)
-        self._idx = {o: torch.from_numpy(base.indices(o).astype(np.int64)).to(self.device) for o in "CF"}
+        orders: tuple[Order, ...] = ("C", "F")
+        self._idx = {o: torch.from_numpy(base.indices(o).astype(np.int64)).to(self.device) for o in orders}
         self._inv = torch.from_numpy(1.0 / counts.astype(np.float32)).to(self.device)
 
-    def process_with_stats(self, volume: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, TraceStats]:
-        """volume (x, y, z) numpy (C or F order) or a flat torch tensor in `order` -> ((N,) float32 on
-        device, saturation counts)."""
+    def warm_up(self, dtype: str) -> None:
+        """Extract traces once from a synthetic volume of `dtype` in each memory order, on the device (its
+        lazy set-up: a CUDA context, its kernels). Stateless."""
+        for order in ("F", "C"):
+            self.process_with_stats(np.zeros(self.shape, dtype, order=order))
+
+    def process_with_stats(self, volume: np.ndarray) -> tuple[torch.Tensor, TraceStats]:
+        """volume (x, y, z) numpy (C or F order) -> ((N,) float32 on device, saturation counts)."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {tuple(volume.shape)} != segmentation shape {self.shape}")
         order = volume_order(volume)

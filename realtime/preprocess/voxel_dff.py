@@ -7,13 +7,13 @@ a sample only on frames t with t % decimate == j, and a voxel's F0 is the exact 
 (numpy "linear") of its last window // decimate samples (its samples inside the trailing `window`
 frames when decimate divides window). So each frame updates the running percentiles of only 1/decimate
 of the voxels, while dF/F = clip((F_t - F0) / max(F0, min_baseline)) uses the current frame for every
-voxel. decimate=1 is exactly `realtime.dff.causal_dff_reference` applied voxel-wise.
+voxel. decimate=1 is exactly `realtime.preprocess.dff.causal_dff_reference` applied voxel-wise.
 
 Warm-up: a voxel with no sample yet (slab j before frame j) takes the current frame as F0 (dF/F 0).
 A non-finite voxel repeats its slab's latest sample of that voxel (0 before the first), is counted in
 `DffStats.nonfinite` and used as such.
 
-Memory: the running state (realtime.percentile) is 4 S + 8 (K + slack + 2 + 2 margin) + 40 bytes
+Memory: the running state (realtime.preprocess.percentile) is 4 S + 8 (K + slack + 2 + 2 margin) + 40 bytes
 per voxel, S = window // decimate samples (K = 5 for S = 50, p = 8): 392 bytes, 4.8 GB for
 512 x 332 x 72 voxels at the defaults (decimate 8), written at construction (seconds), plus a (V,)
 float32 baseline. Without decimation (S = 400) it would be ~25 GB.
@@ -21,12 +21,15 @@ float32 baseline. Without decimation (S = 400) it would be ~25 GB.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
+from numpy.typing import NDArray
 
-from realtime.dff import DffStats, count_nonfinite, ratio_into
-from realtime.percentile import RunningPercentile
+from loopcast.realtime.jit import njit, read_only
+from loopcast.realtime.preprocess.dff import DffStats, count_nonfinite, ratio_into
+from loopcast.realtime.preprocess.percentile import RunningPercentile
 
 VOXEL_SLACK = 8                  # low-set slack per voxel (short windows: keep the state small)
 VOXEL_MARGIN = 2
@@ -59,8 +62,8 @@ class VoxelDffConfig:
         return self.window // self.decimate
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _down_c(vol, f, out):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _down_c(vol: NDArray[Any], f: int, out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
     """vol (X, Y, Z) C order -> out (X//f, Y//f, Z): block means, rows read in memory order."""
     nx, ny, nz = out.shape
     inv = np.float32(f * f)
@@ -76,8 +79,8 @@ def _down_c(vol, f, out):  # pragma: no cover (compiled)
                 out[i, j, z] /= inv
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _down_f(vol_t, f, out):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _down_f(vol_t: NDArray[Any], f: int, out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
     """vol_t (Z, Y, X) C order (an F-order volume's transpose) -> out (X//f, Y//f, Z) C order. Per
     output row j and group of Z_GROUP planes: the f input rows of each plane are summed in memory
     order (vectorised), then reduced in x straight into z-contiguous output columns."""
@@ -114,9 +117,9 @@ def downsample_xy(volume: np.ndarray, factor: int = 4, out: np.ndarray | None = 
     elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
     if volume.flags.f_contiguous and not volume.flags.c_contiguous:
-        _down_f(volume.T, factor, out)
+        _down_f(read_only(volume.T), factor, out)
     else:
-        _down_c(np.ascontiguousarray(volume), factor, out)
+        _down_c(read_only(np.ascontiguousarray(volume)), factor, out)
     return out
 
 
@@ -130,9 +133,8 @@ class VoxelDff:
         self.frames = 0
         edges = np.linspace(0, self.n_voxels, cfg.decimate + 1).round().astype(np.int64)
         self._slabs = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-        self._running = [RunningPercentile(s.stop - s.start, cfg.samples, cfg.percentile,
-                                           slack=VOXEL_SLACK, margin=VOXEL_MARGIN,
-                                           check_finite=False) for s in self._slabs]
+        self._running: list[RunningPercentile] = []
+        self._start_over()
         self._f0 = np.empty(self.n_voxels, np.float32)          # (V,) current baselines
         self._bounds = (np.float32(cfg.min_baseline), np.float32(cfg.clip_min),
                         np.float32(cfg.clip_max))
@@ -140,6 +142,27 @@ class VoxelDff:
     @property
     def ready(self) -> bool:
         return self.frames >= self.cfg.warmup
+
+    def _start_over(self) -> None:
+        """The state as constructed, no frame seen: the running percentiles built anew (the old ones
+        released first, so the state is never held twice)."""
+        self._running = []
+        self._running = [RunningPercentile(s.stop - s.start, self.cfg.samples, self.cfg.percentile,
+                                           slack=VOXEL_SLACK, margin=VOXEL_MARGIN,
+                                           check_finite=False) for s in self._slabs]
+        self.frames = 0
+
+    def warm_up(self) -> None:
+        """Run `process` on synthetic volumes for `decimate` frames (every slab's kernels; the last frame
+        with a NaN voxel to repair), then start over from the state as constructed. Unlike the per-neuron
+        stages this one warms itself rather than a throwaway: its state takes GBs (4.8 GB at 512 x 332 x 72),
+        which a second copy would double."""
+        volume = np.full(self.shape, 100.0, np.float32)
+        for k in range(self.cfg.decimate):
+            if k == self.cfg.decimate - 1:
+                volume.flat[0] = np.nan
+            self.process(volume)
+        self._start_over()
 
     def process(self, volume: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, DffStats]:
         """volume (X, Y, Z) -> ((X, Y, Z) float32 dF/F, into `out` when given; repair stats)."""

@@ -23,10 +23,13 @@ from typing import Any
 
 import numba
 import numpy as np
+from numpy.typing import NDArray
 
-from realtime.oasis_params import OasisConfig, OasisParams, estimate_params  # noqa: F401  (re-exported)
+from loopcast.realtime.jit import njit
+from loopcast.realtime.spikes.oasis_params import OasisConfig, OasisParams, estimate_params
 
-
+# The parameters' config, type and estimator are re-exported: callers of the method need only this module.
+__all__ = ["OasisConfig", "OasisParams", "StreamingOasis", "estimate_params", "oasis_offline"]
 
 # ---------------------------------------------------------------- compiled pool kernels (numba)
 # State of neuron i: hot[i] = the newest pool (v, w, h, start) and its predecessor's decayed end, raw
@@ -35,18 +38,21 @@ from realtime.oasis_params import OasisConfig, OasisParams, estimate_params  # n
 # meta[i, FROZEN] = 1 once a pool was final, prev[i] = that predecessor's decayed end as built.
 V, W, H, START, END, CEND = 0, 1, 2, 3, 4, 5
 RT, CNT, FROZEN = 0, 1, 2
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _value(m, free, smin):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _value(m: float, free: bool, smin: float) -> float:  # pragma: no cover (compiled)
     """A pool's value as built into c: the first pool (free) clipped at 0, others below smin set to 0."""
     if free:
         return m if m >= 0.0 else 0.0
     return m if m >= smin else 0.0
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _record(hot, ring, meta, i, j):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _record(hot: F64, ring: F64, meta: I64, i: int,
+            j: int) -> tuple[float, float, float, float]:  # pragma: no cover (compiled)
     """(v, w, h, start) of held pool j of neuron i, counted from the newest (0)."""
     if j == 0:
         return hot[i, V], hot[i, W], hot[i, H], hot[i, START]
@@ -55,8 +61,8 @@ def _record(hot, ring, meta, i, j):  # pragma: no cover (compiled)
     return ring[i, k, V], ring[i, k, W], ring[i, k, H], ring[i, k, START]
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _set_end(hot, ring, meta, i, smin):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _set_end(hot: F64, ring: F64, meta: I64, i: int, smin: float) -> None:  # pragma: no cover (compiled)
     """Cache the decayed end of the pool below the newest one (raw and as built)."""
     if meta[i, CNT] > 1:
         k = meta[i, RT]
@@ -65,8 +71,9 @@ def _set_end(hot, ring, meta, i, smin):  # pragma: no cover (compiled)
         hot[i, CEND] = _value(m, meta[i, CNT] == 2 and meta[i, FROZEN] == 0, smin) * h
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _push(hot, ring, meta, prev, i, x, g, smin, t):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _push(hot: F64, ring: F64, meta: I64, prev: F64, i: int, x: float, g: float, smin: float,
+          t: int) -> None:  # pragma: no cover (compiled)
     """Frame t starts a new pool: the newest moves to the ring (the oldest becomes final if full)."""
     r, cnt = ring.shape[1], meta[i, CNT]
     k = meta[i, RT] + 1 if meta[i, RT] + 1 < r else 0
@@ -80,8 +87,8 @@ def _push(hot, ring, meta, prev, i, x, g, smin, t):  # pragma: no cover (compile
     _set_end(hot, ring, meta, i, smin)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _merge_down(hot, ring, meta, i, smin):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _merge_down(hot: F64, ring: F64, meta: I64, i: int, smin: float) -> None:  # pragma: no cover (compiled)
     """Merge the newest pool into the one below it (taken back from the ring)."""
     k = meta[i, RT]
     hb = ring[i, k, H]
@@ -94,8 +101,9 @@ def _merge_down(hot, ring, meta, i, smin):  # pragma: no cover (compiled)
     _set_end(hot, ring, meta, i, smin)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _add(hot, ring, meta, prev, i, x, g, smin, t):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _add(hot: F64, ring: F64, meta: I64, prev: F64, i: int, x: float, g: float, smin: float,
+         t: int) -> None:  # pragma: no cover (compiled)
     """Frame t (baseline-free value x) for neuron i: a new pool, merged back while s_min is violated."""
     if meta[i, CNT] == 0:
         hot[i, V], hot[i, W], hot[i, H], hot[i, START] = x, 1.0, g, t
@@ -112,8 +120,9 @@ def _add(hot, ring, meta, prev, i, x, g, smin, t):  # pragma: no cover (compiled
         _merge_down(hot, ring, meta, i, smin)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _jump(hot, ring, meta, prev, i, j, smin):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _jump(hot: F64, ring: F64, meta: I64, prev: F64, i: int, j: int,
+          smin: float) -> float:  # pragma: no cover (compiled)
     """s at the start of held pool j (0 = newest) of neuron i."""
     cnt, frozen = meta[i, CNT], meta[i, FROZEN] == 1
     if j == cnt - 1 and not frozen:
@@ -124,13 +133,15 @@ def _jump(hot, ring, meta, prev, i, j, smin):  # pragma: no cover (compiled)
         s = m - prev[i]
         return s if s >= smin else 0.0
     if j == 0:
-        return m - hot[i, CEND]
+        cend: float = hot[i, CEND]
+        return m - cend
     vb, wb, hb, _ = _record(hot, ring, meta, i, j + 1)
     return m - _value(vb / wb, j + 1 == cnt - 1 and not frozen, smin) * hb
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _spike_at(hot, ring, meta, prev, i, f, smin):  # pragma: no cover (compiled)
+@njit(nogil=True, inline="always")
+def _spike_at(hot: F64, ring: F64, meta: I64, prev: F64, i: int, f: int,
+              smin: float) -> float:  # pragma: no cover (compiled)
     """s at frame f (held, e.g. t - lag) for neuron i."""
     for j in range(meta[i, CNT]):
         start = _record(hot, ring, meta, i, j)[3]
@@ -139,27 +150,31 @@ def _spike_at(hot, ring, meta, prev, i, f, smin):  # pragma: no cover (compiled)
     return 0.0
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _stream_step(y, b, g, smin, hot, ring, meta, prev, t, lag, out):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _stream_step(y: NDArray[np.float32], b: F64, g: F64, smin: F64, hot: F64, ring: F64, meta: I64, prev: F64,
+                 t: int, lag: int, out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
     for i in numba.prange(y.shape[0]):
         _add(hot, ring, meta, prev, i, np.float64(y[i]) - b[i], g[i], smin[i], t)
         out[i] = _spike_at(hot, ring, meta, prev, i, t - lag, smin[i]) if t >= lag else 0.0
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _run_block(ys, b, g, smin, hot, ring, meta, prev, t0):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _run_block(ys: F64, b: F64, g: F64, smin: F64, hot: F64, ring: F64, meta: I64, prev: F64,
+               t0: int) -> None:  # pragma: no cover (compiled)
     for i in numba.prange(ys.shape[1]):
         for k in range(ys.shape[0]):
             _add(hot, ring, meta, prev, i, ys[k, i] - b[i], g[i], smin[i], t0 + k)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _build(hot, ring, meta, prev, g, smin, t_end, c, s):  # pragma: no cover (compiled)
+@njit(parallel=True, nogil=True)
+def _build(hot: F64, ring: F64, meta: I64, prev: F64, g: F64, smin: F64, t_end: int, c: F64,
+           s: F64) -> None:  # pragma: no cover (compiled)
     """c and s of frames t_end - len(c) + 1 .. t_end from the held pools (NaN where not held)."""
     f0 = t_end - c.shape[0] + 1
     for i in numba.prange(c.shape[1]):
         c[:, i] = np.nan
         s[:, i] = np.nan
+        end: int | np.int64
         cnt, end = meta[i, CNT], t_end + 1
         for j in range(cnt):                      # newest to oldest
             v, w, _, st = _record(hot, ring, meta, i, j)
@@ -184,7 +199,7 @@ class _PoolState:
         self.prev = np.zeros(n, dtype=np.float64)
 
     @property
-    def arrays(self) -> tuple[np.ndarray, ...]:
+    def arrays(self) -> tuple[F64, F64, I64, F64]:
         return self.hot, self.ring, self.meta, self.prev
 
     def oldest_start(self) -> int:
@@ -238,7 +253,8 @@ class _Warmup:
             raise ValueError(f"params are for {params.g.shape[0]} neurons, expected {n}")
         self.n, self.cfg, self.frame_period_s = n, cfg, frame_period_s
         self.params, self.n_fallback, self.frames = params, 0, 0
-        self._warm = None if params is not None else np.zeros((cfg.warmup, n), dtype=np.float32)
+        self._warm: NDArray[np.float32] | None = \
+            None if params is not None else np.zeros((cfg.warmup, n), dtype=np.float32)
 
     @property
     def ready(self) -> bool:
@@ -249,14 +265,18 @@ class _Warmup:
         if tuple(shape) != (self.n,):
             raise ValueError(f"expected dF/F of shape ({self.n},), got {tuple(shape)}")
 
-    def _warm_frame(self, dff: np.ndarray) -> bool:
-        """Buffer one warm-up frame; True when that completed the warm-up (parameters now set)."""
-        self._warm[self.frames] = dff
+    def _warm_frame(self, dff: np.ndarray) -> tuple[OasisParams, NDArray[np.float32]] | None:
+        """Buffer one warm-up frame (only while `params` is None). When that completed the warm-up: the
+        parameters estimated on the buffer (now set) and the buffered frames, to replay (released here)."""
+        warm = self._warm
+        assert warm is not None, "warm-up frame after the warm-up"
+        warm[self.frames] = dff
         self.frames += 1
         if self.frames < self.cfg.warmup:
-            return False
-        self.params, self.n_fallback = estimate_params(self._warm, self.frame_period_s, self.cfg)
-        return True
+            return None
+        self.params, self.n_fallback = estimate_params(warm, self.frame_period_s, self.cfg)
+        self._warm = None
+        return self.params, warm
 
 
 class StreamingOasis(_Warmup):
@@ -281,11 +301,12 @@ class StreamingOasis(_Warmup):
         """dff (N,) -> (N,) float32 spike amount (dF/F) at frame t - lag; zeros in warm-up and while t < lag."""
         self._check(np.shape(dff))
         if self.params is None:
-            if self._warm_frame(dff):
-                self._set_params(self.params)
+            done = self._warm_frame(dff)
+            if done is not None:
+                params, warm = done
+                self._set_params(params)
                 st = self._state
-                _run_block(self._warm.astype(np.float64), self._b, self._g, self._smin, *st.arrays, 0)
-                self._warm = None
+                _run_block(warm.astype(np.float64), self._b, self._g, self._smin, *st.arrays, 0)
             return np.zeros(self.n, dtype=np.float32)
         st = self._state
         _stream_step(np.ascontiguousarray(dff, dtype=np.float32), self._b, self._g, self._smin, *st.arrays,

@@ -1,4 +1,4 @@
-"""Per-neuron parameters of streaming OASIS (realtime.oasis), estimated on warm-up dF/F.
+"""Per-neuron parameters of streaming OASIS (realtime.spikes.oasis), estimated on warm-up dF/F.
 
 The configuration of the whole method lives here too, so estimation and the compiled kernels share it.
 """
@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 MAD_TO_SIGMA = 1.4826                        # Gaussian sigma / median absolute deviation
 
@@ -131,7 +132,8 @@ def _ls_ratio(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _noise_sigma(xt: np.ndarray, g: np.ndarray, floor: float, outlier: float) -> np.ndarray:
+def _noise_sigma(xt: NDArray[np.float64], g: NDArray[np.float64], floor: float,
+                 outlier: float) -> NDArray[np.floating]:
     rs = np.sort((xt[:, 1:] - g[:, None] * xt[:, :-1]).astype(np.float32), axis=1)   # sorted residuals
     med, mad = _center_spread(rs, np.full(rs.shape[0], rs.shape[1]))
     kept = np.maximum((rs <= (med + outlier * mad)[:, None]).sum(axis=1), 1)        # a prefix: no spikes
@@ -139,14 +141,15 @@ def _noise_sigma(xt: np.ndarray, g: np.ndarray, floor: float, outlier: float) ->
     return np.maximum(mad / np.sqrt(1.0 + g * g), floor)
 
 
-def _center_spread(rs: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _center_spread(rs: NDArray[np.floating],
+                   n: NDArray[np.integer]) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
     """Median and MAD-based sigma of the first n[j] entries of each sorted row j."""
     med = _row_median(rs, n)
     dev = np.where(np.arange(rs.shape[1]) < n[:, None], np.abs(rs - med[:, None]), np.inf)
     return med, MAD_TO_SIGMA * _row_median(np.sort(dev, axis=1), n)
 
 
-def _baseline(xt: np.ndarray, sigma: np.ndarray, clip: float) -> np.ndarray:
+def _baseline(xt: NDArray[np.float64], sigma: NDArray[np.floating], clip: float) -> NDArray[np.floating]:
     xs = np.sort(xt.astype(np.float32), axis=1)
     b = _row_median(xs)
     for _ in range(2):                                   # median of the frames below b + clip * sigma
@@ -154,7 +157,7 @@ def _baseline(xt: np.ndarray, sigma: np.ndarray, clip: float) -> np.ndarray:
     return b
 
 
-def _row_median(xs: np.ndarray, k: np.ndarray | None = None) -> np.ndarray:
+def _row_median(xs: NDArray[np.floating], k: NDArray[np.integer] | None = None) -> NDArray[np.floating]:
     """Median of the first k[j] entries of each sorted row j (all entries when k is None)."""
     k = np.full(xs.shape[0], xs.shape[1]) if k is None else k
     lo = np.take_along_axis(xs, ((k - 1) // 2)[:, None], axis=1)[:, 0]

@@ -1,12 +1,12 @@
-"""Streaming OASIS on a torch device (CUDA on GPU machines): the math of realtime.oasis, vectorised
+"""Streaming OASIS on a torch device (CUDA on GPU machines): the math of realtime.spikes.oasis, vectorised
 over neurons. Only GPU deployments need it; on a CPU the numba kernels are ~100x faster."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from realtime.oasis import _Warmup
-from realtime.oasis_params import OasisConfig, OasisParams
+from loopcast.realtime.spikes.oasis import _Warmup
+from loopcast.realtime.spikes.oasis_params import OasisConfig, OasisParams
 
 
 class TorchStreamingOasis(_Warmup):
@@ -22,12 +22,12 @@ class TorchStreamingOasis(_Warmup):
         self._torch = torch
         self._init_warmup(n_neurons, params, cfg, frame_period_s)
         self.device, self.dtype = torch.device(device), dtype or torch.float64
-        z = dict(device=self.device, dtype=self.dtype)
-        self._v, self._w, self._h, self._start = (torch.zeros(n_neurons, cfg.max_pools, **z) for _ in range(4))
+        self._v, self._w, self._h, self._start = (
+            torch.zeros(n_neurons, cfg.max_pools, device=self.device, dtype=self.dtype) for _ in range(4))
         self._top = torch.zeros(n_neurons, dtype=torch.long, device=self.device)
         self._cnt = torch.zeros_like(self._top)
         self._frozen = torch.zeros(n_neurons, dtype=torch.bool, device=self.device)
-        self._prev = torch.zeros(n_neurons, **z)
+        self._prev = torch.zeros(n_neurons, device=self.device, dtype=self.dtype)
         self._ar = torch.arange(n_neurons, device=self.device)
         if params is not None:
             self._set_params(params)
@@ -42,11 +42,12 @@ class TorchStreamingOasis(_Warmup):
         zeros = self._torch.zeros(self.n, dtype=self._torch.float32, device=self.device)
         if self.params is None:
             cpu = dff.detach().cpu().numpy() if isinstance(dff, self._torch.Tensor) else np.asarray(dff)
-            if self._warm_frame(cpu.astype(np.float32)):
-                self._set_params(self.params)
-                for t, row in enumerate(self._warm):
+            done = self._warm_frame(cpu.astype(np.float32))
+            if done is not None:
+                params, warm = done
+                self._set_params(params)
+                for t, row in enumerate(warm):
                     self._add(self._torch.as_tensor(row).to(self.device, self.dtype), t)
-                self._warm = None
             return zeros
         y = self._torch.as_tensor(dff).to(self.device, self._torch.float32).to(self.dtype)
         self._add(y, self.frames)
@@ -105,7 +106,7 @@ class TorchStreamingOasis(_Warmup):
 
     def _spike_at(self, f: int) -> torch.Tensor:
         """s at frame f (within the newest lag + 1 pools) for every neuron."""
-        torch, p, ar = self._torch, self.cfg.max_pools, self._ar
+        p, ar = self.cfg.max_pools, self._ar
         js = torch.arange(self.cfg.lag + 1, device=self.device)
         slots = (self._top[:, None] - js) % p                                   # (N, lag + 1)
         starts = self._start.gather(1, slots)

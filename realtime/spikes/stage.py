@@ -1,6 +1,6 @@
 """Causal spike inference from dF/F, one frame at a time, by one of three methods behind one interface.
 
-  oasis          streaming thresholded AR(1) deconvolution (realtime.oasis), parameters per neuron from
+  oasis          streaming thresholded AR(1) deconvolution (realtime.spikes.oasis), parameters per neuron from
                  the first `oasis.warmup` frames (the default)
   engine         the learned causal spike net, an exported engine with task "spikes" (ONNX Runtime),
                  fed the last C frames of dF/F
@@ -11,14 +11,19 @@ probability of at least one spike, 1 - exp(-rate * dt): what the Sparse Brain Mo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from realtime.engine import EngineError, load_engine
-from realtime.oasis import OasisConfig, StreamingOasis
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.spikes.oasis import OasisConfig, StreamingOasis
+
+if TYPE_CHECKING:
+    from loopcast.realtime.spikes.oasis_torch import TorchStreamingOasis
 
 METHODS = ("oasis", "engine", "ar1_threshold")
 
@@ -28,7 +33,7 @@ class SpikeConfig:
     """Which estimator, and its parameters."""
 
     method: str = "oasis"
-    dff_per_spike: float = 0.2        # a: dF/F of one spike; converts deconvolved amounts to counts
+    dff_per_spike: float = 0.08       # a: dF/F of one spike; converts deconvolved amounts to counts
     oasis: OasisConfig = field(default_factory=OasisConfig)
     engine: str = ""                  # method "engine": engine version dir or registry name dir
     engine_threads: int = 1
@@ -59,7 +64,7 @@ class SpikeEstimate:
     prob: np.ndarray
 
     @classmethod
-    def from_count(cls, count: np.ndarray, dt: float) -> "SpikeEstimate":
+    def from_count(cls, count: np.ndarray, dt: float) -> SpikeEstimate:
         """Counts per frame (clipped at 0) -> count, rate = count / dt, prob = 1 - exp(-rate * dt)."""
         count = np.maximum(count, 0.0).astype(np.float32, copy=False)
         return cls(count, count / np.float32(dt), (-np.expm1(-count)).astype(np.float32))
@@ -72,6 +77,9 @@ class SpikeEstimator(Protocol):
     def ready(self) -> bool: ...
 
     def process(self, dff: np.ndarray) -> SpikeEstimate: ...
+
+    def warm_up(self) -> None:
+        """Run the method's compiled and lazily initialised paths once, leaving this estimator unchanged."""
 
 
 def make_spike_estimator(n_neurons: int, cfg: SpikeConfig, frame_period_s: float,
@@ -90,11 +98,12 @@ class OasisSpikes:
 
     def __init__(self, n_neurons: int, cfg: SpikeConfig, frame_period_s: float,
                  device: str | None = None) -> None:
-        self.cfg, self.dt = cfg, frame_period_s
+        self.cfg, self.dt, self.device = cfg, frame_period_s, device
         if device is None:
-            self.oasis: Any = StreamingOasis(n_neurons, None, cfg.oasis, frame_period_s)
+            self.oasis: StreamingOasis | TorchStreamingOasis = StreamingOasis(n_neurons, None, cfg.oasis,
+                                                                              frame_period_s)
         else:
-            from realtime.oasis_torch import TorchStreamingOasis
+            from loopcast.realtime.spikes.oasis_torch import TorchStreamingOasis
             self.oasis = TorchStreamingOasis(n_neurons, None, cfg.oasis, frame_period_s, device=device)
         self._zero = SpikeEstimate.from_count(np.zeros(n_neurons, np.float32), frame_period_s)
 
@@ -103,6 +112,18 @@ class OasisSpikes:
         """True from the first frame after the warm-up with a real estimate (the frame that ends the
         warm-up still reports zeros)."""
         return self.oasis.ready and self.oasis.frames > self.cfg.oasis.warmup + self.cfg.oasis.lag
+
+    def warm_up(self) -> None:
+        """Run a throwaway estimator of the same N (and device) on seeded noise, with a warm-up of
+        `oasis.min_fit_frames` frames instead of `oasis.warmup`, through the end of its warm-up and two
+        frames past it: the parameter fit, the replay of the warm-up frames into the pools and the
+        per-frame step all run (numba `_run_block` and `_stream_step`, each seconds to compile, ran at
+        the end of the live warm-up, frame 100). This estimator sees nothing."""
+        oasis = dataclasses.replace(self.cfg.oasis, warmup=self.cfg.oasis.min_fit_frames)
+        scratch = OasisSpikes(self.oasis.n, dataclasses.replace(self.cfg, oasis=oasis), self.dt, self.device)
+        rng = np.random.default_rng(0)
+        for _ in range(oasis.warmup + oasis.lag + 2):
+            scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
         s = self.oasis.process(dff)
@@ -130,6 +151,10 @@ class EngineSpikes:
     @property
     def ready(self) -> bool:
         return self.frames >= self.engine.manifest.context
+
+    def warm_up(self) -> None:
+        """One engine call on a zero window (the runtime's lazy set-up); the ring and frame count stay."""
+        self.engine.run(np.zeros((self.engine.manifest.context, self._ring.shape[1]), np.float32))
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
         c = self.engine.manifest.context
@@ -159,6 +184,14 @@ class CausalSpikes:
     @property
     def ready(self) -> bool:
         return self.frames >= self.cfg.warmup
+
+    def warm_up(self) -> None:
+        """Run a throwaway estimator through its warm-up and one frame past it (numpy only: nothing is
+        compiled, but the interface is the same); this one sees nothing."""
+        scratch = CausalSpikes(self.n, self.cfg, self.dt)
+        rng = np.random.default_rng(0)
+        for _ in range(self.cfg.warmup + 1):
+            scratch.process(rng.normal(0.0, 0.05, self.n).astype(np.float32))
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
         """dff (N,) -> spike estimate for this frame (zeros in warm-up)."""

@@ -2,7 +2,7 @@
 
 Volumes travel in C order or in Fortran order (`order`: "F" is plane-major, x fastest: a light-sheet
 camera's and ZAPBench's on-disk layout); with the shm transport the payload part is empty and the
-header's `shm` names the shared-memory slot that holds it (realtime/shm.py).
+header's `shm` names the shared-memory slot that holds it (realtime/wire/shm.py).
 
 Everything that crosses a socket is encoded and decoded here, and nowhere else. Decoding checks the
 header against the schema and the payload against the header (and, for volumes, against the rig's
@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal
 
 import msgpack
 import numpy as np
@@ -24,6 +25,7 @@ SCHEMA_VERSION = 1
 TOPIC_FRAME = b"frame"
 FORECAST_PREFIX = "forecast/"
 ACTIVATION_PREFIX = "activation/"
+Order = Literal["C", "F"]   # memory order of a volume on the wire
 ALLOWED_DTYPES = frozenset({"uint8", "uint16", "int16", "float16", "float32", "float64"})
 
 Part = bytes | memoryview | Any  # zmq.Frame has .buffer; bytes/memoryview pass through
@@ -56,7 +58,7 @@ class FrameHeader:
     t_src_ns: int
     shape: tuple[int, ...]
     dtype: str
-    order: str = "C"
+    order: Order = "C"
     rig: str = ""
     stimulus: tuple[float, ...] = ()
     condition: int = -1
@@ -80,7 +82,7 @@ class Frame:
     header: FrameHeader
     data: np.ndarray
     t_recv_ns: int
-    lease: Any = None   # shm transport: realtime.shm.ShmLease; check .intact() after using `data`
+    lease: Any = None   # shm transport: realtime.wire.shm.ShmLease; check .intact() after using `data`
 
     def intact(self) -> bool:
         """False if the shared-memory slot behind `data` was reused while the frame was in use."""
@@ -120,7 +122,7 @@ class Forecast:
     t_recv_ns: int
 
 
-def volume_order(array: np.ndarray) -> str:
+def volume_order(array: np.ndarray) -> Order:
     """"C" or "F": the memory order a volume travels in without a copy (C when both or neither)."""
     return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
 
@@ -138,7 +140,7 @@ def encode_frame(header: FrameHeader, array: np.ndarray | None, topic: bytes = T
         raise ValueError(f"array {arr.shape}/{arr.dtype} does not match header "
                          f"{header.shape}/{header.dtype}")
     flat = arr.reshape(-1, order=header.order)   # a view when contiguous in that order
-    return [topic, packed, memoryview(np.ascontiguousarray(flat)).cast("B")]
+    return [topic, packed, np.ascontiguousarray(flat).data.cast("B")]
 
 
 def encode_forecast(header: ForecastHeader, array: np.ndarray) -> list[Any]:
@@ -148,13 +150,13 @@ def encode_forecast(header: ForecastHeader, array: np.ndarray) -> list[Any]:
         raise ValueError(f"forecast shape {arr.shape} != header shape {header.shape}")
     prefix = FORECAST_PREFIX if header.kind == "forecast" else ACTIVATION_PREFIX
     topic = f"{prefix}{header.model}".encode()
-    return [topic, msgpack.packb(header.to_wire()), memoryview(arr).cast("B")]
+    return [topic, msgpack.packb(header.to_wire()), arr.data.cast("B")]
 
 
 def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None = None,
                  expected_dtype: str | None = None, shm: Any = None) -> Frame:
     """Validate and decode a volume message; raises WireError with a reason on any violation.
-    `shm` (a realtime.shm.ShmReader) resolves shared-memory payloads; without it they are refused."""
+    `shm` (a realtime.wire.shm.ShmReader) resolves shared-memory payloads; without it they are refused."""
     t_recv = time.time_ns()
     topic, raw_header, payload = _split(parts)
     if topic != TOPIC_FRAME:
@@ -274,7 +276,7 @@ def _dtype(h: dict[str, Any]) -> str:
     dtype = h.get("dtype")
     if dtype not in ALLOWED_DTYPES:
         raise WireError("bad_dtype", f"'dtype' must be one of {sorted(ALLOWED_DTYPES)}, got {dtype!r}")
-    return dtype
+    return str(dtype)
 
 
 def _floats(values: Any) -> tuple[float, ...]:
@@ -283,14 +285,14 @@ def _floats(values: Any) -> tuple[float, ...]:
     return tuple(float(x) for x in values)
 
 
-def _array(payload: memoryview, shape: tuple[int, ...], dtype: str, order: str = "C") -> np.ndarray:
+def _array(payload: memoryview, shape: tuple[int, ...], dtype: str, order: Order = "C") -> np.ndarray:
     dt = np.dtype(dtype)
     expected = int(np.prod(shape)) * dt.itemsize
     if payload.nbytes < expected:
         raise WireError("truncated_payload", f"payload {payload.nbytes} B < {expected} B for {list(shape)} {dtype}")
     if payload.nbytes > expected:
         raise WireError("oversized_payload", f"payload {payload.nbytes} B > {expected} B for {list(shape)} {dtype}")
-    return np.frombuffer(payload, dtype=dt).reshape(shape, order=order)  # type: ignore[call-overload]
+    return np.frombuffer(payload, dtype=dt).reshape(shape, order=order)
 
 
 # --- MQTT payloads (JSON) -------------------------------------------------------------------------
@@ -329,7 +331,7 @@ class TriggerCommand:
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, payload: bytes | str) -> "TriggerCommand":
+    def from_json(cls, payload: bytes | str) -> TriggerCommand:
         try:
             d = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as exc:

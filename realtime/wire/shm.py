@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.wire import ShmRef, WireError
+from loopcast.realtime.wire.codec import Order, ShmRef, WireError
 
 GUARD_BYTES = 64          # slot guard; keeps payloads 64-byte aligned
 FILE_PREFIX = "loopcast-"
@@ -36,7 +36,7 @@ def _slot_bytes(nbytes: int) -> int:
 class ShmRing:
     """Writer side: `slots` slots for volumes of one shape/dtype/order in one /dev/shm file."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, order: str = "C", slots: int = 4,
+    def __init__(self, shape: tuple[int, ...], dtype: str, order: Order = "C", slots: int = 4,
                  directory: str = "/dev/shm", tag: str = "frames") -> None:
         if slots < 2:
             raise ValueError(f"an shm ring needs >= 2 slots, got {slots}")
@@ -110,7 +110,7 @@ class ShmReader:
         self.directory = Path(directory).resolve()
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
-    def view(self, ref: ShmRef, shape: tuple[int, ...], dtype: str, order: str) -> tuple[np.ndarray, ShmLease]:
+    def view(self, ref: ShmRef, shape: tuple[int, ...], dtype: str, order: Order) -> tuple[np.ndarray, ShmLease]:
         """Read-only array on the referenced slot plus its lease; WireError('bad_shm'/'shm_overrun')."""
         dt = np.dtype(dtype)
         want = int(np.prod(shape)) * dt.itemsize

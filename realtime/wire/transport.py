@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import zmq
 
-from realtime.shm import ShmRing
-from realtime.wire import FrameHeader, encode_frame, volume_order
+from loopcast.realtime.wire.codec import FrameHeader, Order, encode_frame, volume_order
+from loopcast.realtime.wire.shm import ShmRing
 
 log = logging.getLogger(__name__)
 
 
 class Publisher:
-    """XPUB bound at `endpoint`; `send` never blocks (a slow subscriber loses messages, not us)."""
+    """XPUB bound at `endpoint`; `send` never blocks (a slow subscriber loses messages, not us). Safe to
+    share between threads (forecast stages running side by side): a ZeroMQ socket is not, so every use
+    of it holds one lock."""
 
-    def __init__(self, endpoint: str, sndhwm: int = 4, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, sndhwm: int = 4, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.XPUB)
         # Report every (un)subscription, not only the first per topic, so subscribers can be counted.
@@ -36,14 +40,16 @@ class Publisher:
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.subscribers = 0
+        self._lock = threading.Lock()
 
     def poll_subscriptions(self, timeout_ms: int = 0) -> int:
         """Read pending (un)subscription notices; returns the current subscriber count."""
-        while self.sock.poll(timeout_ms, zmq.POLLIN):
-            msg = self.sock.recv()
-            self.subscribers += 1 if msg[:1] == b"\x01" else -1
-            timeout_ms = 0
-        return self.subscribers
+        with self._lock:
+            while self.sock.poll(timeout_ms, zmq.POLLIN):
+                msg = self.sock.recv()
+                self.subscribers += 1 if msg[:1] == b"\x01" else -1
+                timeout_ms = 0
+            return self.subscribers
 
     def wait_for_subscribers(self, n: int, timeout_s: float) -> bool:
         """Block until `n` subscriptions arrived (True) or the timeout passed (False)."""
@@ -58,17 +64,19 @@ class Publisher:
     def send(self, parts: Sequence[Any], track: bool = False) -> Any:
         """Send a multipart message without copying the payload; dropped silently at the HWM.
         With `track`, returns a zmq.MessageTracker that is done once ZeroMQ released the buffers."""
-        return self.sock.send_multipart(parts, copy=False, track=track)
+        with self._lock:
+            return self.sock.send_multipart(parts, copy=False, track=track)
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        with self._lock:
+            self.sock.close(linger=0)
 
 
 class Subscriber:
     """SUB connected to `endpoint` for `topic` prefixes; receives without copying payloads."""
 
     def __init__(self, endpoint: str, topics: Sequence[bytes] = (b"",), rcvhwm: int = 4,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -125,7 +133,7 @@ class VolumeSender:
         self.ring: ShmRing | None = None
         self._pool: list[tuple[np.ndarray, Any]] = []   # (buffer, tracker of its last send or None)
 
-    def buffer(self, seq: int, shape: tuple[int, ...], dtype: str, order: str = "F") -> np.ndarray:
+    def buffer(self, seq: int, shape: tuple[int, ...], dtype: str, order: Order = "F") -> np.ndarray:
         """A writable (shape) array in `order` that frame `seq` may be written into before `send`."""
         if self.cfg.kind == "shm":
             return self._ring(shape, dtype, order).acquire(seq)
@@ -134,9 +142,28 @@ class VolumeSender:
                     and (tracker is None or (tracker is not _LENT and tracker.done)):
                 self._pool[k] = (buf, _LENT)
                 return buf
-        buf = np.empty(shape, dtype, order=order)  # type: ignore[call-overload]
+        buf = np.empty(shape, dtype, order=order)
         if len(self._pool) < self.POOL:
             self._pool.append((buf, _LENT))
+        return buf
+
+    def prepare(self, shape: tuple[int, ...], dtype: str, order: Order = "F") -> None:
+        """What `send` needs for volumes of this shape, dtype and order, set up before the first is sent:
+        shm makes its ring (every page written); zmq needs nothing. Sends nothing."""
+        if self.cfg.kind == "shm":
+            self._ring(shape, dtype, order)
+
+    def warm_up(self, shape: tuple[int, ...], dtype: str, order: Order = "F") -> np.ndarray:
+        """`prepare`, and for a source that renders into `buffer`: returns memory it may write a throwaway
+        volume into to warm itself up, the buffer frame 0 will get: the shm slot of frame 0 (marked as
+        being written; frame 0 overwrites and commits it) or a new pooled zmq buffer (pages written,
+        free). Sends nothing."""
+        if self.cfg.kind == "shm":
+            return self._ring(shape, dtype, order).acquire(0)
+        buf = np.empty(shape, dtype, order=order)
+        buf.fill(0)
+        if len(self._pool) < self.POOL:
+            self._pool.append((buf, None))
         return buf
 
     def send(self, header: FrameHeader, volume: np.ndarray) -> None:
@@ -153,7 +180,7 @@ class VolumeSender:
             if buf is volume:
                 self._pool[k] = (buf, tracker)
 
-    def _ring(self, shape: tuple[int, ...], dtype: str, order: str) -> ShmRing:
+    def _ring(self, shape: tuple[int, ...], dtype: str, order: Order) -> ShmRing:
         r = self.ring
         if r is None or r.shape != tuple(shape) or r.dtype != np.dtype(dtype) or r.order != order:
             if r is not None:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from loopcast.config import ConfigError
-from models.baselines import LastValue, MeanBaseline, MeanBaselineConfig
-from models.linear import NLinear, NLinearConfig
-from models.registry import MODELS, build_model
+from loopcast.models.baselines import LastValue, MeanBaseline, MeanBaselineConfig
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.models.zoo import MODELS, build_model
 
 torch.set_num_threads(1)
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.pnm import PNM, PNMConfig
-from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
-from models.registry import MODELS, SPIKE_MODELS
-from models.sbm import SBMConfig, SparseBrainModel
-from models.video_unet import VideoUNet, VideoUNetConfig
+from loopcast.models.pnm import PNM, PNMConfig
+from loopcast.models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
+from loopcast.models.sbm import SBMConfig, SparseBrainModel
+from loopcast.models.video_unet import VideoUNet, VideoUNetConfig
+from loopcast.models.zoo import MODELS, SPIKE_MODELS
 
 N, K, C, H = 96, 3, 8, 4
 META = torch.device("meta")

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from models.pnm import PNM, PNMConfig
+from loopcast.models.pnm import PNM, PNMConfig
 
 torch.set_num_threads(1)
 N = 30
@@ -16,9 +18,9 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(3, 4, N, generator=gen) ** 2, torch.rand(N, 3, generator=gen) * 100.0
 
 
-def _pnm(**kw: object) -> PNM:
+def _pnm(**kw: Any) -> PNM:
     torch.manual_seed(0)
-    return PNM(PNMConfig(hidden=16, n_fourier=4, temporal_hidden=32, **kw)).eval()  # type: ignore[arg-type]
+    return PNM(PNMConfig(hidden=16, n_fourier=4, temporal_hidden=32, **kw)).eval()
 
 
 @pytest.mark.parametrize("output", ["sigmoid", "linear"])
@@ -112,6 +114,6 @@ def test_bad_inputs_raise(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     ({"n_fourier": -1}, "n_fourier"), ({"fourier_max_freq": 0.5}, "fourier_max_freq"),
     ({"output": "relu"}, "output"), ({"dropout": 1.0}, "dropout"), ({"eps": 0.0}, "eps"),
 ])
-def test_config_validation(kwargs: dict[str, object], match: str) -> None:
+def test_config_validation(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        PNMConfig(**kwargs)  # type: ignore[arg-type]
+        PNMConfig(**kwargs)

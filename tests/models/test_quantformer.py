@@ -2,14 +2,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
-from models.vq import VectorQuantizer, code_stats
-from offline_training.export import check_parity, export_onnx, parity_inputs
+from loopcast.models.quantformer import QuantFormer, QuantFormerActivation, QuantFormerConfig, QuantFormerForecaster
+from loopcast.models.vq import VectorQuantizer, code_stats
+from loopcast.offline_training.export.engine import check_parity, export_onnx, parity_inputs
 
 N, K, C, H, P = 12, 3, 8, 4, 4
 
@@ -19,7 +20,7 @@ def _few_threads() -> None:
     torch.set_num_threads(1)
 
 
-def make_model(n_covariates: int = K, seed: int = 0, **kw: object) -> QuantFormer:
+def make_model(n_covariates: int = K, seed: int = 0, **kw: Any) -> QuantFormer:
     torch.manual_seed(seed)
     cfg = dataclasses.replace(QuantFormerConfig.small(N, n_covariates, C, H, P), **kw)
     return QuantFormer(cfg).eval()
@@ -85,6 +86,11 @@ def test_masked_patches_are_hidden_from_the_encoder() -> None:
     assert not torch.allclose(model.encode(x, ids, None), model.encode(changed, ids, None))
 
 
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    assert t.grad is not None
+    return t.grad
+
+
 def test_vq_straight_through_and_commitment() -> None:
     vq = VectorQuantizer(size=4, dim=2, commitment=0.25, normalise=False)
     with torch.no_grad():
@@ -94,14 +100,14 @@ def test_vq_straight_through_and_commitment() -> None:
     assert out.codes.tolist() == [1, 2]
     assert torch.equal(out.quantised, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     out.quantised.sum().backward()
-    assert torch.equal(z.grad, torch.ones_like(z))                     # straight-through
+    assert torch.equal(_grad(z), torch.ones_like(z))                   # straight-through
     z.grad = None
     vq.codebook.weight.grad = None
     vq(z).loss.backward()
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert torch.allclose(z.grad, 0.25 * 2 * (z.detach() - e) / z.numel())   # commitment pulls z to e
-    assert torch.allclose(vq.codebook.weight.grad[1:3], 2 * (e - z.detach()) / z.numel())
-    assert torch.equal(vq.codebook.weight.grad[[0, 3]], torch.zeros(2, 2))   # unused codes get nothing
+    assert torch.allclose(_grad(z), 0.25 * 2 * (z.detach() - e) / z.numel())   # commitment pulls z to e
+    assert torch.allclose(_grad(vq.codebook.weight)[1:3], 2 * (e - z.detach()) / z.numel())
+    assert torch.equal(_grad(vq.codebook.weight)[[0, 3]], torch.zeros(2, 2))   # unused codes get nothing
 
 
 def test_vq_dead_code_restart_and_stats() -> None:

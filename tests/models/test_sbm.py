@@ -3,16 +3,33 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from models.sbm import SBMConfig, SparseBrainModel, bce_loss, normalise_positions
-from models.sbm_attention import (balanced_routing, cut_positions, cut_spans, half_swap, rope_tables, rotary_qk,
-                                  rotate, scatter_mean, sorted_routing, spatial_rope_angles)
-from offline_training.export import COVARIATES_NAME, INPUT_NAME, OUTPUT_NAME, export_onnx, export_program
+from loopcast.models.sbm import SBMBlock, SBMConfig, SparseBrainModel, bce_loss, normalise_positions
+from loopcast.models.sbm_attention import (
+    balanced_routing,
+    cut_positions,
+    cut_spans,
+    half_swap,
+    rope_tables,
+    rotary_qk,
+    rotate,
+    scatter_mean,
+    sorted_routing,
+    spatial_rope_angles,
+)
+from loopcast.offline_training.export.engine import (
+    COVARIATES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_onnx,
+    export_program,
+)
 
 torch.set_num_threads(1)
 N = 40
@@ -31,9 +48,9 @@ def spikes() -> torch.Tensor:
     return torch.rand(2, 6, N, generator=torch.Generator().manual_seed(2)) ** 3
 
 
-def _sbm(positions: torch.Tensor, k: int = 0, **kw: object) -> SparseBrainModel:
+def _sbm(positions: torch.Tensor, k: int = 0, **kw: Any) -> SparseBrainModel:
     torch.manual_seed(0)
-    return SparseBrainModel(SBMConfig.small(N, k, **kw), positions).eval()  # type: ignore[arg-type]
+    return SparseBrainModel(SBMConfig.small(N, k, **kw), positions).eval()
 
 
 @pytest.mark.parametrize("k", [0, 3])
@@ -196,7 +213,7 @@ def test_soft_margin_weights_members_near_the_boundary() -> None:
     scores = torch.einsum("kd,snd->skn", cents, keys)
     best_out = scores.sort(dim=-1, descending=True).values[..., 10:11]          # best non-member
     torch.testing.assert_close(weight, ((scores.gather(-1, idx) - best_out) / 0.05).clamp(0, 1))
-    assert weight.min() < 1 and weight.max() == 1
+    assert weight is not None and weight.min() < 1 and weight.max() == 1
 
 
 def test_scatter_mean_with_soft_weights() -> None:
@@ -222,12 +239,14 @@ def test_soft_margin_is_continuous(positions: torch.Tensor, spikes: torch.Tensor
 @pytest.mark.parametrize("routing", ["sorted", "topk"])
 def test_centroids_follow_ema_in_training_only(positions: torch.Tensor, spikes: torch.Tensor, routing: str) -> None:
     model = _sbm(positions, 0, cluster_size=8, routing=routing)
-    before = model.blocks[0].spatial.centroids.clone()
+    block = model.blocks[0]
+    assert isinstance(block, SBMBlock)
+    before = block.spatial.centroids.clone()
     with torch.no_grad():
         model.logits(spikes)
-        assert torch.equal(model.blocks[0].spatial.centroids, before)
+        assert torch.equal(block.spatial.centroids, before)
         model.train().logits(spikes)
-    after = model.blocks[0].spatial.centroids
+    after = block.spatial.centroids
     assert not torch.equal(after, before)
     torch.testing.assert_close(after.norm(dim=1), torch.ones(len(after)))
 
@@ -314,9 +333,9 @@ def test_bad_inputs_raise(positions: torch.Tensor, spikes: torch.Tensor) -> None
     ({"n_neurons": 5, "membership": 1.5}, "integer membership"),
     ({"n_neurons": 5, "routing_centroids": 0}, "routing_centroids"),
 ])
-def test_config_validation(kwargs: dict[str, object], match: str) -> None:
+def test_config_validation(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        SBMConfig(**kwargs)  # type: ignore[arg-type]
+        SBMConfig(**kwargs)
 
 
 @pytest.mark.parametrize("routing", ["sorted", "topk"])
@@ -341,7 +360,7 @@ def test_onnx_and_torch_export_parity(positions: torch.Tensor, tmp_path: Path, r
         again = program.module()(torch.from_numpy(x), torch.from_numpy(cov)).numpy()
     np.testing.assert_allclose(again, want, atol=1e-5, rtol=0)
     # the torch runtime moves the program to its device (CUDA on a rig); the meta device stands in here
-    from realtime.engine_torch import program_on
+    from loopcast.realtime.engines.torch_runtime import program_on
     on_meta = program_on(program, "meta")(torch.from_numpy(x).to("meta"), torch.from_numpy(cov).to("meta"))
     assert on_meta.device.type == "meta" and tuple(on_meta.shape) == want.shape
 

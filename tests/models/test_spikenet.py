@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loopcast.config import ConfigError
-from models.registry import MODELS, SPIKE_MODELS, build_model
-from models.spikenet import SpikeNet, SpikeNetConfig, causal_windows, gather_windows, n_parameters
+from loopcast.models.spikenet import SpikeNet, SpikeNetConfig, causal_windows, gather_windows, n_parameters
+from loopcast.models.zoo import MODELS, SPIKE_MODELS, build_model
 
 torch.set_num_threads(1)
 

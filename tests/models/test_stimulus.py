@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.stimulus import StimulusBaseline, StimulusBaselineConfig, trial_phases
+from loopcast.models.stimulus import StimulusBaseline, StimulusBaselineConfig, trial_phases
 
 OFFSETS = (0, 100, 200, 300)
 
@@ -16,7 +16,7 @@ def planted(period: tuple[int, ...] = (10, 7, 0), n: int = 5, seed: int = 0):
     t = OFFSETS[-1]
     cov = np.zeros((t, 26), np.float32)
     traces = rng.normal(size=(t, n)).astype(np.float32)
-    responses = []
+    responses: list[np.ndarray | None] = []
     for k, p in enumerate(period):
         a, b = OFFSETS[k], OFFSETS[k + 1]
         if p == 0:
@@ -43,6 +43,7 @@ def test_recovers_a_planted_trial_locked_response_exactly() -> None:
     for k in (0, 1):
         starts = np.arange(OFFSETS[k] + 70, OFFSETS[k + 1] - 12)   # test-like windows, C = 4, H = 8
         pred = model.predict(k, starts, context=4, horizon=8)
+        assert pred is not None
         frames = starts[:, None] + 4 + np.arange(8)
         np.testing.assert_array_equal(pred, traces[frames])
         assert pred.shape == (len(starts), 8, traces.shape[1]) and pred.dtype == np.float32
@@ -61,7 +62,9 @@ def test_unseen_phases_fall_back_to_the_train_mean() -> None:
     traces, cov, _ = planted(period=(10, 10, 10))
     cov[50:100, 25] = 0                                             # the test part has one long trial
     model = StimulusBaseline().fit(traces, cov, OFFSETS, {0: (1, 40)})
-    pred = model.predict(0, np.array([60]), context=4, horizon=8)[0]   # phases 24..31: never seen
+    preds = model.predict(0, np.array([60]), context=4, horizon=8)
+    assert preds is not None
+    pred = preds[0]                                                 # phases 24..31: never seen
     np.testing.assert_allclose(pred, np.broadcast_to(traces[1:40].mean(axis=0), pred.shape), rtol=1e-6)
 
 

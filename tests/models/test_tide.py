@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -8,19 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from models.linear import NLinear, NLinearConfig
-from models.registry import MODELS, build_model
-from models.tide import TiDE, TiDEConfig
-from models.tsmixer import count_parameters
-from offline_training.export import quiet_exporter
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.models.tide import TiDE, TiDEConfig
+from loopcast.models.tsmixer import count_parameters
+from loopcast.models.zoo import MODELS, build_model
+from loopcast.offline_training.export.engine import quiet_exporter
 
 torch.set_num_threads(1)
 
 
-def _tide(context: int = 6, horizon: int = 4, k: int = 3, **kw: object) -> TiDE:
+def _tide(context: int = 6, horizon: int = 4, k: int = 3, **kw: Any) -> TiDE:
     torch.manual_seed(0)
     kw = {"hidden": 32, "temporal_hidden": 16, **kw}
-    return TiDE(TiDEConfig(context=context, horizon=horizon, n_covariates=k, **kw))  # type: ignore[arg-type]
+    return TiDE(TiDEConfig(context=context, horizon=horizon, n_covariates=k, **kw))
 
 
 @pytest.mark.parametrize("b, c, n, h, k", [(2, 4, 11, 8, 26), (1, 6, 1, 3, 1), (3, 16, 40, 1, 5)])
@@ -52,7 +53,8 @@ def test_shift_equivariance_and_revin_scale_equivariance() -> None:
                                    "covariate_dim", "n_encoder", "n_decoder", "temporal_hidden"])
 def test_config_validation(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
-        TiDEConfig(**{field: 0})  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {field: 0}
+        TiDEConfig(**kwargs)
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -8,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from models.tsmixer import RevIN, TimeMix, TimeMixConfig, TSMixer, TSMixerConfig, count_parameters
-from offline_training.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from loopcast.models.tsmixer import RevIN, TimeMix, TimeMixConfig, TSMixer, TSMixerConfig, count_parameters
+from loopcast.offline_training.export.engine import INPUT_NAME, OUTPUT_NAME, export_onnx
 
 torch.set_num_threads(1)
 
 
-def _tsmixer(context: int = 4, horizon: int = 3, n: int = 11, **kw: object) -> TSMixer:
+def _tsmixer(context: int = 4, horizon: int = 3, n: int = 11, **kw: Any) -> TSMixer:
     torch.manual_seed(0)
     return TSMixer(TSMixerConfig(context=context, horizon=horizon, n_neurons=n, mlp_dim=16, **kw))
 
 
-def _timemix(context: int = 4, horizon: int = 3, **kw: object) -> TimeMix:
+def _timemix(context: int = 4, horizon: int = 3, **kw: Any) -> TimeMix:
     torch.manual_seed(0)
     return TimeMix(TimeMixConfig(context=context, horizon=horizon, **kw))
 
@@ -41,7 +42,7 @@ def test_time_only_flag_equals_alias() -> None:
     x = torch.randn(3, 8, 5)
     torch.testing.assert_close(a(x), b(x))
     assert count_parameters(a) == count_parameters(b)
-    assert a.config == cfg and b.config.time_only
+    assert a.config == cfg and isinstance(b.config, TSMixerConfig) and b.config.time_only
 
 
 def test_parameter_counts() -> None:
@@ -99,9 +100,9 @@ def test_feature_mixing_mixes_neurons(revin: bool) -> None:
     ({"context": 4, "horizon": 2, "n_neurons": 3, "dropout": 1.0}, "dropout"),
     ({"context": 4, "horizon": 2, "n_neurons": -1, "time_only": True}, "n_neurons"),
 ])
-def test_config_validation(kwargs: dict[str, object], match: str) -> None:
+def test_config_validation(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        TSMixerConfig(**kwargs)  # type: ignore[arg-type]
+        TSMixerConfig(**kwargs)
 
 
 def test_timemix_config_validation() -> None:

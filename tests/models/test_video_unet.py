@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -12,18 +13,27 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopcast.config import ConfigError
-from models.registry import build_model, model_config
-from models.video_unet import (DEFAULT_DOWNSAMPLE, AxiswiseGroupNorm, ResBlock, VideoUNet, VideoUNetConfig,
-                               VolumeGroupNorm, count_parameters, export_copy, receptive_field)
-from offline_training.export import quiet_exporter
+from loopcast.models.video_unet import (
+    DEFAULT_DOWNSAMPLE,
+    AxiswiseGroupNorm,
+    ResBlock,
+    VideoUNet,
+    VideoUNetConfig,
+    VolumeGroupNorm,
+    count_parameters,
+    export_copy,
+    receptive_field,
+)
+from loopcast.models.zoo import build_model, model_config
+from loopcast.offline_training.export.engine import quiet_exporter
 
 torch.set_num_threads(1)
 SMALL = {"features": 16, "features_sr": 8, "groups": 4}
 
 
-def _model(stages: int = 2, context: int = 3, **kw: object) -> VideoUNet:
+def _model(stages: int = 2, context: int = 3, **kw: Any) -> VideoUNet:
     torch.manual_seed(0)
-    cfg = VideoUNetConfig.spatial_context(stages, context=context, **{**SMALL, **kw})  # type: ignore[arg-type]
+    cfg = VideoUNetConfig.spatial_context(stages, context=context, **{**SMALL, **kw})
     return VideoUNet(cfg).eval()
 
 
@@ -96,7 +106,9 @@ class _NoNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None) -> torch.Tensor:
-        return x if scale is None else x * (1.0 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+        if scale is None or shift is None:
+            return x
+        return x * (1.0 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
 
 
 def test_receptive_field_zero_stages() -> None:
@@ -109,10 +121,12 @@ def test_receptive_field_zero_stages() -> None:
     # field ignores): drop the norms to measure the convolutional receptive field alone.
     for blk in model.modules():
         if isinstance(blk, ResBlock):
-            blk.norm1, blk.norm2 = _NoNorm(), _NoNorm()
+            blk.add_module("norm1", _NoNorm())
+            blk.add_module("norm2", _NoNorm())
     x = torch.randn(1, 2, 27, 25, 23, requires_grad=True)
     c = (13, 12, 11)
     model(x, torch.tensor([3]))[0, c[0], c[1], c[2]].backward()
+    assert x.grad is not None
     g = x.grad.abs().sum(1)[0]                               # (27, 25, 23)
     r = (receptive_field(model.config)[0] - 1) // 2          # 10
     window = tuple(slice(ci - r, ci + r + 1) for ci in c)
@@ -140,7 +154,9 @@ def test_lead_time_conditioning() -> None:
 
 def test_training_step_moves_film() -> None:
     model = _model(2).train()
-    film = model.down[0].film.weight
+    first = model.down[0]
+    assert isinstance(first, ResBlock)
+    film = first.film.weight
     before = film.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 3, 8, 8, 4)

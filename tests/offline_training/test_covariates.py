@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from offline_training.covariates import covariate_windows
-from offline_training.quantformer_train import QuantFormerTrainConfig
-from offline_training.sbm_train import SBMData, SBMTrainConfig
-from offline_training.train import TrainConfig
+from loopcast.offline_training.data.covariates import covariate_windows
+from loopcast.offline_training.quantformer.train import QuantFormerTrainConfig
+from loopcast.offline_training.sbm.config import SBMData, SBMTrainConfig
+from loopcast.offline_training.trace.train import TrainConfig
 
 COV = np.arange(40, dtype=np.float32).reshape(20, 2)          # frame t's stimulus = (2t, 2t + 1)
 
@@ -33,9 +33,11 @@ def test_unknown_future_is_refused() -> None:
         covariate_windows(COV, np.array([0]), 3, 4, "true")
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, SBMTrainConfig, QuantFormerTrainConfig])
-def test_training_configs_check_it(cls: Any) -> None:
-    assert cls().future_covariates == "recorded"
+# [train] keeps ZAPBench's recorded future; the SBM and QuantFormer train with the held stimulus the loop serves
+@pytest.mark.parametrize(("cls", "default"), [(TrainConfig, "recorded"), (SBMTrainConfig, "held"),
+                                              (QuantFormerTrainConfig, "held")])
+def test_training_configs_check_it(cls: Any, default: str) -> None:
+    assert cls().future_covariates == default
     with pytest.raises(ValueError, match="future_covariates must be one of"):
         cls(future_covariates="hold")
 
@@ -49,5 +51,6 @@ def test_sbm_batches_hold_the_target_frames_stimulus() -> None:
     held = SBMData(probs, COV, positions, (0, 20), future="held")
     _, c_rec = recorded.batch(np.array([4]), 3)
     _, c_held = held.batch(np.array([4]), 3)
+    assert c_rec is not None and c_held is not None
     assert torch.equal(c_rec[0], torch.from_numpy(COV[4:8]))
     assert torch.equal(c_held[0, :3], c_rec[0, :3]) and torch.equal(c_held[0, 3], torch.from_numpy(COV[6]))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import build_model
-from offline_training.ddp import DistEnv, dist_env, process_group, wrap
-from offline_training.train import TrainConfig, WindowData, batch_loss, train
+from loopcast.models.zoo import build_model
+from loopcast.offline_training.fit.ddp import DistEnv, dist_env, process_group, wrap
+from loopcast.offline_training.trace.train import TrainConfig, WindowData, batch_loss, train
 
 OFFSETS = (0, 120, 240, 360, 480)
 # Batches of 5 split 3 + 2 over two ranks; 6 steps per epoch; val MAE rises after epoch 4 of 10, so early
@@ -46,7 +46,8 @@ def gradients(env: DistEnv) -> list[dict[str, torch.Tensor]]:
         model = build_model(CFG.model, CFG.model_config(n_neurons=data.n_neurons))
         ddp = wrap(model, env)  # keep it alive through backward: its hooks do the all-reduce
         batch_loss(ddp, data, batch, CFG, env).backward()
-        out.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        out.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        assert len(out[-1]) == len(list(model.parameters())), "every parameter has a gradient"
     return out
 
 

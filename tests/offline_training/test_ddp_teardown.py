@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from offline_training.ddp import broadcast_object, dist_env, process_group, wrap
+from loopcast.offline_training.fit.ddp import broadcast_object, dist_env, process_group, wrap
 
 RUNS = 8
 KEPT: list[nn.Module] = []  # DDP wrappers that live until interpreter exit

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from offline_training.ddp import DistEnv
-from offline_training.device import check_device, resolve_device, train_env
-from offline_training.pnm_train import PNMTrainConfig
-from offline_training.quantformer_train import QuantFormerTrainConfig
-from offline_training.sbm_train import SBMTrainConfig
-from offline_training.spike_train import SpikeTrainConfig
-from offline_training.train import TrainConfig, train
-from offline_training.train_video import VideoTrainConfig
+from loopcast.offline_training.fit.ddp import DistEnv
+from loopcast.offline_training.fit.device import check_device, resolve_device, train_env
+from loopcast.offline_training.quantformer.train import QuantFormerTrainConfig
+from loopcast.offline_training.sbm.config import SBMTrainConfig
+from loopcast.offline_training.sbm.pnm_train import PNMTrainConfig
+from loopcast.offline_training.spikes.train import SpikeTrainConfig
+from loopcast.offline_training.trace.train import TrainConfig, train
+from loopcast.offline_training.video.train import VideoTrainConfig
 
 CONFIGS = (TrainConfig, VideoTrainConfig, SBMTrainConfig, QuantFormerTrainConfig, PNMTrainConfig, SpikeTrainConfig)
 HAS_CUDA = torch.cuda.is_available()

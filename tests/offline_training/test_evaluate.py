@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from loopcast.cli import main
-from models.linear import NLinear, NLinearConfig
-from offline_training.evaluate import EvalConfig, baseline_forecasters, evaluate_models, scoring_windows
-from offline_training.export import export_engine
-from offline_training.train import TrainConfig
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.offline_training.eval.harness import EvalConfig, baseline_forecasters, evaluate_models, scoring_windows
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.trace.train import TrainConfig
 
 RAMP_OFFSETS = (0, 50, 100, 150)
 RAMP_CFG = EvalConfig(holdout=(2,), max_context=4)
@@ -155,7 +155,7 @@ def test_cli_evaluate_end_to_end(loop_setup, tmp_path: Path, capsys: pytest.Capt
 
 @pytest.mark.parametrize("kind, what", [("act", "activation probabilities"), ("spk", "'spike_prob' forecasts")])
 def test_engines_that_do_not_forecast_dff_are_refused(toy_engines: dict[str, Path], kind: str, what: str) -> None:
-    from offline_training.evaluate import evaluate_engines
+    from loopcast.offline_training.eval.harness import evaluate_engines
     traces = np.zeros((200, 10), np.float32)
     with pytest.raises(ValueError, match=f"gives {what}, not dF/F"):
         evaluate_engines([toy_engines[kind]], traces, (0, 100, 200), progress=False)
@@ -165,7 +165,7 @@ def test_engines_that_do_not_forecast_dff_are_refused(toy_engines: dict[str, Pat
                                          ({"padding": 2}, "padding")])
 def test_engine_trained_on_other_splits_is_refused(tmp_path: Path, traces, offsets, change: dict, key: str) -> None:
     """An engine whose training windows could overlap the scored test windows is not scored."""
-    from offline_training.evaluate import evaluate_engines
+    from loopcast.offline_training.eval.harness import evaluate_engines
     path = random_engine(tmp_path / "engines", 4, 4, traces.shape[1])
     config = EvalConfig(max_context=8, **change)
     with pytest.raises(ValueError, match=f"was trained with {key} .*this evaluation"):

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offline_training.loop_signals import CACHE_DIR, extract_segment_means, loop_dff, loop_spike_probs
-from realtime.dff import DffConfig
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.oasis import OasisConfig
-from realtime.preprocess import Preprocess, PreprocessConfig
-from realtime.spikes import SpikeConfig
-from realtime.wire import Frame, FrameHeader
-from replay.fish import FishConfig
-from replay.layout import Recording
-from replay.synth import SynthConfig, synthesize
+from loopcast.offline_training.data.loop_signals import CACHE_DIR, extract_segment_means, loop_dff, loop_spike_probs
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.preprocess.dff import DffConfig
+from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig
+from loopcast.realtime.spikes.oasis import OasisConfig
+from loopcast.realtime.spikes.stage import SpikeConfig
+from loopcast.realtime.wire.codec import Frame, FrameHeader
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import SynthConfig, synthesize
 
 PRE = PreprocessConfig(dff=DffConfig(window=60, warmup=5),
                        spikes=SpikeConfig(dff_per_spike=0.08, oasis=OasisConfig(warmup=30)))
@@ -37,6 +37,7 @@ def live_signals(rec: Recording) -> tuple[np.ndarray, np.ndarray]:
         vol = rec.read_volume(t)
         header = FrameHeader(t, time.time_ns(), vol.shape, str(vol.dtype), "F" if vol.flags.f_contiguous else "C")
         out = stage.process(Frame(header, vol, time.time_ns()))
+        assert out is not None
         dff.append(out.dff.copy())
         prob.append(out.spikes.prob.copy())
     return np.stack(dff), np.stack(prob)

@@ -3,6 +3,7 @@ behaviour reaching r > 0.5 on test and holdout, permutation invariance of the tr
 predicted inputs with missing frames, and errors on bad shapes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from offline_training.pnm_train import (PNMResult, PNMTrainConfig, balanced_batch, build_data, input_frames,
-                                        target_frames, train_pnm)
+from loopcast.offline_training.sbm.pnm_train import (
+    PNMResult,
+    PNMTrainConfig,
+    balanced_batch,
+    build_data,
+    input_frames,
+    target_frames,
+    train_pnm,
+)
 
 OFFSETS = (0, 100, 200, 300, 400)
 CFG = PNMTrainConfig(model_options={"hidden": 16, "temporal_hidden": 32, "n_fourier": 2}, batch_size=32,
@@ -84,6 +92,18 @@ def test_the_trained_head_ignores_neuron_order(trained: tuple[PNMResult, Path]) 
         a, b = model(x, positions), model(x[:, :, perm], positions[perm])
     assert a.shape == (3, 1)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    probs, behaviour, positions = toy()
+    cfg = dataclasses.replace(CFG, steps=60, val_every=20)
+    full = train_pnm(probs, behaviour, positions, OFFSETS, cfg, tmp_path / "full", progress=False)
+    cut = train_pnm(probs, behaviour, positions, OFFSETS, cfg, tmp_path / "cut", progress=False, stop_after=30)
+    assert [h["step"] for h in cut.metrics["history"]] == [20]                # cut between two validations
+    resumed = train_pnm(probs, behaviour, positions, OFFSETS, cfg, tmp_path / "cut", progress=False)
+    assert resumed.metrics == full.metrics                                     # history and every score
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
 
 
 def test_bad_inputs_raise() -> None:

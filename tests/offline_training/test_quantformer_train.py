@@ -10,15 +10,23 @@ import pytest
 import torch
 
 from loopcast.config import ConfigError
+from loopcast.models.quantformer import QuantFormer, QuantFormerConfig
+from loopcast.offline_training.quantformer import eval as qe
+from loopcast.offline_training.quantformer.train import (
+    QuantFormerResult,
+    QuantFormerTrainConfig,
+    activation_threshold,
+    finetune,
+    load_data,
+    normalise,
+    pretrain,
+    train_quantformer,
+)
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import SynthConfig, synthesize
 from loopcast.settings import DEFAULT_CONFIG, load_settings
-from offline_training import quantformer_eval as qe
-from models.quantformer import QuantFormer, QuantFormerConfig
-from offline_training.quantformer_train import (QuantFormerResult, QuantFormerTrainConfig, activation_threshold,
-                                                load_data, pretrain, train_quantformer)
-from realtime.engine import load_engine
-from replay.fish import FishConfig
-from replay.layout import Recording
-from replay.synth import SynthConfig, synthesize
 
 CFG = QuantFormerTrainConfig(context=8, horizon=4, model_options={"patch": 4, "d_model": 32, "n_heads": 2,
                                                                   "n_layers": 2, "codebook_size": 32, "code_dim": 8},
@@ -76,8 +84,8 @@ def test_model_options_from_toml_and_dotted_override(tmp_path: Path) -> None:
                                  "code_dim": 8}   # configs/loopcast.toml's, then the file's and the override
     built = cfg.build_model_config(5, 26)
     assert (built.d_model, built.n_heads, built.code_dim, built.decode) == (32, 2, 8, "expected")
-    with pytest.raises(ConfigError, match="model_options \\['d_modle'\\]"):
-        load_settings(toml, ["train_quantformer.model_options.d_modle=32"])
+    with pytest.raises(ConfigError, match="model_options \\['d_modle'\\]"):   # when the section is read
+        _ = load_settings(toml, ["train_quantformer.model_options.d_modle=32"]).train_quantformer
 
 
 def test_auto_threshold_sets_the_train_base_rate(recording: Recording) -> None:
@@ -118,6 +126,33 @@ def test_pretraining_is_seeded(recording: Recording) -> None:
     assert not torch.equal(a["patch_embed.weight"], c["patch_embed.weight"])
 
 
+def test_both_phases_resume_to_the_uninterrupted_result(recording: Recording, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_data(recording, CFG)
+    cfg = dataclasses.replace(CFG, pretrain_epochs=3, finetune_epochs=2, steps_per_epoch=2, restart_every=1)
+    threshold = activation_threshold(data, cfg)
+    pre, fine = tmp_path / "pre.pt", tmp_path / "fine.pt"
+
+    def model() -> QuantFormer:
+        torch.manual_seed(0)
+        m = QuantFormer(cfg.build_model_config(data.n_neurons, 26))
+        normalise(m, data, cfg)
+        return m
+
+    full = model()
+    history = (pretrain(full, data, cfg, False), finetune(full, data, threshold, cfg, False))
+    assert len(pretrain(model(), data, cfg, False, pre, stop_after=1)) == 1              # killed in pretraining
+    resumed = model()
+    got = [pretrain(resumed, data, cfg, False, pre)]
+    assert len(finetune(resumed, data, threshold, cfg, False, fine, stop_after=1)) == 1  # then in fine-tuning
+    again = model()
+    got += [pretrain(again, data, cfg, False, pre), finetune(again, data, threshold, cfg, False, fine)]
+    assert got[0] == got[1] == history[0] and got[2] == history[1]
+    for k, v in full.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
 def test_metrics_and_files(trained: QuantFormerResult) -> None:
     m = trained.metrics
     assert m["activation_criterion"] == "mean_dff_above" and m["activation_threshold"] > 0
@@ -143,6 +178,7 @@ def test_activation_engine_loads_and_runs(trained: QuantFormerResult, recording:
     assert (man.task, man.signal, man.model, man.horizon) == ("activation", "dff", "quantformer", 4)
     assert man.activation == {"criterion": "mean_dff_above", "threshold": trained.metrics["activation_threshold"],
                               "window": 4}
+    assert man.metrics is not None
     assert man.metrics["test"]["activation"]["auroc"] == trained.metrics["test"]["activation"]["auroc"]
     rng = np.random.default_rng(0)
     out = engine.run(rng.normal(0, 0.2, (8, 200)).astype(np.float32), rng.random((12, 26), dtype=np.float32))

@@ -15,17 +15,28 @@ import torch
 
 from loopcast.cli import main
 from loopcast.config import load_config
-from models.linear import NLinear, NLinearConfig
-from models.spikenet import SpikeNet, causal_windows
-from offline_training.export import ExportError, export_engine
-from offline_training.spike_eval import engine_predictor, evaluate_spikes, first_difference
-from offline_training.spike_train import (SpikeData, SpikeTrainConfig, SpikeTrainResult, build_data,
-                                          causal_dff_traces, evaluate_recording, export_spike_net, fit_spike_net,
-                                          recording_arrays, recording_dir, sample_batch)
-from offline_training.train import TrainConfig
-from realtime.dff import DffConfig, causal_dff_reference
-from realtime.engine import EngineError, EngineManifest, load_engine
-from replay.fish import FishConfig
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.models.spikenet import SpikeNet, causal_windows
+from loopcast.offline_training.export.engine import ExportError, export_engine
+from loopcast.offline_training.spikes.eval import engine_predictor, evaluate_spikes, first_difference
+from loopcast.offline_training.spikes.train import (
+    SpikeData,
+    SpikeTrainConfig,
+    SpikeTrainResult,
+    build_data,
+    causal_dff_traces,
+    evaluate_recording,
+    export_spike_net,
+    fit_spike_net,
+    recording_arrays,
+    recording_dir,
+    sample_batch,
+)
+from loopcast.offline_training.trace.train import TrainConfig
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError, EngineManifest
+from loopcast.realtime.preprocess.dff import DffConfig, causal_dff_reference
+from loopcast.replay.fish import FishConfig
 
 BROKEN = Path(__file__).resolve().parents[1] / "broken" / "manifests"
 FISH = FishConfig(shape=(48, 40, 8), n_neurons=200, n_ensembles=4)
@@ -82,6 +93,21 @@ def test_training_batches_are_past_only_train_windows(tiny_data: SpikeData) -> N
     want = causal_windows(tiny_data.dff, TINY.context)[frames - TINY.context + 1, :, neurons]   # (B, C)
     np.testing.assert_array_equal(x[0].numpy().T, want)
     np.testing.assert_array_equal(y[0, 0].numpy(), tiny_data.spikes[frames, neurons])
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(tiny_data: SpikeData, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, max_epochs=3, patience=5)
+    full = fit_spike_net(cfg, tiny_data, progress=False)
+    ckpt = tmp_path / "resume.pt"
+    cut = fit_spike_net(cfg, tiny_data, progress=False, checkpoint=ckpt, stop_after=1)
+    assert [h["epoch"] for h in cut.history] == [1]
+    resumed = fit_spike_net(cfg, tiny_data, progress=False, checkpoint=ckpt)
+    assert resumed.history == full.history and resumed.best_epoch == full.best_epoch
+    assert resumed.metrics == full.metrics
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="different training config .lr: checkpoint 0.001, now 0.01"):
+        fit_spike_net(dataclasses.replace(cfg, lr=1e-2), tiny_data, progress=False, checkpoint=ckpt)
 
 
 def test_manifest_and_config_of_a_spikes_engine(spikes_engine: Path, tiny_result: SpikeTrainResult) -> None:
@@ -184,9 +210,9 @@ def test_trained_net_beats_first_difference_on_a_held_out_fish(work: Path) -> No
 
 def test_pipeline_stages_take_only_their_own_task(spikes_engine: Path) -> None:
     """A spikes engine is refused as the forecaster, and the spike stage runs it per frame."""
-    from realtime.forecast import ForecastStage
-    from realtime.metrics import Metrics, MetricsConfig
-    from realtime.spikes import SpikeConfig, make_spike_estimator
+    from loopcast.realtime.forecast.stage import ForecastStage
+    from loopcast.realtime.metrics import Metrics, MetricsConfig
+    from loopcast.realtime.spikes.stage import SpikeConfig, make_spike_estimator
     engine = load_engine(spikes_engine)
     with pytest.raises(EngineError, match="'spikes' engine cannot run as the forecaster"):
         ForecastStage(engine, None, Metrics("t", MetricsConfig(enabled=False)))  # type: ignore[arg-type]

@@ -3,8 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offline_training.splits import (ZAPBENCH_OFFSETS, condition_splits, gather_windows,
-                                     split_windows, window_starts)
+from loopcast.offline_training.data.splits import (
+    ZAPBENCH_OFFSETS,
+    condition_splits,
+    gather_windows,
+    split_windows,
+    window_starts,
+)
 
 
 def test_zapbench_condition0_context4() -> None:
@@ -29,6 +34,7 @@ def test_targets_do_not_depend_on_context(context: int) -> None:
     for a, b in zip(short, long):
         assert a.test[0] + 4 == b.test[0] + context  # first test target
         if not a.holdout:
+            assert a.val is not None and b.val is not None and a.train is not None
             assert a.val[0] + 4 == b.val[0] + context
             assert a.train[1] == a.val[0] + 4  # val targets start where train ends
 
@@ -47,7 +53,7 @@ def test_windows_stay_inside_their_range() -> None:
     context, horizon = 4, 32
     for split in ("train", "val", "test"):
         for cs in condition_splits(ZAPBENCH_OFFSETS, context=context):
-            span = cs.span(split)  # type: ignore[arg-type]
+            span = cs.span(split)
             if span is None:
                 continue
             starts = window_starts(span, context, horizon)

@@ -12,15 +12,23 @@ import torch
 
 from loopcast import workflows
 from loopcast.config import ConfigError, dump_toml, load_config
+from loopcast.models import zoo as model_registry
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.offline_training.data.fingerprint import data_fingerprint
+from loopcast.offline_training.data.splits import gather_windows
+from loopcast.offline_training.export.engine import ExportError, check_parity, export_engine
+from loopcast.offline_training.export.versions import list_engines, versions
+from loopcast.offline_training.trace.train import (
+    TrainConfig,
+    TrainResult,
+    first_window,
+    first_window_with_covariates,
+    mae_per_step,
+    train,
+)
+from loopcast.realtime.engines.base import resolve_engine
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 from loopcast.settings import LoopcastConfig, PathsConfig, load_settings
-from models import registry as model_registry
-from models.linear import NLinear, NLinearConfig
-from offline_training.export import ExportError, check_parity, export_engine
-from offline_training.registry import list_engines, versions
-from offline_training.splits import gather_windows
-from offline_training.train import (TrainConfig, TrainResult, data_fingerprint, first_window,
-                                    first_window_with_covariates, mae_per_step, train)
-from realtime.engine import OnnxEngine, resolve_engine
 
 # The CPU: the seeded and resumed runs below must be bit-equal (GPU kernels need not be).
 CFG = TrainConfig(context=4, horizon=8, batch_size=16, max_epochs=12, patience=3, threads=1, lr=5e-3, device="cpu")
@@ -125,7 +133,7 @@ def test_parity_failure_raises(registry: Path) -> None:
     other = NLinear(NLinearConfig(4, 8)).eval()
     x = np.ones((1, 4, 5), dtype=np.float32)
     with pytest.raises(ExportError, match="max abs diff"):
-        check_parity(registry / "nlinear-c4-h8" / "v0001" / "model.onnx", other, [x])
+        check_parity(registry / "nlinear-c4-h8" / "v0001" / "model.onnx", other, [(x,)])
 
 
 def test_failed_export_leaves_no_version(tmp_path: Path, trained: TrainResult) -> None:
@@ -179,15 +187,15 @@ def test_bad_model_options_fail_when_the_config_is_built(options: dict[str, Any]
     with pytest.raises(ValueError, match=message):
         TrainConfig(model="tsmixer", model_options=options)
     key, value = next(iter(options.items()))
-    with pytest.raises(ConfigError, match=message):
-        load_settings([], ['train.model="tsmixer"', f"train.model_options.{key}={json.dumps(value)}"])
+    with pytest.raises(ConfigError, match=message):   # when [train] is read (the commands that train, at start)
+        _ = load_settings([], ['train.model="tsmixer"', f"train.model_options.{key}={json.dumps(value)}"]).train
 
 
 def test_model_options_reach_the_trained_model(traces: np.ndarray, offsets: tuple[int, ...]) -> None:
     cfg = dataclasses.replace(CFG, model="tsmixer", max_epochs=1, steps_per_epoch=2,
                               model_options={"mlp_dim": 16, "n_blocks": 1})
-    model = train(traces, offsets, cfg, progress=False).model
-    assert (model.config.mlp_dim, model.config.n_blocks, model.config.n_neurons) == (16, 1, traces.shape[1])
+    model_cfg: Any = train(traces, offsets, cfg, progress=False).model.config
+    assert (model_cfg.mlp_dim, model_cfg.n_blocks, model_cfg.n_neurons) == (16, 1, traces.shape[1])
 
 
 # ---------------------------------------------------------------------------------------- covariates
@@ -236,7 +244,8 @@ def test_covariate_model_trains_on_covariate_windows(tinycov: None, traces: np.n
     assert cfg.model_config(n_neurons=64, n_covariates=3) == {"context": 4, "horizon": 8, "n_covariates": 3}
     driven = traces + 0.5 * stimuli[:, :1]
     result = train(driven, offsets, cfg, progress=False, covariates=stimuli)
-    assert result.model.config.n_covariates == 3
+    model_cfg: Any = result.model.config
+    assert model_cfg.n_covariates == 3
     assert len(result.metrics["val"]["model"]["mae_per_step"]) == cfg.horizon
     starts = np.array([10, 57, 300])
     x, y = gather_windows(driven, starts, 4, 8)

@@ -19,14 +19,22 @@ import pytest
 import torch
 
 from loopcast.config import ConfigError, load_toml
-from models.registry import build_model
-from offline_training.train_video import (TraceIndex, VideoTrainConfig, sample_pairs,
-                                          trace_loss, train_starts, train_video, val_mae, val_pairs,
-                                          video_train_config_from_dict)
-from offline_training.video_data import VideoData, prepare_video
-from replay.fish import FishConfig
-from replay.layout import Recording
-from replay.synth import SynthConfig, synthesize
+from loopcast.models.zoo import build_model
+from loopcast.offline_training.video.data import VideoData, prepare_video
+from loopcast.offline_training.video.train import (
+    TraceIndex,
+    VideoTrainConfig,
+    sample_pairs,
+    trace_loss,
+    train_starts,
+    train_video,
+    val_mae,
+    val_pairs,
+    video_train_config_from_dict,
+)
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import SynthConfig, synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFSETS = [0, 50, 100, 150, 200]

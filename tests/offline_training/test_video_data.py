@@ -8,14 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offline_training.video_data import (VideoData, VideoDataConfig, VideoPrepConfig, prepare_video,
-                                         video_array_name, video_attrs)
-from realtime.dff import centered_dff
-from realtime.voxel_dff import VoxelDff, downsample_xy
-from replay.fish import FishConfig
-from replay.layout import Recording
-from replay.store import RecordingError
-from replay.synth import SynthConfig, synthesize
+from loopcast.offline_training.video.data import (
+    VideoData,
+    VideoDataConfig,
+    VideoPrepConfig,
+    prepare_video,
+    video_array_name,
+    video_attrs,
+)
+from loopcast.realtime.preprocess.dff import centered_dff
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, downsample_xy
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.store import RecordingError
+from loopcast.replay.synth import SynthConfig, synthesize
 
 T = 120
 CENTERED = VideoPrepConfig(baseline="centered", window=30, stride=4, block_voxels=100)

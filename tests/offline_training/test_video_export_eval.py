@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from offline_training.evaluate import EvalConfig, baseline_forecasters, scoring_windows
-from offline_training.export import ExportError
-from offline_training.export_video import export_video_engine
-from offline_training.registry import list_engines
-from models.registry import build_model
-from offline_training.train_video import VideoTrainConfig
-from offline_training.video_data import VideoData, VideoDataConfig, prepare_video
-from offline_training.video_eval import (VideoEngineForecaster, VideoTorchForecaster, evaluate_video,
-                                         is_video_engine)
-from realtime.engine import load_engine
-from replay.fish import FishConfig
-from replay.synth import SynthConfig, synthesize
+from loopcast.models.zoo import build_model
+from loopcast.offline_training.eval.harness import EvalConfig, baseline_forecasters, scoring_windows
+from loopcast.offline_training.export.engine import ExportError
+from loopcast.offline_training.export.versions import list_engines
+from loopcast.offline_training.video.data import VideoData, VideoDataConfig, prepare_video
+from loopcast.offline_training.video.eval import evaluate_video, is_video_engine
+from loopcast.offline_training.video.export import export_video_engine
+from loopcast.offline_training.video.forecasters import VideoEngineForecaster, VideoTorchForecaster
+from loopcast.offline_training.video.train import VideoTrainConfig
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.synth import SynthConfig, synthesize
 
 C, H, SR = 2, 3, 1
 CFG = VideoTrainConfig(context=C, horizon=H, seed=3, model_options={

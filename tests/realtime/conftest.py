@@ -1,11 +1,11 @@
 """Shared fixtures of the realtime tests."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from realtime.transport import Publisher, Subscriber
+from loopcast.realtime.wire.transport import Publisher, Subscriber
 
 
 @pytest.fixture()

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 
-from realtime.activation import ActivationStage
-from realtime.engine import EngineError, OnnxEngine
-from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.policy import PolicyConfig, PolicyError, build_policy
-from realtime.transport import Publisher, Subscriber
-from realtime.wire import Forecast, FrameHeader, decode_forecast
+from loopcast.realtime.control.policy import PolicyConfig, PolicyError, build_policy
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
+from loopcast.realtime.forecast.activation import ActivationStage
+from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage, engine_loader, engine_watcher
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.wire.codec import Forecast, FrameHeader, decode_forecast
+from loopcast.realtime.wire.transport import Publisher, Subscriber
 
 N, C, H = 10, 3, 2
 
@@ -74,7 +75,8 @@ def test_activation_stage_publishes_probabilities(toy_engines: dict[str, Path],
     assert metrics.count("loopcast_activations_published_total", model="toyact") == 4
     assert metrics.count("loopcast_forecasts_published_total", model="toyact") == 0
     assert metrics.latency("activation").summary()["count"] == 4 and metrics.latency("forecast").summary()["count"] == 0
-    info = {"stage": "activation/toyact", "engine": "toyact-c3-h2/v0001", "model": "toyact", "future_covariates": "none"}
+    info = {"stage": "activation/toyact", "engine": "toyact-c3-h2/v0001", "model": "toyact",
+            "future_covariates": "none"}
     assert metrics.registry.get_sample_value("loopcast_stage_engine_info", info) == 1
 
 
@@ -89,7 +91,8 @@ def test_activation_message_drives_the_activation_policy(toy_engines: dict[str, 
     cfg = PolicyConfig(kind="activation_threshold", monitor="indices:0,1", targets="indices:2", lead=H,
                        level=0.7, mode="above", model="toyact")
     decision = build_policy(cfg, N, {}).evaluate(msg)
-    assert decision is not None and decision.value == pytest.approx(sigmoid(1.0), rel=1e-5) and decision.lead == H
+    assert decision is not None and decision.lead == H
+    assert decision.value == pytest.approx(sigmoid(np.array(1.0)), rel=1e-5)
     one_frame = PolicyConfig(kind="activation_threshold", monitor="all", targets="all", lead=1)
     with pytest.raises(PolicyError, match="window_mismatch"):
         build_policy(one_frame, N, {}).evaluate(msg)

@@ -6,7 +6,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 import numpy as np
@@ -15,11 +16,11 @@ import zmq
 import zmq.asyncio
 
 from loopcast.broker import Broker, BrokerKind, find_mosquitto, start_broker
-from realtime.controller import Controller, ControllerConfig, MqttConfig
-from realtime.interlocks import InterlockConfig
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.policy import PolicyConfig
-from realtime.wire import ForecastHeader, TriggerCommand, encode_forecast
+from loopcast.realtime.control.controller import Controller, ControllerConfig, MqttConfig
+from loopcast.realtime.control.interlocks import InterlockConfig
+from loopcast.realtime.control.policy import PolicyConfig
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.wire.codec import ForecastHeader, TriggerCommand, encode_forecast
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -38,16 +39,16 @@ class Harness:
         self.metrics = Metrics("controller-test", MetricsConfig(enabled=False))
         self.triggers: asyncio.Queue[TriggerCommand] = asyncio.Queue()
         self.statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.policy = policy or PolicyConfig(mode="above", level=0.5, lead=2, pattern="p0", power_mw=2.5,
-                                             duration_ms=100.0)
+        self.policy = policy or PolicyConfig(name="ensemble-threshold", mode="above", level=0.5, lead=2,
+                                             pattern="p0", power_mw=2.5, duration_ms=100.0)
         self.seq = 0
 
-    async def __aenter__(self) -> "Harness":
+    async def __aenter__(self) -> Harness:
         self.zctx = zmq.asyncio.Context()
         self.pub = self.zctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind("tcp://127.0.0.1:*")
-        endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         cfg = ControllerConfig(
             forecasts=endpoint, heartbeat_s=0.2,
             mqtt=MqttConfig(host=self.broker.host, port=self.broker.port, rig=self.rig,
@@ -279,7 +280,7 @@ def test_publish_failure_disarms(mqtt_broker: Broker, caplog: pytest.LogCaptureF
             await real_publish(topic, *a, **kw)
         real_publish = client.publish
         client.publish = broken_publish  # type: ignore[method-assign]
-        with caplog.at_level(logging.ERROR, logger="realtime.controller"):
+        with caplog.at_level(logging.ERROR, logger="loopcast.realtime.control.controller"):
             await h.send_forecast(0.9)
             await h.status_where(lambda s: not s["armed"])
         assert h.metrics.count("loopcast_errors_total", kind="mqtt_publish") == 1

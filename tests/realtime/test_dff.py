@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from realtime.dff import CausalDff, DffConfig, causal_dff, causal_dff_reference, centered_dff
+from loopcast.realtime.preprocess.dff import CausalDff, DffConfig, causal_dff, causal_dff_reference, centered_dff
 
 
 @pytest.fixture()

@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from realtime.dff import CausalDff, DffConfig, DffStats, causal_dff_reference  # noqa: E402
-from realtime.dff_torch import TorchCausalDff  # noqa: E402
+from loopcast.realtime.preprocess.dff import CausalDff, DffConfig, DffStats, causal_dff_reference  # noqa: E402
+from loopcast.realtime.preprocess.dff_torch import TorchCausalDff  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

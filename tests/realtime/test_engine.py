@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.linear import NLinear, NLinearConfig
-from offline_training.export import export_engine
-from offline_training.train import TrainConfig
-from realtime.engine import EngineError, EngineManifest, OnnxEngine, load_engine, resolve_engine
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.trace.train import TrainConfig
+from loopcast.realtime.engines.base import resolve_engine
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError, EngineManifest
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 
 N = 16
 CFG = TrainConfig(context=4, horizon=8, threads=1)
@@ -108,10 +111,11 @@ def test_resolve_engine(engine_dir: Path, tmp_path: Path) -> None:
 
 
 def test_realtime_engine_imports_no_torch() -> None:
-    code = ("import sys, realtime.engine; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'offline_training')]; "
+    code = ("import sys, loopcast.realtime.engines.loader; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'torch' "
+            "or m.startswith(('loopcast.models', 'loopcast.offline_training'))]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 # --- activation task and signal (toy engines from conftest.export_toy) -----------------------------------
@@ -160,7 +164,7 @@ def test_forecaster_with_an_activation_shaped_output_is_refused(toy_engines: dic
      "exported manifest is invalid.*threshold a finite number"),
 ])
 def test_export_checks_activation_signal_and_extra(model: NLinear, tmp_path: Path, kw: dict, match: str) -> None:
-    from offline_training.export import ExportError
+    from loopcast.offline_training.export.engine import ExportError
     with pytest.raises(ExportError, match=match):
         export_engine(model, CFG, tmp_path, N, {}, "sha256:test", "unit-test", **kw)
     assert not [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.startswith("v")]

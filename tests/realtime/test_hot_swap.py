@@ -1,32 +1,34 @@
 """Engine hot swap: a version published while forecasts flow takes over at a frame boundary, with no
 frame dropped and every header naming the engine that made the forecast; half-written or incompatible
 versions are refused and counted while the old engine keeps serving; pinned versions are not watched.
-Real ONNX Runtime sessions of NLinear engines exported with offline_training.export.export_engine."""
+Real ONNX Runtime sessions of NLinear engines exported with offline_training.export.engine.export_engine."""
 from __future__ import annotations
 
 import json
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from loopcast import app
+from loopcast.models.linear import NLinear, NLinearConfig
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.export.versions import publish, staging_dir
+from loopcast.offline_training.trace.train import TrainConfig
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
+from loopcast.realtime.engines.watch import EngineWatcher
+from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage, engine_loader, engine_watcher
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.wire.codec import Forecast, FrameHeader, decode_forecast, encode_frame
+from loopcast.realtime.wire.transport import Publisher, Subscriber
 from loopcast.settings import load_settings
-from models.linear import NLinear, NLinearConfig
-from offline_training.export import export_engine
-from offline_training.registry import publish, staging_dir
-from offline_training.train import TrainConfig
-from realtime.engine import Engine, EngineError, OnnxEngine
-from realtime.engine_watch import EngineWatcher
-from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.transport import Publisher, Subscriber
-from realtime.wire import Forecast, FrameHeader, decode_forecast, encode_frame
 
 N, C, H = 16, 4, 8
 CFG = TrainConfig(context=C, horizon=H, threads=1)
@@ -86,6 +88,11 @@ def registry(tmp_path: Path, sources: list[Path]) -> Path:
     return tmp_path / "engines"
 
 
+def watcher_of(stage: ForecastStage) -> EngineWatcher:
+    assert stage.watcher is not None
+    return stage.watcher
+
+
 @pytest.fixture()
 def stage(registry: Path) -> Iterator[ForecastStage]:
     """A stage serving NAME (v0001) whose watcher polls only when the test calls poll()."""
@@ -115,7 +122,7 @@ def test_publish_while_forecasting_swaps_once_at_a_frame_boundary(registry: Path
                                                                    models: list[NLinear]) -> None:
     stage, sub = make_stage(registry / NAME)
     xs = windows(64)
-    train_args = (models[1], CFG, registry, N, {}, "sha256:b", "test")
+    train_args: tuple[Any, ...] = (models[1], CFG, registry, N, {}, "sha256:b", "test")
     trainer = threading.Thread(target=export_engine, args=train_args)
     returned: list[tuple[Any, np.ndarray]] = []
     deadline = time.monotonic() + 20
@@ -191,14 +198,14 @@ def test_broken_version_is_refused_counted_not_retried_and_old_keeps_serving(
     damage(bad)
     x = windows(1)[0]
     for _ in range(3):                               # refused once, then remembered
-        assert stage.watcher.poll() is None
+        assert watcher_of(stage).poll() is None
     header, pred = stage.process(x, frame(0))
     assert stage.metrics.count(FAILURES, reason=reason) == 1 and stage.metrics.count(SWAPS) == 0
     assert header.engine_version == f"{NAME}/v0001"
     assert np.array_equal(pred, OnnxEngine(registry / NAME / "v0001").run(x))
 
     publish_copy(sources[1], registry)               # v0003, good: skips the broken one
-    assert stage.watcher.poll() is not None
+    assert watcher_of(stage).poll() is not None
     header, pred = stage.process(x, frame(1))
     assert header.engine_version == f"{NAME}/v0003" and stage.swaps == 1
     assert np.array_equal(pred, OnnxEngine(sources[1]).run(x))
@@ -210,31 +217,25 @@ def test_half_written_version_is_retried_once_complete(stage: ForecastStage, reg
     v2.mkdir()                                       # a writer that does not stage: no model.onnx yet
     raw = json.loads((sources[1] / "manifest.json").read_text())
     (v2 / "manifest.json").write_text(json.dumps({**raw, "version": "v0002"}))
-    assert stage.watcher.poll() is None and stage.watcher.poll() is None
+    assert watcher_of(stage).poll() is None and watcher_of(stage).poll() is None
     assert stage.metrics.count(FAILURES, reason="load") == 1
     assert stage.process(windows(1)[0], frame(0))[0].engine_version == f"{NAME}/v0001"
     shutil.copy(sources[1] / "model.onnx", v2)       # now complete: its contents changed, so it is retried
-    assert stage.watcher.poll() is not None
+    assert watcher_of(stage).poll() is not None
     assert stage.process(windows(1)[0], frame(1))[0].engine_version == f"{NAME}/v0002"
     assert stage.metrics.count(FAILURES, reason="load") == 1
 
 
-class NanEngine:
+class NanEngine(OnnxEngine):
     """A real engine whose warm-up forecast is not finite."""
 
-    def __init__(self, inner: Engine) -> None:
-        self.inner, self.manifest, self.version = inner, inner.manifest, inner.version
-
-    def check_neurons(self, n: int) -> None:
-        self.inner.check_neurons(n)
-
-    def run(self, context: np.ndarray) -> np.ndarray:
-        return np.full_like(self.inner.run(context), np.nan)
+    def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+        return np.full_like(super().run(context, covariates), np.nan)
 
 
 def test_engine_with_non_finite_warm_up_is_refused(registry: Path, sources: list[Path]) -> None:
     metrics = Metrics("test", MetricsConfig(enabled=False))
-    watcher = EngineWatcher(registry / NAME, lambda p: NanEngine(OnnxEngine(p)), metrics, interval_s=3600)
+    watcher = EngineWatcher(registry / NAME, NanEngine, metrics, interval_s=3600)
     watcher.start(OnnxEngine(registry / NAME), N)
     publish_copy(sources[1], registry)
     assert watcher.poll() is None and watcher.take() is None
@@ -248,7 +249,7 @@ def test_stage_warm_up_runs_once_on_zeros_publishes_nothing_and_refuses_a_non_fi
     try:
         assert s.warm_up(N) > 0.0
         assert sub.recv_all(100) == [] and s.published == 0      # a warm-up is not a forecast
-        s.engine = NanEngine(s.engine)
+        s.engine = NanEngine(s.engine.manifest.engine_dir)
         with pytest.raises(EngineError, match="warm-up forecast on zeros is not a finite"):
             s.warm_up(N)
         with pytest.raises(EngineError, match="neurons"):
@@ -262,7 +263,7 @@ def test_staging_dirs_and_older_versions_are_ignored(stage: ForecastStage, regis
                                                      sources: list[Path]) -> None:
     shutil.copytree(sources[1], staging_dir(registry, NAME) / "x")   # a writer still staging
     shutil.copytree(sources[1], registry / NAME / "v0000")           # older than the one serving
-    assert stage.watcher.poll() is None and stage.metrics.counters().get(SWAPS) == 0
+    assert watcher_of(stage).poll() is None and stage.metrics.counters().get(SWAPS) == 0
 
 
 def test_pinned_version_is_not_watched(registry: Path, sources: list[Path]) -> None:
@@ -309,6 +310,7 @@ def test_pipeline_built_by_the_app_swaps_while_frames_flow(registry: Path, sourc
     frames.close()
 
     first = pipe.report.first_forecast_seq
+    assert first is not None
     assert [f.header.seq for f in got] == list(range(first, seq))      # every frame after warm-up forecast
     versions = [f.header.engine_version.split("/")[1] for f in got]
     k = versions.index("v0002")

@@ -11,10 +11,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from realtime.ingest import Ingest, RigConfig
-from realtime.metrics import Metrics
-from realtime.transport import Subscriber
-from realtime.wire import FrameHeader, encode_frame
+from loopcast.realtime.ingest import Ingest, RigConfig
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.codec import FrameHeader, encode_frame
+from loopcast.realtime.wire.transport import Subscriber
 
 BROKEN = Path(__file__).resolve().parents[1] / "broken" / "messages"
 CASES = sorted(BROKEN.glob("*.json"))

@@ -1,9 +1,11 @@
 """Each interlock in isolation, on an explicit clock (no sleeping)."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from realtime.interlocks import REASONS, InterlockConfig, Interlocks
+from loopcast.realtime.control.interlocks import REASONS, InterlockConfig, Interlocks
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -11,11 +13,12 @@ S = 1_000_000_000  # ns per second
 T0 = 1_700_000_000 * S
 
 
-def armed(**kw: object) -> Interlocks:
+def armed(**kw: Any) -> Interlocks:
     """Armed interlocks with the given limits and everything else out of the way."""
-    cfg = dict(armed_at_start=True, min_interval_s=0.0, max_per_minute=1000, max_forecast_age_s=0.5)
+    cfg: dict[str, Any] = dict(armed_at_start=True, min_interval_s=0.0, max_per_minute=1000,
+                               max_forecast_age_s=0.5)
     cfg.update(kw)
-    return Interlocks(InterlockConfig(**cfg))  # type: ignore[arg-type]
+    return Interlocks(InterlockConfig(**cfg))
 
 
 def test_starts_disarmed_by_default() -> None:
@@ -92,6 +95,6 @@ def test_check_order_and_counts() -> None:
 
 @pytest.mark.parametrize("kw", [dict(min_interval_s=-1.0), dict(max_per_minute=0),
                                 dict(max_forecast_age_s=0.0)])
-def test_config_validation(kw: dict[str, float]) -> None:
+def test_config_validation(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        InterlockConfig(**kw)  # type: ignore[arg-type]
+        InterlockConfig(**kw)

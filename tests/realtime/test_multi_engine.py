@@ -5,33 +5,38 @@ modules exported by conftest.export_toy), frames fed in process, outputs on real
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 
 from loopcast import app
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
+from loopcast.realtime.forecast.activation import ActivationStage
+from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage, engine_loader, engine_watcher
+from loopcast.realtime.ingest import RigConfig
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.pipeline import Pipeline, PipelineConfig
+from loopcast.realtime.preprocess.dff import DffConfig
+from loopcast.realtime.preprocess.stage import PreprocessConfig, Preprocessed
+from loopcast.realtime.spikes.oasis_params import OasisConfig
+from loopcast.realtime.spikes.stage import SpikeConfig
+from loopcast.realtime.wire.codec import Frame, FrameHeader, decode_forecast, encode_frame
+from loopcast.realtime.wire.transport import Publisher, Subscriber
 from loopcast.settings import load_settings
-from realtime.activation import ActivationStage
-from realtime.dff import DffConfig
-from realtime.engine import EngineError, OnnxEngine
-from realtime.forecast import ForecastConfig, ForecastStage, engine_loader, engine_watcher
-from realtime.ingest import RigConfig
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.oasis_params import OasisConfig
-from realtime.pipeline import Pipeline, PipelineConfig
-from realtime.preprocess import PreprocessConfig, Preprocessed
-from realtime.spikes import SpikeConfig
-from realtime.transport import Publisher, Subscriber
-from realtime.wire import Frame, FrameHeader, decode_forecast, encode_frame
 
 N, C, H, K = 10, 3, 2, 2
 SHAPE = (8, 8, 2)
 FRAMES = 16
 OASIS_WARMUP = 8
+# "every": the stages run side by side, each on every frame (the live default "newest" lets a busy stage
+# skip frames: tests/realtime/test_parallel_stages.py)
 CFG = PipelineConfig(preprocess=PreprocessConfig(dff=DffConfig(warmup=2),
-                                                 spikes=SpikeConfig(oasis=OasisConfig(warmup=OASIS_WARMUP))))
+                                                 spikes=SpikeConfig(oasis=OasisConfig(warmup=OASIS_WARMUP))),
+                     forecast=ForecastConfig(also_schedule="every"))
 RIG = RigConfig(shape=SHAPE, dtype="uint16", n_covariates=K)
 
 
@@ -201,11 +206,8 @@ def test_spike_signal_stage_waits_for_the_spike_estimator(toy_engines: dict[str,
         np.testing.assert_allclose(f.data, np.repeat(want[None], H, axis=0), rtol=1e-5, atol=1e-6)
 
 
-class BrokenEngine:
-    """A real engine's manifest and checks, whose every run fails."""
-
-    def __init__(self, inner: OnnxEngine) -> None:
-        self.manifest, self.version, self.check_neurons = inner.manifest, inner.version, inner.check_neurons
+class BrokenEngine(OnnxEngine):
+    """A real engine (manifest and checks) whose every run fails."""
 
     def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
         raise RuntimeError("activation engine exploded")
@@ -215,7 +217,7 @@ def test_failures_are_counted_per_stage(toy_engines: dict[str, Path]) -> None:
     metrics = Metrics("run", MetricsConfig(enabled=False))
     pub = Publisher("tcp://127.0.0.1:*")
     good = ForecastStage(OnnxEngine(toy_engines["mean"]), pub, metrics)
-    bad = ActivationStage(BrokenEngine(OnnxEngine(toy_engines["act"])), pub, metrics)  # type: ignore[arg-type]
+    bad = ActivationStage(BrokenEngine(toy_engines["act"]), pub, metrics)
     pipe = Pipeline(CFG, RIG, Feed(frames(8)), segmentation(), [good, bad], metrics)
     pipe.run()
     pipe.close()
@@ -239,7 +241,8 @@ def test_app_serves_also_engines_over_zeromq(toy_engines: dict[str, Path]) -> No
         f'pipeline.forecast.engine="{toy_engines["mean"].parent}"',
         f'pipeline.forecast.also=["{toy_engines["act"].parent}", "{toy_engines["cov"]}"]',
         f"rig.shape={list(SHAPE)}", f"rig.n_covariates={K}", f'endpoints.frames="{frames_pub.endpoint}"',
-        'endpoints.forecasts="tcp://127.0.0.1:*"', "pipeline.preprocess.dff.warmup=2"])
+        'endpoints.forecasts="tcp://127.0.0.1:*"', "pipeline.preprocess.dff.warmup=2",
+        'pipeline.forecast.also_schedule="every"'])
     pipe = app.build_pipeline(cfg, Metrics("run", MetricsConfig(enabled=False)), segmentation())
     assert [type(s).__name__ for s in pipe.stages] == ["ForecastStage", "ActivationStage", "ForecastStage"]
     assert [s.name for s in pipe.stages] == ["forecast/toymean", "activation/toyact", "forecast/toycov"]

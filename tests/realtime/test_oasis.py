@@ -1,4 +1,4 @@
-"""Streaming and offline OASIS (realtime/oasis.py): exactness, the oasis-deconv peer, lag, warm-up,
+"""Streaming and offline OASIS (realtime/spikes/oasis.py): exactness, the oasis-deconv peer, lag, warm-up,
 parameter estimation and accuracy on the simulated fish."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from realtime.dff import CausalDff, DffConfig
-from realtime.oasis import OasisConfig, OasisParams, StreamingOasis, estimate_params, oasis_offline
-from realtime.oasis_torch import TorchStreamingOasis
-from realtime.traces import TraceExtractor
-from replay.fish import FishConfig, FishModel, stimulus_schedule
+from loopcast.realtime.preprocess.dff import CausalDff, DffConfig
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.spikes.oasis import OasisConfig, OasisParams, StreamingOasis, estimate_params, oasis_offline
+from loopcast.realtime.spikes.oasis_torch import TorchStreamingOasis
+from loopcast.replay.fish import FishConfig, FishModel, stimulus_schedule
 
 DT = 0.9141
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ def test_internal_warmup_matches_given_parameters(traces: np.ndarray) -> None:
     p, n_fallback = estimate_params(traces[: cfg.warmup], DT, cfg)
     ref = run(StreamingOasis(n, p, cfg, DT), traces)
     np.testing.assert_array_equal(out[cfg.warmup:], ref[cfg.warmup:])
-    assert auto.n_fallback == n_fallback
+    assert auto.n_fallback == n_fallback and auto.params is not None
     np.testing.assert_array_equal(auto.params.g, p.g)
 
 
@@ -200,8 +200,8 @@ def test_torch_version_gives_the_same_outputs(traces: np.ndarray, lag: int, max_
 
 
 def test_importing_the_module_does_not_import_torch() -> None:
-    code = "import sys, realtime.oasis; print('torch' in sys.modules)"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    code = "import sys, loopcast.realtime.spikes.oasis; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realtime.percentile import PARALLEL_MIN, RunningPercentile, order_statistics
+from loopcast.realtime.preprocess.percentile import PARALLEL_MIN, RunningPercentile, order_statistics
 
 
 def samples(kind: str, t: int, n: int, seed: int = 0) -> np.ndarray:

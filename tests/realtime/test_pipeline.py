@@ -3,31 +3,33 @@ through the real stages, forecasts stamped with their frame, engine errors escal
 from __future__ import annotations
 
 import time
-
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 from loopcast import app
+from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
+from loopcast.realtime.forecast.stage import ForecastStage
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.pipeline import Pipeline
+from loopcast.realtime.preprocess.dff import causal_dff_reference
+from loopcast.realtime.preprocess.stage import Preprocessed
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.wire.codec import Frame, decode_forecast
+from loopcast.realtime.wire.transport import Publisher, Subscriber
+from loopcast.replay.layout import Recording
+from loopcast.replay.player import RecordingSource
 from loopcast.settings import LoopcastConfig, load_settings
-from realtime.dff import causal_dff_reference
-from realtime.engine import EngineError, load_engine
-from realtime.forecast import ForecastStage
-from realtime.metrics import Metrics
-from realtime.pipeline import Pipeline
-from realtime.preprocess import Preprocessed
-from realtime.traces import TraceExtractor
-from realtime.transport import Publisher, Subscriber
-from realtime.wire import Frame, decode_forecast
-from replay.layout import Recording
-from replay.player import RecordingSource
 
 FRAMES = 60
 
 
-def make_pipeline(cfg: LoopcastConfig, rec: Recording, engine: object | None = None) -> tuple[Pipeline, Subscriber]:
+def make_pipeline(cfg: LoopcastConfig, rec: Recording, engine: Engine | None = None) -> tuple[Pipeline, Subscriber]:
     pub = Publisher("tcp://127.0.0.1:*", sndhwm=1000)
     sub = Subscriber(pub.endpoint, topics=(b"forecast/",), rcvhwm=1000)
     assert pub.wait_for_subscribers(1, 5)
@@ -38,12 +40,13 @@ def make_pipeline(cfg: LoopcastConfig, rec: Recording, engine: object | None = N
     return pipe, sub
 
 
-def test_pipeline_on_a_recording_matches_the_offline_reference(loop_setup: tuple[Path, list[str]]) -> None:
+def test_pipeline_on_a_recording_matches_the_offline_reference(loop_setup: tuple[Path, list[str]],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_settings(overrides=loop_setup[1])
     rec = Recording.open(cfg.paths.recording)
     pipe, sub = make_pipeline(cfg, rec)
     dffs: list[np.ndarray] = []
-    pipe.preprocess.process = _capturing_dff(pipe.preprocess.process, dffs)
+    monkeypatch.setattr(pipe.preprocess, "process", _capturing_dff(pipe.preprocess.process, dffs))
     report = pipe.run()
     first = max(cfg.pipeline.preprocess.dff.warmup, cfg.train.context) - 1
     forecasts = [decode_forecast(m) for m in receive(sub, FRAMES - first)]
@@ -69,31 +72,28 @@ def receive(sub: Subscriber, n: int, timeout_s: float = 10.0) -> list:
     return msgs
 
 
-def _capturing_dff(process: Callable[[Frame], Preprocessed], sink: list[np.ndarray]) -> Callable[[Frame], Preprocessed]:
+def _capturing_dff(process: Callable[[Frame], Preprocessed | None],
+                   sink: list[np.ndarray]) -> Callable[[Frame], Preprocessed | None]:
     """Wrap the stage's process() to keep a copy of each frame's dF/F."""
-    def wrapped(frame: Frame) -> Preprocessed:
+    def wrapped(frame: Frame) -> Preprocessed | None:
         out = process(frame)
+        assert out is not None
         sink.append(out.dff.copy())
         return out
     return wrapped
 
 
-class BrokenEngine:
+class BrokenEngine(OnnxEngine):
     """An engine whose every run fails, standing in for a corrupt model or a lost GPU."""
 
-    def __init__(self, inner: object) -> None:
-        self.manifest = inner.manifest  # type: ignore[attr-defined]
-        self.version = inner.version  # type: ignore[attr-defined]
-        self.check_neurons = inner.check_neurons  # type: ignore[attr-defined]
-
-    def run(self, context: np.ndarray) -> np.ndarray:
+    def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
         raise RuntimeError("engine exploded")
 
 
 def test_failing_engine_is_counted_and_then_stops_the_pipeline_loudly(loop_setup: tuple[Path, list[str]]) -> None:
     cfg = load_settings(overrides=loop_setup[1])
     rec = Recording.open(cfg.paths.recording)
-    pipe, sub = make_pipeline(cfg, rec, BrokenEngine(load_engine(app.engine_path(cfg))))
+    pipe, sub = make_pipeline(cfg, rec, BrokenEngine(app.engine_path(cfg)))
     with pytest.raises(RuntimeError, match="engine exploded"):
         pipe.run()
     assert pipe.metrics.count("loopcast_errors_total", kind="forecast") == 10

@@ -3,13 +3,21 @@ window check) and neuron-set specs."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
-from realtime.policy import (ActivationPolicy, PolicyConfig, PolicyError, ThresholdPolicy, build_policy,
-                             reduce_probabilities, resolve_neuron_set)
-from realtime.wire import Forecast, ForecastHeader
+from loopcast.realtime.control.policy import (
+    ActivationPolicy,
+    PolicyConfig,
+    PolicyError,
+    ThresholdPolicy,
+    build_policy,
+    reduce_probabilities,
+    resolve_neuron_set,
+)
+from loopcast.realtime.wire.codec import Forecast, ForecastHeader
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -27,8 +35,9 @@ def forecast(values_by_lead: dict[int, float], n: int = N, model: str = "tsmixer
     return Forecast(header=header, data=data, t_recv_ns=time.time_ns())
 
 
-def policy(**kw: object) -> ThresholdPolicy:
-    cfg = PolicyConfig(**{"monitor": "ensemble:1", "targets": "indices:0,5", "level": 0.5, **kw})  # type: ignore[arg-type]
+def policy(**kw: Any) -> ThresholdPolicy:
+    cfg = PolicyConfig(**{"monitor": "ensemble:1", "targets": "indices:0,5", "level": 0.5, "lead": 1,
+                          "mode": "rising", **kw})
     return build_policy(cfg, N, GROUPS)
 
 
@@ -78,7 +87,7 @@ def test_missing_lead_and_neuron_mismatch_are_errors() -> None:
         p.evaluate(forecast({1: 0.9, 2: 0.9}))
     with pytest.raises(PolicyError, match="neuron_count"):
         policy().evaluate(forecast({1: 0.9}, n=N + 1))
-    loose = ThresholdPolicy(PolicyConfig(), np.array([0, 7]), np.array([1]))  # no n_neurons: index bound
+    loose = ThresholdPolicy(PolicyConfig(lead=1), np.array([0, 7]), np.array([1]))  # no n_neurons: index bound
     with pytest.raises(PolicyError, match="neuron_count"):
         loose.evaluate(forecast({1: 0.9}, n=7))
 
@@ -132,9 +141,9 @@ def test_grouping_with_wrong_length_is_rejected() -> None:
 
 @pytest.mark.parametrize("kw", [dict(lead=0), dict(duration_ms=0.0), dict(power_mw=-1.0),
                                 dict(level=float("inf"))])
-def test_policy_config_validation(kw: dict[str, float]) -> None:
+def test_policy_config_validation(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        PolicyConfig(**kw)  # type: ignore[arg-type]
+        PolicyConfig(**kw)
 
 
 # --- activation_threshold -------------------------------------------------------------------------------
@@ -149,9 +158,9 @@ def activation(probs: list[float] | float, window: int = 8, model: str = "quantf
     return Forecast(header=header, data=data, t_recv_ns=time.time_ns())
 
 
-def act_policy(**kw: object) -> ThresholdPolicy:
+def act_policy(**kw: Any) -> ThresholdPolicy:
     cfg = PolicyConfig(**{"kind": "activation_threshold", "monitor": "ensemble:1", "targets": "indices:0,5",
-                          "lead": 8, "level": 0.5, **kw})  # type: ignore[arg-type]
+                          "lead": 8, "level": 0.5, **kw})
     return build_policy(cfg, N, GROUPS)
 
 
@@ -214,6 +223,6 @@ def test_activation_neuron_count_is_checked() -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(kind="trigger_happy"), dict(reduce="median")])
-def test_policy_kind_and_reduce_are_validated(kw: dict[str, str]) -> None:
+def test_policy_kind_and_reduce_are_validated(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be one of"):
-        PolicyConfig(**kw)  # type: ignore[arg-type]
+        PolicyConfig(**kw)

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
-from realtime.dff import DffConfig, causal_dff
-from realtime.metrics import Metrics, MetricsConfig
-from realtime.oasis import OasisConfig
-from realtime.preprocess import Preprocess, PreprocessConfig, VoxelStageConfig
-from realtime.spikes import SpikeConfig
-from realtime.traces import TraceExtractor
-from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
-from realtime.wire import Frame, FrameHeader
-from replay.fish import FishConfig, FishModel, stimulus_schedule
+from loopcast.realtime.metrics import Metrics, MetricsConfig
+from loopcast.realtime.preprocess.dff import DffConfig, causal_dff
+from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig, VoxelStageConfig
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
+from loopcast.realtime.spikes.oasis import OasisConfig
+from loopcast.realtime.spikes.stage import SpikeConfig
+from loopcast.realtime.wire.codec import Frame, FrameHeader
+from loopcast.replay.fish import FishConfig, FishModel, stimulus_schedule
 
 DT = 0.9141
 
@@ -30,7 +31,7 @@ def fish_volumes() -> tuple[np.ndarray, list[np.ndarray]]:
     return fish.anatomy.segmentation, [fish.step(c).volume.copy(order="F") for c in cov]
 
 
-def config(**kw: object) -> PreprocessConfig:
+def config(**kw: Any) -> PreprocessConfig:
     spikes = SpikeConfig(dff_per_spike=0.08, oasis=OasisConfig(warmup=20))
     return PreprocessConfig(dff=DffConfig(window=40, warmup=5), spikes=spikes, **kw)
 
@@ -89,6 +90,7 @@ def test_saturation_and_nonfinite_samples_are_counted_not_fatal(fish_volumes: tu
     hot = vols[10].copy(order="F")
     hot[seg == 3] = 65535                                # neuron 3 saturates
     res = pre.process(frame(10, hot))
+    assert res is not None
     assert metrics.count("loopcast_values_invalid_total", kind="saturated_neuron") == 1
     assert res.fluorescence[2] == pytest.approx(65535.0)
     pre_f = Preprocess(seg, dataclasses.replace(config()), DT, metrics)
@@ -96,6 +98,7 @@ def test_saturation_and_nonfinite_samples_are_counted_not_fatal(fish_volumes: tu
     bad = vols[10].astype(np.float32)
     bad[seg == 5] = np.nan
     res = pre_f.process(frame(10, bad))
+    assert res is not None
     assert metrics.count("loopcast_values_invalid_total", kind="nonfinite_fluorescence") == 1
     assert np.isfinite(res.dff).all() and np.isfinite(res.spikes.prob).all()
 

@@ -1,4 +1,4 @@
-"""The torch and TensorRT runtimes (realtime.engine_torch, realtime.engine_trt) against ONNX Runtime.
+"""The torch and TensorRT runtimes (realtime.engines.torch_runtime, realtime.engines.tensorrt) against ONNX Runtime.
 
 TensorRT tests need `tensorrt` and a CUDA device and are skipped without them; the error paths, the
 parity check and the CPU torch runtime run everywhere.
@@ -18,13 +18,22 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import build_model
-from offline_training.export import export_engine
-from offline_training.train import TrainConfig
-from realtime.engine import EngineError, OnnxEngine, load_engine
-from realtime.engine_torch import TorchEngine
-from realtime.engine_trt import (PARITY_ATOL, TensorRTEngine, build_plan, check_trt_parity, fp16_available,
-                                 parity_batch, plan_name)
+from loopcast.models.zoo import build_model
+from loopcast.offline_training.export.engine import export_engine
+from loopcast.offline_training.trace.train import TrainConfig
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError
+from loopcast.realtime.engines.onnx_runtime import OnnxEngine
+from loopcast.realtime.engines.tensorrt import (
+    PARITY_ATOL,
+    TensorRTEngine,
+    build_plan,
+    check_trt_parity,
+    fp16_available,
+    parity_batch,
+    plan_name,
+)
+from loopcast.realtime.engines.torch_runtime import TorchEngine
 
 N, C, H, K = 16, 4, 8, 3
 HAS_CUDA = torch.cuda.is_available()
@@ -98,8 +107,8 @@ def test_torch_covariate_engine(engines: dict[str, Path]) -> None:
 def test_forecast_stage_serves_covariate_engine_of_the_rigs_k(engines: dict[str, Path]) -> None:
     """The stage feeds the frames' stimulus (see tests/realtime/test_multi_engine.py); it refuses a rig
     that sends another number of covariates."""
-    from realtime.forecast import ForecastStage
-    from realtime.metrics import Metrics, MetricsConfig
+    from loopcast.realtime.forecast.stage import ForecastStage
+    from loopcast.realtime.metrics import Metrics, MetricsConfig
     metrics = Metrics("test", MetricsConfig(enabled=False))
     stage = ForecastStage(OnnxEngine(engines["tide"]), None, metrics)  # type: ignore[arg-type]
     assert stage.n_covariates == K and stage.row_size(N) == N + K
@@ -110,7 +119,7 @@ def test_forecast_stage_serves_covariate_engine_of_the_rigs_k(engines: dict[str,
 
 def test_onnxruntime_without_memory_arena(engines: dict[str, Path]) -> None:
     """pipeline.forecast.memory_arena = false reaches the session; the outputs do not change."""
-    from realtime.forecast import ForecastConfig, engine_loader
+    from loopcast.realtime.forecast.stage import ForecastConfig, engine_loader
     off = engine_loader(ForecastConfig(memory_arena=False))(engines["tsmixer"])
     on = load_engine(engines["tsmixer"])
     assert isinstance(off, OnnxEngine) and isinstance(on, OnnxEngine)
@@ -122,7 +131,7 @@ def test_onnxruntime_without_memory_arena(engines: dict[str, Path]) -> None:
 
 def test_torch_bf16_precision(engines: dict[str, Path]) -> None:
     """precision "bf16" runs the program under bfloat16 autocast: float32 out, close to fp32, not equal."""
-    from realtime.forecast import ForecastConfig, engine_loader
+    from loopcast.realtime.forecast.stage import ForecastConfig, engine_loader
     bf16 = engine_loader(ForecastConfig(runtime="torch", precision="bf16"))(engines["tsmixer"])
     fp32 = load_engine(engines["tsmixer"], runtime="torch")
     x, _ = _batch(2)
@@ -212,7 +221,8 @@ def test_check_trt_parity_tolerance(engines: dict[str, Path]) -> None:
 def _fake_tensorrt(inputs: dict[str, tuple[int, ...]], fp16: bool = True, parse_ok: bool = True,
                    plan: bytes | None = b"PLAN") -> tuple[types.ModuleType, dict[str, Any]]:
     """A stand-in `tensorrt` for the builder calls only (no CUDA needed); records what it is told."""
-    trt, seen = types.ModuleType("tensorrt"), {"flags": [], "shapes": {}}
+    trt: Any = types.ModuleType("tensorrt")             # attributes set below
+    seen: dict[str, Any] = {"flags": [], "shapes": {}}
     trt.__version__ = "10.fake" if fp16 else "11.fake"
     trt.BuilderFlag = types.SimpleNamespace(**({"FP16": "fp16"} if fp16 else {}))
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
@@ -249,8 +259,9 @@ def test_build_plan_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, engin
     assert build_plan(onnx32, tmp_path / "q.plan", N).is_file() and seen["flags"] == []
     assert seen["network_flags"] == 1 << 1  # STRONGLY_TYPED, parsed from the fp16 copy of the graph
     _check_fp16_graph(tmp_path / "model.fp16.onnx", Path(onnx32))
-    bad = [({"parse_ok": False}, (-1, C, N), "parser rejected.*bad node"),
-           ({"plan": None}, (-1, C, N), "could not build a plan"), ({}, (-1, -1, N), "fixed steps")]
+    bad: list[tuple[dict[str, Any], tuple[int, ...], str]] = [
+        ({"parse_ok": False}, (-1, C, N), "parser rejected.*bad node"),
+        ({"plan": None}, (-1, C, N), "could not build a plan"), ({}, (-1, -1, N), "fixed steps")]
     for kwargs, shape, match in bad:
         monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt({"context": shape}, **kwargs)[0])
         with pytest.raises(EngineError, match=match):
@@ -273,10 +284,10 @@ def _check_fp16_graph(fp16: Path, fp32: Path) -> None:
 
 
 def test_runtime_modules_import_no_model_code() -> None:
-    code = ("import sys, realtime.engine_torch, realtime.engine_trt; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('models', 'offline_training')]; "
+    code = ("import sys, loopcast.realtime.engines.torch_runtime, loopcast.realtime.engines.tensorrt; "
+            "bad = [m for m in sys.modules if m.startswith(('loopcast.models', 'loopcast.offline_training'))]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 # --- TensorRT on a CUDA machine ------------------------------------------------------------------------
@@ -311,7 +322,7 @@ def test_tensorrt_reuses_cached_plan(engines: dict[str, Path], tmp_path: Path,
     def no_build(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("the cached plan should have been reused")
 
-    monkeypatch.setattr("realtime.engine_trt.build_plan", no_build)
+    monkeypatch.setattr("loopcast.realtime.engines.tensorrt.build_plan", no_build)
     engine = load_engine(vdir, runtime="tensorrt", device="cuda")
     assert isinstance(engine, TensorRTEngine)
     assert _plan(vdir).stat().st_mtime_ns == stat.st_mtime_ns

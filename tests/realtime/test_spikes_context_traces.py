@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realtime.context import ContextBuffer
-from realtime.spikes import CausalSpikes, SpikeConfig
-from realtime.traces import TraceExtractor
+from loopcast.realtime.forecast.context import ContextBuffer
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.spikes.stage import CausalSpikes, SpikeConfig
 
 
 def simulate(t: int, n: int, gamma: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -18,7 +18,7 @@ def simulate(t: int, n: int, gamma: float, seed: int) -> tuple[np.ndarray, np.nd
     return spikes, (0.2 * calcium + rng.normal(0, 0.02, (t, n))).astype(np.float32)
 
 
-def infer(dff: np.ndarray, cfg: SpikeConfig, dt: float = 0.9141) -> CausalSpikes:
+def infer(dff: np.ndarray, cfg: SpikeConfig, dt: float = 0.9141) -> tuple[CausalSpikes, np.ndarray]:
     est = CausalSpikes(dff.shape[1], cfg, dt)
     return est, np.stack([est.process(row).count for row in dff])
 

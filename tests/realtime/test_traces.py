@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realtime.traces import TraceExtractor
-from realtime.traces_torch import TorchTraceExtractor
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.preprocess.traces_torch import TorchTraceExtractor
+from loopcast.realtime.wire.codec import Order
 
 
 @pytest.fixture()
@@ -27,7 +28,7 @@ def per_label_loop(seg: np.ndarray, vol: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("method", ["csr", "bincount"])
-def test_means_equal_a_per_label_loop(seg_and_volume: tuple, order: str, method: str) -> None:
+def test_means_equal_a_per_label_loop(seg_and_volume: tuple, order: Order, method: str) -> None:
     seg, vol = seg_and_volume
     expected = per_label_loop(seg, vol)
     out = TraceExtractor(seg, method=method).process(np.asarray(vol, order=order))
@@ -36,7 +37,7 @@ def test_means_equal_a_per_label_loop(seg_and_volume: tuple, order: str, method:
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
-def test_torch_path_equals_cpu_path(seg_and_volume: tuple, order: str) -> None:
+def test_torch_path_equals_cpu_path(seg_and_volume: tuple, order: Order) -> None:
     seg, vol = seg_and_volume
     vol = np.asarray(vol, order=order)
     vol[0, 0, 0] = 65535

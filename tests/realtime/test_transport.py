@@ -7,19 +7,19 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
 
-from realtime.ingest import Ingest, RigConfig
-from realtime.metrics import Metrics
-from realtime.preprocess import Preprocess, PreprocessConfig
-from realtime.shm import ShmReader, ShmRing
-from realtime.transport import Subscriber, TransportConfig, VolumeSender
-from realtime.wire import FrameHeader, WireError, decode_frame, encode_frame
+from loopcast.realtime.ingest import Ingest, RigConfig
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig
+from loopcast.realtime.wire.codec import FrameHeader, WireError, decode_frame, encode_frame
+from loopcast.realtime.wire.shm import ShmReader, ShmRing
+from loopcast.realtime.wire.transport import Subscriber, TransportConfig, VolumeSender
 
 RIG = RigConfig(name="test", shape=(12, 10, 4), dtype="uint16")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def volume(seq: int) -> np.ndarray:
@@ -42,7 +42,8 @@ def receive(sub: Subscriber, n: int) -> list:
 
 
 @pytest.mark.parametrize("kind", ["zmq", "shm"])
-def test_fortran_volumes_arrive_bit_identical_in_their_order(link, kind: str, tmp_path: Path) -> None:
+def test_fortran_volumes_arrive_bit_identical_in_their_order(link, kind: Literal["zmq", "shm"],
+                                                             tmp_path: Path) -> None:
     pub, sub = link
     sender = VolumeSender(pub, TransportConfig(kind=kind, shm_dir=str(tmp_path)))
     ingest = Ingest(RIG, Metrics("t"), shm_dir=str(tmp_path))
@@ -55,6 +56,7 @@ def test_fortran_volumes_arrive_bit_identical_in_their_order(link, kind: str, tm
         np.testing.assert_array_equal(f.data, v)
         assert (f.header.shm is not None) == (kind == "shm") and f.intact()
     if kind == "shm":
+        assert frames[0] is not None
         assert not frames[0].data.flags.writeable            # a read-only view on the ring, not a copy
     sender.close()
     ingest.close()
@@ -131,10 +133,9 @@ def test_shm_frames_cross_processes(link, tmp_path: Path) -> None:
     endpoint = "ipc://" + str(tmp_path / "frames.sock")
     sub2 = Subscriber(endpoint, topics=(b"frame",), rcvhwm=100)
     script = textwrap.dedent(f"""
-        import sys, time, numpy as np
-        sys.path.insert(0, {str(ROOT)!r})
-        from realtime.transport import Publisher, TransportConfig, VolumeSender
-        from realtime.wire import FrameHeader
+        import time, numpy as np
+        from loopcast.realtime.wire.transport import Publisher, TransportConfig, VolumeSender
+        from loopcast.realtime.wire.codec import FrameHeader
         pub = Publisher({endpoint!r}, sndhwm=100)
         assert pub.wait_for_subscribers(1, 10.0)
         sender = VolumeSender(pub, TransportConfig(kind="shm", shm_dir={str(tmp_path)!r}, shm_slots=8))
@@ -145,7 +146,7 @@ def test_shm_frames_cross_processes(link, tmp_path: Path) -> None:
         input()          # keep the ring alive until the test has read it
         sender.close()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-P", "-c", script], stdin=subprocess.PIPE, text=True)
     try:
         ingest = Ingest(RIG, Metrics("t"), shm_dir=str(tmp_path))
         frames = [ingest.process(m) for m in receive(sub2, 5)]

@@ -12,24 +12,25 @@ import pytest
 import torch
 
 from loopcast import app
-from loopcast.settings import load_settings
-from offline_training.export_video import export_video_engine
-from models.registry import build_model
-from offline_training.train_video import VideoTrainConfig
-from offline_training.video_data import VideoData, VideoPrepConfig, prepare_video
-from realtime.engine import EngineError, load_engine
-from realtime.forecast import ForecastStage
-from realtime.metrics import Metrics
-from realtime.pipeline import Pipeline
-from realtime.transport import Publisher, Subscriber
-from realtime.video_forecast import VideoForecastStage
-from realtime.video_reduce import VideoGrid, VolumeReducer
-from realtime.voxel_dff import VoxelDff, downsample_xy
-from realtime.wire import decode_forecast
-from replay.fish import FishConfig
-from replay.layout import Recording
-from replay.player import RecordingSource
-from replay.synth import SynthConfig, synthesize
+from loopcast.models.zoo import build_model
+from loopcast.offline_training.video.data import VideoData, VideoPrepConfig, prepare_video
+from loopcast.offline_training.video.export import export_video_engine
+from loopcast.offline_training.video.train import VideoTrainConfig
+from loopcast.realtime.engines.loader import load_engine
+from loopcast.realtime.engines.manifest import EngineError, EngineManifest
+from loopcast.realtime.forecast.stage import ForecastStage
+from loopcast.realtime.forecast.video import VideoForecastStage
+from loopcast.realtime.forecast.video_reduce import VideoGrid, VolumeReducer
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.pipeline import Pipeline
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, downsample_xy
+from loopcast.realtime.wire.codec import decode_forecast
+from loopcast.realtime.wire.transport import Publisher, Subscriber
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.player import RecordingSource
+from loopcast.replay.synth import SynthConfig, synthesize
+from loopcast.settings import LoopcastConfig, load_settings
 
 C, H, FRAMES = 3, 4, 40
 SHAPE = (48, 40, 8)
@@ -59,14 +60,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recording, Path]:
 
 
 def overrides(rec: Recording, path: Path) -> list[str]:
-    return [f"rig.shape={list(SHAPE)}", f'pipeline.forecast.engine="{path}"', f"pipeline.forecast.lead_times={list(LEADS)}",
+    return [f"rig.shape={list(SHAPE)}", f'pipeline.forecast.engine="{path}"',
+            f"pipeline.forecast.lead_times={list(LEADS)}",
             "pipeline.forecast.lead_batch=2", "pipeline.preprocess.voxels.enabled=true",
             "pipeline.preprocess.voxels.dff.warmup=6", "pipeline.preprocess.voxels.dff.window=16",
             "pipeline.preprocess.voxels.dff.decimate=2", "pipeline.preprocess.dff.warmup=4",
             "pipeline.preprocess.spikes.warmup=4", f'paths.recording="{rec.root}"']
 
 
-def run_loop(rec: Recording, path: Path) -> tuple[list, object]:
+def run_loop(rec: Recording, path: Path) -> tuple[list, LoopcastConfig]:
     cfg = load_settings(overrides=overrides(rec, path))
     engine = load_engine(path)
     pub = Publisher("tcp://127.0.0.1:*", sndhwm=1000)
@@ -88,16 +90,22 @@ def run_loop(rec: Recording, path: Path) -> tuple[list, object]:
     return [decode_forecast(m) for m in msgs], cfg
 
 
-def reference(rec: Recording, path: Path, cfg: object, seq: int) -> np.ndarray:
+def video_block(manifest: EngineManifest) -> dict[str, Any]:
+    assert manifest.video is not None
+    return manifest.video
+
+
+def reference(rec: Recording, path: Path, cfg: LoopcastConfig, seq: int) -> np.ndarray:
     """The forecast at frame `seq` recomputed offline: causal voxel dF/F of frames seq-C+1..seq."""
     engine = load_engine(path)
-    vcfg = cfg.pipeline.preprocess.voxels  # type: ignore[attr-defined]
+    vcfg = cfg.pipeline.preprocess.voxels
     vox = VoxelDff((SHAPE[0] // 4, SHAPE[1] // 4, SHAPE[2]), vcfg.dff)
     vols = [vox.process(downsample_xy(rec.read_volume(t), 4))[0].copy() for t in range(seq + 1)]
-    y0, y1 = engine.manifest.video["crop_y"]
+    y0, y1 = video_block(engine.manifest)["crop_y"]
     window = np.stack([v[:, y0:y1] for v in vols[-C:]])[None]                    # (1, C, X, Y, Z)
     frames = engine.run_video(np.repeat(window, len(LEADS), axis=0), np.asarray(LEADS, np.int64))
-    reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(engine.manifest.video), rec.n_neurons)
+    grid = VideoGrid.from_manifest(video_block(engine.manifest))
+    reducer = VolumeReducer(rec.segmentation(), grid, rec.n_neurons)
     return reducer.reduce(frames)
 
 
@@ -120,7 +128,7 @@ def test_runtime_reduced_traces_equal_reduced_frames(setup: tuple[Recording, Pat
     """run_video_traces (the torch runtime reduces on the engine's device) == reduce(run_video(...))."""
     rec, path = setup
     engine = load_engine(path, runtime=runtime)
-    video = engine.manifest.video
+    video = video_block(engine.manifest)
     reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(video), rec.n_neurons)
     x = np.random.default_rng(3).standard_normal((3, C, *video["input_shape"])).astype(np.float32)
     lead = np.array([1, 2, 4])
@@ -139,21 +147,21 @@ def test_runtime_reduced_traces_equal_reduced_frames(setup: tuple[Recording, Pat
 def test_torch_program_moves_to_another_device(setup: tuple[Recording, Path]) -> None:
     """Export baked the CPU into the lead-time embedding's arange and the input checks; the torch runtime
     rewrites them when it moves the program (the meta device stands in for CUDA)."""
-    from realtime.engine_torch import program_on
+    from loopcast.realtime.engines.torch_runtime import program_on
     _, path = setup
     manifest = load_engine(path).manifest
     module = program_on(torch.export.load(str(path / manifest.files["torch"])), "meta")
-    x = torch.zeros((2, C, *manifest.video["input_shape"]), device="meta")
+    x = torch.zeros((2, C, *video_block(manifest)["input_shape"]), device="meta")
     y = module(x, torch.ones(2, dtype=torch.int64, device="meta"))
-    assert y.device.type == "meta" and tuple(y.shape) == (2, *manifest.video["output_shape"])
+    assert y.device.type == "meta" and tuple(y.shape) == (2, *video_block(manifest)["output_shape"])
 
 
-def torch_pair(setup: tuple[Recording, Path], seed: int, **options: str) -> tuple[Any, Any, VolumeReducer, np.ndarray]:
+def torch_pair(setup: tuple[Recording, Path], seed: int, **options: Any) -> tuple[Any, Any, VolumeReducer, np.ndarray]:
     """The engine on the torch runtime (CPU, fp32), the same with other load `options`, a reducer of its
     grid and a random (2, C, X, Y, Z) window."""
     rec, path = setup
     ref, other = load_engine(path, runtime="torch"), load_engine(path, runtime="torch", **options)
-    video = ref.manifest.video
+    video = video_block(ref.manifest)
     reducer = VolumeReducer(rec.segmentation(), VideoGrid.from_manifest(video), rec.n_neurons)
     x = np.random.default_rng(seed).standard_normal((2, C, *video["input_shape"])).astype(np.float32)
     return ref, other, reducer, x
@@ -196,7 +204,7 @@ def test_stage_refusals(setup: tuple[Recording, Path], tmp_path: Path) -> None:
         ForecastStage(engine, pub, Metrics("run"))
     with pytest.raises(EngineError, match="call run_video"):
         engine.run(np.zeros((C, rec.n_neurons), np.float32))
-    x = np.zeros((1, C, *engine.manifest.video["input_shape"]), np.float32)
+    x = np.zeros((1, C, *video_block(engine.manifest)["input_shape"]), np.float32)
     with pytest.raises(EngineError, match=r"lead times must lie in \[1, 4\]"):
         engine.run_video(x, np.array([0]))
     with pytest.raises(EngineError, match="volumes shape"):

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from realtime.video_reduce import VideoGrid, VolumeReducer, centre_crop, crop_y
-from replay.fish import FishConfig
-from replay.synth import SynthConfig, synthesize
+from loopcast.realtime.forecast.video_reduce import VideoGrid, VolumeReducer, centre_crop, crop_y
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.synth import SynthConfig, synthesize
 
 
 def random_segmentation(shape: tuple[int, int, int] = (40, 48, 5), n_boxes: int = 40,

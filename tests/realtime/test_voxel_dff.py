@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realtime.dff import DffConfig, DffStats, causal_dff_reference
-from realtime.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
+from loopcast.realtime.preprocess.dff import DffConfig, DffStats, causal_dff_reference
+from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
+from loopcast.realtime.wire.codec import Order
 
 SHAPE = (8, 6, 3)
 
@@ -81,7 +82,7 @@ def test_config_and_shape_errors() -> None:
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 @pytest.mark.parametrize("order", ["C", "F"])
-def test_downsample_means_blocks_and_crops(dtype: type, order: str) -> None:
+def test_downsample_means_blocks_and_crops(dtype: type[np.generic], order: Order) -> None:
     rng = np.random.default_rng(1)
     vol = np.asarray(rng.integers(0, 65535, (37, 30, 5)), dtype=dtype, order=order)   # 37, 30 % 4 != 0
     expect = vol[:36, :28].astype(np.float64).reshape(9, 4, 7, 4, 5).mean(axis=(1, 3))

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from replay.fish import FishConfig
-from replay.layout import Recording
-from replay.synth import SynthConfig, synthesize
+from loopcast.replay.fish import FishConfig
+from loopcast.replay.layout import Recording
+from loopcast.replay.synth import SynthConfig, synthesize
 
 
 @pytest.fixture(scope="session")

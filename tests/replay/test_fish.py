@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from replay.fish import (CONDITION_COVARIATES, N_COVARIATES, FishConfig, FishModel, condition_offsets,
-                         stimulus_schedule)
-from replay.layout import Recording
+from loopcast.replay.fish import (
+    CONDITION_COVARIATES,
+    N_COVARIATES,
+    FishConfig,
+    FishModel,
+    condition_offsets,
+    stimulus_schedule,
+)
+from loopcast.replay.layout import Recording
 
 
 def _run(model: FishModel, cov: np.ndarray, n: int, stim_at: int | None = None,
@@ -18,6 +24,7 @@ def _run(model: FishModel, cov: np.ndarray, n: int, stim_at: int | None = None,
     frames = []
     for t in range(n):
         if stim_at is not None and t == stim_at:
+            assert targets is not None
             model.stimulate(targets, gain=1.0, duration_frames=duration)
         frames.append(model.step(cov[t]))
     return frames

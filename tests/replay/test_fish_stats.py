@@ -1,5 +1,6 @@
 """Statistics of the synthetic fish, measured the way the pipeline sees it: per-neuron means of the rendered
-volumes (realtime.traces.TraceExtractor) and ZAPBench's centred dF/F (realtime.dff.centered_dff)."""
+volumes (realtime.preprocess.traces.TraceExtractor) and ZAPBench's centred dF/F
+(realtime.preprocess.dff.centered_dff)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 from scipy.stats import skew, spearmanr
 
-from realtime.dff import DffConfig, centered_dff
-from realtime.traces import TraceExtractor
-from replay.fish import FishConfig, FishModel, brain_mask, stimulus_schedule
+from loopcast.realtime.preprocess.dff import DffConfig, centered_dff
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.replay.fish import FishConfig, FishModel, brain_mask, stimulus_schedule
 
 SMALL = FishConfig(seed=3, shape=(64, 48, 8), n_neurons=300, n_ensembles=6)
-QUIET = dict(base_rate_hz=1e-9, rate_spread=0.0, latent_gain=0.0, stim_gain=0.0, private_noise=0.0,
+QUIET: dict[str, Any] = dict(base_rate_hz=1e-9, rate_spread=0.0, latent_gain=0.0, stim_gain=0.0, private_noise=0.0,
              drift_amplitude=0.0, bleach_tau_frames=0.0)            # no spikes, no slow trends: noise only
 UNCLIPPED = DffConfig(window=200, clip_min=-1e9, clip_max=1e9)
 

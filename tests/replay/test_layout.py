@@ -11,12 +11,20 @@ import pytest
 import zarr
 
 from loopcast.config import load_config
-from realtime.dff import DffConfig, centered_dff
-from replay.fish import FishModel, stimulus_schedule
-from replay.layout import (CONDITION_NAMES, FRAME_PERIOD_S, HOLDOUT_CONDITIONS, N_COVARIATES,
-                           TRAIN_CONDITIONS, ZAPBENCH_CONDITION_OFFSETS, Recording, RecordingError)
-from realtime.traces import TraceExtractor
-from replay.synth import SynthConfig, synthesize
+from loopcast.realtime.preprocess.dff import DffConfig, centered_dff
+from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.replay.fish import FishModel, stimulus_schedule
+from loopcast.replay.layout import (
+    CONDITION_NAMES,
+    FRAME_PERIOD_S,
+    HOLDOUT_CONDITIONS,
+    N_COVARIATES,
+    TRAIN_CONDITIONS,
+    ZAPBENCH_CONDITION_OFFSETS,
+    Recording,
+    RecordingError,
+)
+from loopcast.replay.synth import SynthConfig, synthesize
 
 
 def _broken_copy(src: Path, tmp_path: Path) -> Path:
@@ -69,7 +77,7 @@ def test_array_specs(tiny_store: Path, tiny_synth: SynthConfig) -> None:
         arr = zarr.open_array(str(tiny_store / name), mode="r")
         assert arr.metadata.zarr_format == 3 and arr.shape == shp and arr.dtype == np.dtype(dtype), name
         if dims is not None:
-            assert tuple(arr.metadata.dimension_names) == dims, name
+            assert arr.metadata.dimension_names is not None and tuple(arr.metadata.dimension_names) == dims, name
     assert zarr.open_array(str(tiny_store / "raw"), mode="r").chunks == (*shape[:2], 1, 1)   # (512, 512, 1, 1)
     assert zarr.open_array(str(tiny_store / "traces"), mode="r").chunks == (t, n)            # clipped (512, 512)
     stim = zarr.open_array(str(tiny_store / "stimuli_features"), mode="r")

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from realtime.ingest import Ingest, RigConfig
-from realtime.metrics import Metrics
-from realtime.transport import Subscriber
-from replay.layout import Recording
-from replay.player import Player, ReplayConfig
+from loopcast.realtime.ingest import Ingest, RigConfig
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.transport import Subscriber
+from loopcast.replay.layout import Recording
+from loopcast.replay.player import Player, ReplayConfig
 
 
 def receive(sub: Subscriber, n: int, timeout_s: float = 10.0) -> list:

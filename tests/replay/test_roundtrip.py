@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import zarr
 
-from realtime.ingest import Ingest, RigConfig
-from realtime.metrics import Metrics
-from realtime.transport import Subscriber, TransportConfig
-from replay.fish import FishModel, stimulus_schedule
-from replay.layout import Recording
-from replay.player import Player, ReplayConfig
-from replay.synth import SynthConfig
+from loopcast.realtime.ingest import Ingest, RigConfig
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.transport import Subscriber, TransportConfig
+from loopcast.replay.fish import FishModel, stimulus_schedule
+from loopcast.replay.layout import Recording
+from loopcast.replay.player import Player, ReplayConfig
+from loopcast.replay.synth import SynthConfig
 
 FRAMES = 12
 

@@ -7,12 +7,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from realtime.ingest import Ingest, RigConfig
-from realtime.metrics import Metrics
-from realtime.transport import Subscriber
-from realtime.wire import TriggerCommand, mqtt_topic
-from replay.fish import FishConfig, FishModel
-from replay.sim import LiveSim, SimConfig
+from loopcast.realtime.ingest import Ingest, RigConfig
+from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.wire.codec import TriggerCommand, mqtt_topic
+from loopcast.realtime.wire.transport import Subscriber
+from loopcast.replay.fish import FishConfig, FishModel
+from loopcast.replay.sim import LiveSim, SimConfig
 
 
 async def run_sim(fish_cfg: FishConfig, broker: Any, rig: str) -> tuple[LiveSim, list]:

@@ -7,18 +7,31 @@ import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
 import tensorstore as ts
 import zarr
 
-from replay.layout import (CONDITION_NAMES, FRAME_PERIOD_S, ZAPBENCH_CONDITION_OFFSETS, Recording,
-                           RecordingError)
-from replay.store import (BloscCodec, WriteQueue, create_array, join, kvstore_spec, normalize, open_array,
-                          read_ahead)
-from replay.writer import RecordingWriter, VolumeSpec
+from loopcast.replay.layout import (
+    CONDITION_NAMES,
+    FRAME_PERIOD_S,
+    ZAPBENCH_CONDITION_OFFSETS,
+    Recording,
+    RecordingError,
+)
+from loopcast.replay.store import (
+    BloscCodec,
+    WriteQueue,
+    create_array,
+    join,
+    kvstore_spec,
+    normalize,
+    open_array,
+    read_ahead,
+)
+from loopcast.replay.writer import RecordingWriter, VolumeSpec
 
 T, N, SHAPE, S2 = 24, 5, (40, 20, 6), (10, 5, 6)
 ZAPBENCH_CODECS = [{"name": "transpose", "configuration": {"order": [3, 2, 1, 0]}},
@@ -262,14 +275,14 @@ def _rewrite_json(path: Path, **changes: Any) -> None:
     path.write_text(json.dumps({**meta, **changes}))
 
 
-def _replace(name: str, shape: tuple[int, ...], dtype: str, fmt: int = 3) -> Callable[[Path], None]:
+def _replace(name: str, shape: tuple[int, ...], dtype: str, fmt: Literal[2, 3] = 3) -> Callable[[Path], None]:
     def go(root: Path) -> None:
         shutil.rmtree(root / name)
         zarr.create_array(store=str(root / name), shape=shape, dtype=dtype, zarr_format=fmt)
     return go
 
 
-BROKEN: dict[str, tuple[Callable[[Path], None], str, str]] = {
+BROKEN: dict[str, tuple[Callable[[Path], object], str, str]] = {
     "missing traces": (lambda r: shutil.rmtree(r / "traces"), "traces", "array missing"),
     "missing raw listed in metadata": (lambda r: shutil.rmtree(r / "raw"), "raw", "array missing"),
     "wrong dtype": (_replace("positions", (N, 3), "float64"), "positions",
