@@ -52,7 +52,8 @@ def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
         report = player.run(progress=True)
     finally:
         player.close()
-        metrics.write_summary(run_dir / "replay.summary.json", {"volumes_per_s": report.volumes_per_s})
+        metrics.write_summary(run_dir / "replay.summary.json", {"volumes_per_s": report.volumes_per_s},
+                              samples=cfg.metrics.samples)
         metrics.close()
     log.info("sent %d volumes in %.1f s (%.2f volumes/s)", report.frames, report.seconds, report.volumes_per_s)
     return 0
@@ -78,7 +79,7 @@ def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
         report = app.run_until_signalled(sim.run)
     finally:
         sim.close()
-    metrics.write_summary(run_dir / "sim.summary.json", {"sim": report.__dict__})
+    metrics.write_summary(run_dir / "sim.summary.json", {"sim": report.__dict__}, samples=cfg.metrics.samples)
     metrics.close()
     log.info("sent %d frames, applied %d triggers; fish response %s", report.frames,
              report.triggers_received, json.dumps(report.response))
@@ -96,7 +97,7 @@ def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
         report = pipeline.run()
     finally:
         pipeline.close()
-    metrics.write_summary(run_dir / "run.summary.json", {"pipeline": report.__dict__})
+    metrics.write_summary(run_dir / "run.summary.json", {"pipeline": report.__dict__}, samples=cfg.metrics.samples)
     metrics.close()
     log.info("processed %d frames, published %d forecasts", report.frames, report.forecasts)
     return 0
@@ -110,7 +111,8 @@ def cmd_controller(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path)
              cfg.endpoints.forecasts, cfg.mqtt.host, cfg.mqtt.port,
              "ARMED at start" if cfg.controller.interlocks.armed_at_start else "disarmed until armed")
     app.run_until_signalled(controller.run)
-    metrics.write_summary(run_dir / "controller.summary.json", {"controller": controller.status()})
+    metrics.write_summary(run_dir / "controller.summary.json", {"controller": controller.status()},
+                          samples=cfg.metrics.samples)
     metrics.close()
     return 0
 

@@ -114,6 +114,7 @@ class MetricsPorts:
     run: int = 9102
     controller: int = 9103
     replay: int = 9104
+    samples: bool = False   # also write every latency sample to <run dir>/<process>.latency.json at exit
 
 
 @dataclass(frozen=True)

@@ -155,8 +155,17 @@ class Metrics:
         return {"process": self.process, "latency": {s: q for s, q in latency.items() if q["count"]},
                 "counters": self.counters()}
 
-    def write_summary(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def write_summary(self, path: str | Path, extra: dict[str, Any] | None = None, samples: bool = False) -> Path:
+        """The summary as JSON at `path`; with `samples`, also every kept latency sample (seconds, in the
+        order observed) per stage at `<path without .summary.json>.latency.json`, for pooled tails and
+        drift over a long run (bench/loop_fullscale.py)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({**self.summary(), **(extra or {})}, indent=2))
+        if samples:
+            with self._latency_lock:
+                recorders = dict(self._latency)
+            out = {s: r.samples().tolist() for s, r in recorders.items()}
+            name = p.name.removesuffix(".summary.json").removesuffix(".json")
+            p.with_name(f"{name}.latency.json").write_text(json.dumps({k: v for k, v in out.items() if v}))
         return p
