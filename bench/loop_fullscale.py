@@ -21,8 +21,7 @@ full-scale store of the same fish (`loopcast synth -c configs/loopcast.toml -c c
 -s synth.write_raw=false -s synth.n_frames=30 --out data/zapbench-traces`, ~1 min, or the 45 GB store
 with raw volumes that bench/replay.py uses).
 
-    .venv/bin/python bench/loop_fullscale.py --recording data/bench-zapbench [--frames 1000] [--runs 3]
-    .venv/bin/python bench/loop_fullscale.py --recording ... --frames 1970 --runs 1 --name loop-soak  # 30 min
+    .venv/bin/python bench/loop_fullscale.py --recording data/bench-zapbench [--frames 1000,1000,1970]
 """
 from __future__ import annotations
 
@@ -113,17 +112,17 @@ def spawn(command: str, run_dir: Path, extra: list[str]) -> subprocess.Popen[byt
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def one_run(args: argparse.Namespace, i: int, eng: dict[str, Path], sockets: Path) -> dict[str, Any]:
+def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path], sockets: Path) -> dict[str, Any]:
     with start_broker(args.broker) as broker:
         cfg = load_settings(CONFIGS, [
             f'paths.recording="{args.recording}"', f'paths.runs="{args.work}/runs"', "metrics.samples=true",
             *(f"metrics.{p}=0" for p in PROCESSES), f"mqtt.port={broker.port}",
             f'endpoints.frames="ipc://{sockets}/frames-{i}"', f'endpoints.forecasts="ipc://{sockets}/fc-{i}"',
-            'transport.kind="shm"', f"sim.n_frames={args.frames}", "sim.speed=1.0", "sim.wait_timeout_s=600",
+            'transport.kind="shm"', f"sim.n_frames={frames}", "sim.speed=1.0", "sim.wait_timeout_s=600",
             f'pipeline.forecast.engine="{eng["nlinear"]}"', f'pipeline.forecast.also=["{eng["tsmixer"]}"]',
             "pipeline.forecast.watch=false", "pipeline.forecast.wait_subscribers=1",
             "pipeline.forecast.wait_timeout_s=600", "pipeline.idle_timeout_s=10.0",
-            'controller.policy.mode="above"', "controller.policy.level=-1.0",
+            'controller.policy.mode="above"', "controller.policy.level=-1.0", 'controller.policy.model="nlinear"',
             "controller.interlocks.armed_at_start=true", "controller.interlocks.min_interval_s=0.0",
             "controller.interlocks.max_per_minute=1000000", "controller.interlocks.max_forecast_age_s=5.0",
             'rig.name="bench"', *args.set])
@@ -139,12 +138,12 @@ def one_run(args: argparse.Namespace, i: int, eng: dict[str, Path], sockets: Pat
             broker_proc = getattr(broker, "_proc", None)      # Mosquitto's process (none when embedded)
             if broker_proc is not None:
                 sampler.add("mosquitto", broker_proc.pid)
-            deadline = time.monotonic() + args.frames * cfg.rig.frame_period_s + 900
+            deadline = time.monotonic() + frames * cfg.rig.frame_period_s + 900
             while procs["sim"].poll() is None and time.monotonic() < deadline:
                 sent = max(sent, scrape_sent(run_dir))
                 now = time.monotonic()
                 t_first = t_first or (now if sent else 0.0)
-                print(f"\r  run {i + 1}: {sent:.0f}/{args.frames} frames sent", end="", flush=True)
+                print(f"\r  run {i + 1}: {sent:.0f}/{frames} frames sent", end="", flush=True)
                 if any(procs[p].poll() is not None for p in ("controller", "run")):
                     break
                 time.sleep(1.0)
@@ -183,7 +182,7 @@ def collect(run_dir: Path, codes: dict[str, int | None], sampler: ProcSampler, t
             if k.startswith(("loopcast_frames_dropped_total{", "loopcast_frames_invalid_total{")) and v}
     lost["never_received"] = max(0.0, sent - received - sum(v for k, v in lost.items() if k != "forecast_skipped"))
     return {"run_dir": str(run_dir), "exit_codes": codes, "frames_sent": sent, "frames_received": received,
-            "lost": lost, "pipeline": summary["run"].get("pipeline", {}),
+            "lost": lost, "counters": c, "pipeline": summary["run"].get("pipeline", {}),
             "controller": summary["controller"].get("controller", {}),
             "stages": {s: quantiles(np.asarray(v)) for s, v in samples.items()},
             "drift": {s: drift(np.asarray(v)) for s, v in samples.items() if len(v) >= 100},
@@ -201,10 +200,10 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def report(runs: list[dict], alone: dict[str, Any], frames: int) -> dict[str, Any]:
+def report(runs: list[dict], alone: dict[str, Any], frames: list[int]) -> dict[str, Any]:
     stages = sorted({s for r in runs for s in r["stages"]})
     pooled = {s: np.concatenate([np.asarray(r["samples"].get(s, [])) for r in runs]) for s in stages}
-    print(f"\nclosed loop at ZAPBench scale, {len(runs)} run(s) x {frames} frames at the rig's rate (ms)")
+    print(f"\nclosed loop, {len(runs)} run(s) of {'/'.join(map(str, frames))} frames at the rig's rate (ms)")
     print(f"{'stage':<18}" + "".join(f"{'run ' + str(i + 1) + ' p50/p99/max':>26}" for i in range(len(runs)))
           + f"{'pooled p99.9':>14}")
     for s in stages:
@@ -225,8 +224,8 @@ def report(runs: list[dict], alone: dict[str, Any], frames: int) -> dict[str, An
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recording", required=True, help="a full-scale store of the same fish (segmentation)")
-    ap.add_argument("--frames", type=int, default=1000)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--frames", default="1000,1000,1000", help="frames of each run, comma list (one run each; "
+                    "1970 frames = 30 min at the rig's rate, a soak)")
     ap.add_argument("--work", default=str(ROOT / "data/bench-fullscale"), help="engines and run dirs")
     ap.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="mosquitto")
     ap.add_argument("--preprocess-frames", type=int, default=200, help="bench/preprocess.py frames (0 = skip)")
@@ -237,6 +236,7 @@ def main() -> int:
     ap.add_argument("-s", "--set", action="append", default=[], help="config override for every process")
     args = ap.parse_args()
     CONFIGS[1:] = [Path(args.scale)] if args.scale else []
+    per_run = [int(x) for x in args.frames.split(",") if x.strip()]
     if not (Path(args.recording) / "segmentation").exists():
         raise SystemExit(f"{args.recording}: no full-scale recording there (see this script's docstring)")
     t0 = time.monotonic()
@@ -245,11 +245,11 @@ def main() -> int:
     alone = preprocess_alone(args.preprocess_frames) if args.preprocess_frames else {}
     runs = []
     with tempfile.TemporaryDirectory(prefix="lc-") as sockets:
-        for i in range(args.runs):
-            runs.append(one_run(args, i, eng, Path(sockets)))
-    pooled = report(runs, alone, args.frames)
+        for i, frames in enumerate(per_run):
+            runs.append(one_run(args, i, frames, eng, Path(sockets)))
+    pooled = report(runs, alone, per_run)
     path = write_result(args.name, {
-        "description": __doc__.split("\n\n")[0], "frames": args.frames, "runs_n": args.runs,
+        "description": __doc__.split("\n\n")[0], "frames": per_run,
         "engines": {k: str(v) for k, v in eng.items()}, "overrides": args.set, "preprocess_alone": alone,
         "pooled": pooled, "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs],
         "loadavg_end": os.getloadavg(), "wall_s": round(time.monotonic() - t0, 1)})

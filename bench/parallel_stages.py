@@ -184,6 +184,7 @@ class Phase:
     nice: int = 10
     numba: int = -1            # numba threads of the loop's thread (-1: --numba-threads)
     switch: float = 0.0        # sys.setswitchinterval for the phase (0: Python's 0.005 s)
+    idle: int = 0              # 1: the `also` threads under SCHED_IDLE (pipeline.forecast.also_idle)
 
 
 def make_phase(token: str, args: argparse.Namespace) -> Phase:
@@ -197,7 +198,7 @@ def make_phase(token: str, args: argparse.Namespace) -> Phase:
     phase = presets[base]
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key not in ("nice", "numba", "switch", "schedule"):
+        if key not in ("nice", "numba", "switch", "schedule", "idle"):
             raise SystemExit(f"--phases {token}: unknown option {key!r}")
         kind = type(getattr(phase, key))
         phase = dataclasses.replace(phase, **{key: kind(value)})
@@ -209,6 +210,7 @@ def phase_config(args: argparse.Namespace, phase: Phase, shape: tuple[int, ...])
         f"rig.shape={list(shape)}", f"rig.n_covariates={K}", f"rig.frame_period_s={args.period}",
         f"pipeline.preprocess.spikes.oasis.warmup={args.oasis_warmup}",
         f'pipeline.forecast.also_schedule="{phase.schedule}"', f"pipeline.forecast.also_nice={phase.nice}",
+        f"pipeline.forecast.also_idle={'true' if phase.idle else 'false'}",
         f"runtime.onnxruntime_threads={args.onnx_threads}", f"runtime.numba_threads={args.numba_threads}",
         "pipeline.forecast.watch=false"])
 

@@ -369,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:  # torchrun's protocol
             raise app.UserError("under torchrun pass --run-dir: every rank must share one run directory")
         run_dir = new_run_dir(cfg, args.command, args.run_dir)
-        return COMMANDS[args.command][0](cfg, args, run_dir)
+        code = COMMANDS[args.command][0](cfg, args, run_dir)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # a torchrun rank: leave without gloo's teardown
+            from loopcast.offline_training.fit.ddp import exit_rank
+            exit_rank(code)
+        return code
     except (ConfigError, app.UserError, EngineError) as exc:
         print(f"loopcast {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -141,7 +141,7 @@ class Pipeline:
         self.runners = [StageRunner(s, metrics, self._tally) for s in self.stages]
         self.schedule = cfg.forecast.also_schedule
         self.workers = [] if self.schedule == "serial" else \
-            [StageWorker(r, cfg.forecast.also_nice) for r in self.runners[1:]]
+            [StageWorker(r, cfg.forecast.also_nice, cfg.forecast.also_idle) for r in self.runners[1:]]
         self.stop_event = threading.Event()
 
     def warm_up(self) -> dict[str, float]:

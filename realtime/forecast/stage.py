@@ -48,6 +48,7 @@ class ForecastConfig:
     also: tuple[str, ...] = ()               # more engines served beside `engine`, same runtime settings
     also_schedule: str = "newest"            # how `also` stages run: SCHEDULES
     also_nice: int = 10                      # "newest"/"every": their threads' nice increment (0..19)
+    also_idle: bool = False                  # "newest"/"every": their threads under SCHED_IDLE (Linux)
     runtime: str = "onnxruntime"
     threads: int = 1                         # per engine; derived from [runtime] (loopcast/runtime.py)
     device: str = "cpu"                      # "cpu" or "cuda[:k]"

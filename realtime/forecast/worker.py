@@ -91,11 +91,12 @@ class StageWorker:
     `offer` never blocks; `wait_idle` waits until the worker has run what it was given; `check` raises,
     in the calling thread, the exception that ended the worker; `stop` ends the thread."""
 
-    def __init__(self, runner: StageRunner, nice: int = 0) -> None:
+    def __init__(self, runner: StageRunner, nice: int = 0, idle: bool = False) -> None:
         if not 0 <= nice <= 19:
             raise ValueError(f"a worker's nice increment must be in 0..19, got {nice}")
         self.runner = runner
         self.nice = nice
+        self.idle = idle
         self.error: BaseException | None = None
         self._cond = threading.Condition()
         self._pending: tuple[np.ndarray, FrameHeader] | None = None
@@ -184,13 +185,14 @@ class StageWorker:
                 self._cond.notify_all()
 
     def _lower_priority(self) -> None:
-        """Raise this thread's nice by `nice` (Linux: per thread), so the pipeline thread preempts it."""
-        if not self.nice:
-            return
+        """Raise this thread's nice by `nice` (Linux: per thread), so the pipeline thread preempts it; with
+        `idle`, put it under SCHED_IDLE: it then runs only on CPU time no other thread wants."""
+        tid = threading.get_native_id()
         try:
-            tid = threading.get_native_id()
-            now = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + self.nice))
+            if self.nice:
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.nice))
+            if self.idle:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except (OSError, AttributeError) as exc:
             log.warning("stage %s: cannot lower its thread's priority (%s); it runs at the pipeline's", self.name,
                         exc)

@@ -2,8 +2,9 @@
 
 Before `process_group` waited for every rank at its end, 5 of 40 runs of this script aborted a rank
 at interpreter exit ("terminate called without an active exception"), and torchrun failed a job whose
-work had finished. The race is timing-dependent, so the test repeats the job (8 runs catch it with
-probability ~0.65). pytest runs it through torchrun, which runs this file's `__main__` block on
+work had finished; with the barrier, 1 of 8 still did on a loaded machine, so a rank now also leaves
+through `exit_rank` (no interpreter teardown), as the CLI's ranks do. The race is timing-dependent, so
+the test repeats the job. pytest runs it through torchrun, which runs this file's `__main__` block on
 each rank.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loopcast.offline_training.fit.ddp import broadcast_object, dist_env, process_group, wrap
+from loopcast.offline_training.fit.ddp import broadcast_object, dist_env, exit_rank, process_group, wrap
 
 RUNS = 8
 KEPT: list[nn.Module] = []  # DDP wrappers that live until interpreter exit
@@ -43,3 +44,4 @@ def test_ranks_exit_cleanly_with_ddp_wrappers_alive(torchrun: Callable[..., Any]
 
 if __name__ == "__main__":
     worker()
+    exit_rank(0)   # as `loopcast` does on a torchrun rank

@@ -38,9 +38,9 @@ RIG = RigConfig(shape=SHAPE, dtype="uint16", n_covariates=K)
 WAIT_S = 10.0
 
 
-def config(schedule: str = "newest") -> PipelineConfig:
+def config(schedule: str = "newest", idle: bool = False) -> PipelineConfig:
     return PipelineConfig(preprocess=PreprocessConfig(dff=DffConfig(warmup=2)),
-                          forecast=ForecastConfig(also_schedule=schedule, also_nice=NICE))
+                          forecast=ForecastConfig(also_schedule=schedule, also_nice=NICE, also_idle=idle))
 
 
 def segmentation() -> np.ndarray:
@@ -89,11 +89,13 @@ class GatedEngine(OnnxEngine):
         self.started, self.release = threading.Event(), threading.Event()
         self.calls = 0
         self.nice: int | None = None
+        self.policy: int | None = None
         self.thread = ""
 
     def run(self, context: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
         self.calls += 1
         self.nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        self.policy = os.sched_getscheduler(0)        # the calling thread's, on Linux
         self.thread = threading.current_thread().name
         self.started.set()
         assert self.release.wait(WAIT_S), "the test never released the engine"
@@ -105,8 +107,9 @@ class BrokenEngine(OnnxEngine):
         raise RuntimeError("activation engine exploded")
 
 
-def pipeline(stages: list[ForecastStage], source: Feed, metrics: Metrics, schedule: str = "newest") -> Pipeline:
-    return Pipeline(config(schedule), RIG, source, segmentation(), stages, metrics)
+def pipeline(stages: list[ForecastStage], source: Feed, metrics: Metrics, schedule: str = "newest",
+             idle: bool = False) -> Pipeline:
+    return Pipeline(config(schedule, idle), RIG, source, segmentation(), stages, metrics)
 
 
 def receive(sub: Subscriber, n: int) -> list[Any]:
@@ -156,6 +159,21 @@ def test_a_slow_stage_skips_to_the_newest_frame_and_counts_while_the_first_publi
     assert metrics.latency("activation").summary()["count"] == 2
     assert report.latency == {"forecast/toymean": "forecast", "activation/toyact": "activation"}
     assert not stage_threads()
+
+
+def test_also_idle_runs_the_stage_under_sched_idle_and_leaves_the_loop_thread_alone(
+        toy_engines: dict[str, Path]) -> None:
+    metrics = Metrics("run", MetricsConfig(enabled=False))
+    pub = Publisher("tcp://127.0.0.1:*")
+    slow = GatedEngine(toy_engines["act"])
+    slow.release.set()
+    stages = [ForecastStage(OnnxEngine(toy_engines["mean"]), pub, metrics), ActivationStage(slow, pub, metrics)]
+    pipe = pipeline(stages, Feed(FIRST + 1), metrics, idle=True)
+    report = pipe.run()
+    pipe.close()
+    assert report.published == {"forecast/toymean": 1, "activation/toyact": 1}
+    assert slow.policy == os.SCHED_IDLE and slow.thread == "stage activation/toyact"
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER                       # the loop's thread is untouched
 
 
 def test_a_failing_worker_stage_stops_the_pipeline_in_its_thread(toy_engines: dict[str, Path]) -> None:
