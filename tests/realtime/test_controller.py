@@ -87,12 +87,12 @@ class Harness:
             elif m.topic.value.endswith("/status"):
                 self.statuses.put_nowait(json.loads(m.payload))
 
-    async def send_forecast(self, value: float, t_src_ns: int | None = None) -> None:
+    async def send_forecast(self, value: float, t_src_ns: int | None = None, model: str = "tsmixer") -> None:
         """A forecast whose lead-2 row is `value` everywhere (lead 1 is 0)."""
         data = np.zeros((2, N), dtype=np.float32)
         data[1] = value
         self.seq += 1
-        header = ForecastHeader(seq=self.seq, t_src_ns=t_src_ns or time.time_ns(), model="tsmixer",
+        header = ForecastHeader(seq=self.seq, t_src_ns=t_src_ns or time.time_ns(), model=model,
                                 engine_version="e1", lead_times=(1, 2), shape=data.shape)
         await self.pub.send_multipart(encode_forecast(header, data))
 
@@ -340,7 +340,7 @@ ACTIVATION = PolicyConfig(name="qf-any", kind="activation_threshold", reduce="an
 
 def test_activation_policy_triggers_on_activation_messages(mqtt_broker: Broker) -> None:
     async def body(h: Harness) -> None:
-        assert h.controller.topic == "activation/"
+        assert h.controller.topic == "activation/quantformer"   # the policy names its model
         await h.arm()
         await h.send_forecast(0.9)                       # forecast/ topic: not subscribed, never seen
         await h.send_activation([0.2, 0.2, 0.9, 0.9])    # monitored 0, 1: any = 1 - 0.8 * 0.8 = 0.36
@@ -352,6 +352,19 @@ def test_activation_policy_triggers_on_activation_messages(mqtt_broker: Broker) 
         assert cmd.value == pytest.approx(0.7) and cmd.targets == (2, 3) and cmd.pattern == "p1"
         assert h.controller.forecasts_seen == 2 and h.controller.invalid == 0
     run(mqtt_broker, body, policy=ACTIVATION)
+
+
+def test_a_policy_naming_a_model_receives_only_that_models_forecasts(mqtt_broker: Broker) -> None:
+    async def body(h: Harness) -> None:
+        assert h.controller.topic == "forecast/nlinear"
+        await h.arm()
+        await h.send_forecast(0.9, model="tsmixer")      # another engine's forecast: not subscribed, never seen
+        await h.send_forecast(0.9, model="nlinear")
+        async with asyncio.timeout(TIMEOUT):
+            cmd = await h.triggers.get()
+        assert (cmd.seq, cmd.model) == (2, "nlinear") and h.controller.forecasts_seen == 1
+    run(mqtt_broker, body, policy=PolicyConfig(name="nlinear-only", model="nlinear", mode="above", level=0.5,
+                                               lead=2, pattern="p0", power_mw=2.5, duration_ms=100.0))
 
 
 def test_activation_window_mismatch_is_counted(mqtt_broker: Broker) -> None:
