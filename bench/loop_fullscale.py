@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 from procstat import ProcSampler
 
 from loopcast.broker import start_broker
+from loopcast.demo import scrape_counters, spawn, wait_or_stop
 from loopcast.settings import load_settings, new_run_dir
 
 from common import quantiles, write_result
@@ -94,24 +94,6 @@ def preprocess_alone(frames: int) -> dict[str, Any]:
     return {k: v for k, v in rows.items() if k in ("traces", "dff", "deconv")}
 
 
-def scrape_sent(run_dir: Path) -> float:
-    """Frames the sim has sent so far (its /metrics), 0 before it serves them."""
-    try:
-        port = int((run_dir / "sim.metrics-port").read_text())
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
-    except (OSError, ValueError):
-        return 0.0
-    line = next((x for x in text.splitlines() if x.startswith("loopcast_frames_sent_total ")), "")
-    return float(line.split()[1]) if line else 0.0
-
-
-def spawn(command: str, run_dir: Path, extra: list[str]) -> subprocess.Popen[bytes]:
-    log = open(run_dir / f"{command}.log", "wb")
-    argv = [sys.executable, "-P", "-m", "loopcast.cli", command, "-c", str(run_dir / "config.toml"),
-            "--run-dir", str(run_dir), *extra]
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path], sockets: Path) -> dict[str, Any]:
     with start_broker(args.broker) as broker:
         cfg = load_settings(CONFIGS, [
@@ -133,14 +115,14 @@ def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path],
         sent = 0.0
         try:
             for name in PROCESSES:
-                procs[name] = spawn(name, run_dir, [])
+                procs[name] = spawn(name, run_dir)
                 sampler.add(name, procs[name].pid)
             broker_proc = getattr(broker, "_proc", None)      # Mosquitto's process (none when embedded)
             if broker_proc is not None:
                 sampler.add("mosquitto", broker_proc.pid)
             deadline = time.monotonic() + frames * cfg.rig.frame_period_s + 900
             while procs["sim"].poll() is None and time.monotonic() < deadline:
-                sent = max(sent, scrape_sent(run_dir))
+                sent = max(sent, scrape_counters(run_dir, "sim").get("loopcast_frames_sent_total", 0.0))
                 now = time.monotonic()
                 t_first = t_first or (now if sent else 0.0)
                 print(f"\r  run {i + 1}: {sent:.0f}/{frames} frames sent", end="", flush=True)
@@ -149,27 +131,15 @@ def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path],
                 time.sleep(1.0)
             t_last = time.monotonic()
             print()
-            codes = {"sim": wait(procs["sim"], 30), "run": wait(procs["run"], 120)}
+            codes = {"sim": wait_or_stop(procs["sim"], 30, 30), "run": wait_or_stop(procs["run"], 120, 30)}
             procs["controller"].send_signal(signal.SIGTERM)
-            codes["controller"] = wait(procs["controller"], 30)
+            codes["controller"] = wait_or_stop(procs["controller"], 30, 30)
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
             sampler.stop()
     return collect(run_dir, codes, sampler, t_first, t_last)
-
-
-def wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return None
 
 
 def collect(run_dir: Path, codes: dict[str, int | None], sampler: ProcSampler, t0: float, t1: float) -> dict:

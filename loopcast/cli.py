@@ -366,11 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = command_settings(args)
         app.configure_process(cfg, args.command)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.run_dir:  # torchrun's protocol
+        under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1   # torchrun's protocol
+        if under_torchrun and not args.run_dir:
             raise app.UserError("under torchrun pass --run-dir: every rank must share one run directory")
         run_dir = new_run_dir(cfg, args.command, args.run_dir)
         code = COMMANDS[args.command][0](cfg, args, run_dir)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # a torchrun rank: leave without gloo's teardown
+        if under_torchrun:                       # a rank leaves without gloo's teardown
             from loopcast.offline_training.fit.ddp import exit_rank
             exit_rank(code)
         return code

@@ -45,10 +45,10 @@ def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> in
     try:
         cfg = _demo_config(cfg, broker.port if broker else cfg.mqtt.port, Path(sockets.name))
         new_run_dir(cfg, "demo", str(run_dir))  # the resolved config every process reads
-        procs["controller"] = _spawn("controller", run_dir)
+        procs["controller"] = spawn("controller", run_dir)
         asyncio.run(_arm(cfg, cfg.demo.startup_timeout_s, procs["controller"]))
-        procs["run"] = _spawn("run", run_dir)
-        procs["sim"] = _spawn("sim", run_dir)
+        procs["run"] = spawn("run", run_dir)
+        procs["sim"] = spawn("sim", run_dir)
         _follow(cfg, procs, run_dir)
         ok = _shutdown(cfg, procs)
     finally:
@@ -98,7 +98,8 @@ def _demo_config(cfg: LoopcastConfig, mqtt_port: int, sockets: Path) -> Loopcast
         f"pipeline.forecast.wait_timeout_s={d.startup_timeout_s}", "pipeline.idle_timeout_s=3.0"])
 
 
-def _spawn(command: str, run_dir: Path) -> subprocess.Popen[bytes]:
+def spawn(command: str, run_dir: Path) -> subprocess.Popen[bytes]:
+    """`loopcast <command>` on the run directory's config, its output in <run_dir>/<command>.log."""
     logfile = open(run_dir / f"{command}.log", "wb")
     # -P: the installed package, never a `loopcast/` folder in the working directory
     argv = [sys.executable, "-P", "-m", "loopcast.cli", command, "-c", str(run_dir / "config.toml"),
@@ -132,7 +133,7 @@ async def _arm_when_online(cfg: LoopcastConfig, proc: subprocess.Popen[bytes]) -
                 raise RuntimeError("the controller exited; see controller.log")
 
 
-def _scrape(run_dir: Path, process: str) -> dict[str, float]:
+def scrape_counters(run_dir: Path, process: str) -> dict[str, float]:
     """Counters (*_total) from a process's /metrics, found through the port file it wrote."""
     try:
         port = int((run_dir / f"{process}.metrics-port").read_text())
@@ -156,7 +157,7 @@ def _follow(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]], run_
     deadline = time.monotonic() + budget
     with tqdm(total=cfg.demo.frames, unit="frame", desc="closed loop") as bar:
         while procs["sim"].poll() is None and time.monotonic() < deadline:
-            sim, run, ctl = (_scrape(run_dir, p) for p in ("sim", "run", "controller"))
+            sim, run, ctl = (scrape_counters(run_dir, p) for p in ("sim", "run", "controller"))
             bar.n = int(sim.get("loopcast_frames_sent_total", bar.n))
             bar.set_postfix(forecasts=int(run.get("loopcast_forecasts_published_total", 0)),
                             triggers=int(ctl.get("loopcast_triggers_sent_total", 0)))
@@ -170,23 +171,24 @@ def _follow(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]], run_
 
 def _shutdown(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]]) -> bool:
     """Sim ends by itself; the pipeline stops when idle; the controller on SIGTERM."""
-    codes = {"sim": _wait(procs["sim"], 10), "run": _wait(procs["run"], 30)}
+    codes = {"sim": wait_or_stop(procs["sim"], 10), "run": wait_or_stop(procs["run"], 30)}
     if procs["controller"].poll() is None:
         procs["controller"].send_signal(signal.SIGTERM)
-    codes["controller"] = _wait(procs["controller"], 15)
+    codes["controller"] = wait_or_stop(procs["controller"], 15)
     bad = {k: v for k, v in codes.items() if v != 0}
     for name, code in bad.items():
         log.error("%s exited with %s", name, code)
     return not bad
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+def wait_or_stop(proc: subprocess.Popen[bytes], timeout: float, grace_s: float = 10.0) -> int | None:
+    """The exit code within `timeout`; else SIGTERM and `grace_s` more, else SIGKILL (None)."""
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(10)
+            return proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             return None
