@@ -1,7 +1,8 @@
 """The closed loop at ZAPBench scale, as deployed: separate processes, shared-memory transport, Mosquitto.
 
 Per run: Mosquitto, then `loopcast controller` (armed at start; its policy fires on every forecast and the
-interlocks are opened up, so every forecast makes a trigger and forecast -> PUBACK is measured on each),
+interlocks are opened up, so every forecast makes a trigger and forecast -> PUBACK is measured on each;
+it and Mosquitto run under SCHED_FIFO, --priority, as on a rig: docs/cpu.md),
 `loopcast run` (ingest, traces, causal dF/F, streaming OASIS, the engines) and `loopcast sim --transport shm`
 (the simulated fish, 2048 x 1328 x 72 uint16 volumes of 71,721 neurons, at the rig's 0.9141 s period), all
 with configs/loopcast.toml + configs/zapbench-scale.toml. Every process warms up before frames flow, so
@@ -96,6 +97,9 @@ def preprocess_alone(frames: int) -> dict[str, Any]:
 
 def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path], sockets: Path) -> dict[str, Any]:
     with start_broker(args.broker) as broker:
+        broker_proc = getattr(broker, "_proc", None)      # Mosquitto's process (none when embedded)
+        if args.priority and broker_proc is not None:     # single-threaded: its main thread is all of it
+            os.sched_setscheduler(broker_proc.pid, os.SCHED_FIFO, os.sched_param(args.priority))
         cfg = load_settings(CONFIGS, [
             f'paths.recording="{args.recording}"', f'paths.runs="{args.work}/runs"', "metrics.samples=true",
             *(f"metrics.{p}=0" for p in PROCESSES), f"mqtt.port={broker.port}",
@@ -107,7 +111,7 @@ def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path],
             'controller.policy.mode="above"', "controller.policy.level=-1.0", 'controller.policy.model="nlinear"',
             "controller.interlocks.armed_at_start=true", "controller.interlocks.min_interval_s=0.0",
             "controller.interlocks.max_per_minute=1000000", "controller.interlocks.max_forecast_age_s=5.0",
-            'rig.name="bench"', *args.set])
+            f"runtime.priority.controller={args.priority}", 'rig.name="bench"', *args.set])
         run_dir = new_run_dir(cfg, f"loop-fullscale-{i}")
         sampler = ProcSampler(1.0).start()
         procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -117,7 +121,6 @@ def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path],
             for name in PROCESSES:
                 procs[name] = spawn(name, run_dir)
                 sampler.add(name, procs[name].pid)
-            broker_proc = getattr(broker, "_proc", None)      # Mosquitto's process (none when embedded)
             if broker_proc is not None:
                 sampler.add("mosquitto", broker_proc.pid)
             deadline = time.monotonic() + frames * cfg.rig.frame_period_s + 900
@@ -203,6 +206,9 @@ def main() -> int:
     ap.add_argument("--name", default="loop-fullscale")
     ap.add_argument("--scale", default=str(CONFIGS[1]), help="config layered on configs/loopcast.toml ('' = none: "
                     "the demo's fish, for a quick check of this script)")
+    ap.add_argument("--priority", type=int, default=10, help="SCHED_FIFO priority of the controller "
+                    "(runtime.priority.controller) and of the bench's Mosquitto, as a rig would run them "
+                    "(docs/cpu.md); 0 = both as the OS starts them")
     ap.add_argument("-s", "--set", action="append", default=[], help="config override for every process")
     args = ap.parse_args()
     CONFIGS[1:] = [Path(args.scale)] if args.scale else []
@@ -220,7 +226,8 @@ def main() -> int:
     pooled = report(runs, alone, per_run)
     path = write_result(args.name, {
         "description": __doc__.split("\n\n")[0], "frames": per_run,
-        "engines": {k: str(v) for k, v in eng.items()}, "overrides": args.set, "preprocess_alone": alone,
+        "engines": {k: str(v) for k, v in eng.items()}, "overrides": args.set, "priority": args.priority,
+        "preprocess_alone": alone,
         "pooled": pooled, "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs],
         "loadavg_end": os.getloadavg(), "wall_s": round(time.monotonic() - t0, 1)})
     print(f"\nwrote {path}")

@@ -5,6 +5,10 @@ start (loopcast.app.configure_process); docs/cpu.md gives the defaults for a 2-c
 - affinity: `[runtime.affinity] <process>` (run, controller, sim, replay) pins every thread the process
   has (os.sched_setaffinity per thread id: on Linux it is a thread's setting), and threads made later
   inherit it. Applied first, so that "0 threads = one per CPU the process may run on" counts those CPUs.
+- priority: `[runtime.priority] <process>` 1-99 runs every thread of the process under SCHED_FIFO at that
+  priority (threads made later inherit it), so a busy core cannot delay it: for the controller, whose
+  forecast -> PUBACK time is on the stimulation path (docs/cpu.md). Without the privilege it is a
+  config error that says what to grant; 0 leaves the process as the OS started it.
 - numba: the kernels' thread count (numba.set_num_threads) of the calling thread, the one that runs the
   loop (numba's count is per thread: a thread made later starts with numba's pool size, so code that
   runs kernels on another thread calls `numba_threads` there, as loopcast.inprocess does). numba's pool
@@ -21,14 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loopcast.config import ConfigError
 from loopcast.settings import LoopcastConfig, RuntimeConfig
 
 log = logging.getLogger("loopcast")
-PROCESSES = ("run", "controller", "sim", "replay")   # the keys of [runtime.affinity]
+PROCESSES = ("run", "controller", "sim", "replay")   # the keys of [runtime.affinity] and [runtime.priority]
 
 
 def usable_cpus() -> int:
@@ -46,17 +50,32 @@ def pin(cpus: Sequence[int]) -> list[int]:
     available = set(range(os.cpu_count() or 1))
     if not want <= available:
         raise ValueError(f"CPUs {sorted(want - available)} do not exist (this machine has {sorted(available)})")
-    os.sched_setaffinity(0, want)                 # the calling thread first: it makes the later ones
+    _each_thread(lambda tid: os.sched_setaffinity(tid, want))
+    return sorted(want)
+
+
+def _each_thread(call: Callable[[int], None]) -> None:
+    """`call(tid)` for the calling thread first (it makes the later ones), then every other thread."""
+    call(0)
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         tids = []
     for tid in tids:
         try:
-            os.sched_setaffinity(tid, want)
-        except OSError:                           # a thread that ended meanwhile
+            call(tid)
+        except ProcessLookupError:                # a thread that ended meanwhile
             pass
-    return sorted(want)
+
+
+def realtime(priority: int) -> int:
+    """Every thread of this process under SCHED_FIFO at `priority` (1-99); returns it. PermissionError
+    when the process may not (needs root, CAP_SYS_NICE or an rtprio limit of at least `priority`)."""
+    if not hasattr(os, "sched_setscheduler"):
+        raise OSError("real-time priority needs Linux (os.sched_setscheduler)")
+    param = os.sched_param(priority)
+    _each_thread(lambda tid: os.sched_setscheduler(tid, os.SCHED_FIFO, param))
+    return priority
 
 
 def numba_threads(threads: int) -> int:
@@ -91,6 +110,18 @@ def apply(cfg: LoopcastConfig, process: str = "") -> dict[str, Any]:
             done["affinity"] = pin(cpus)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"runtime.affinity.{process}: {exc}") from exc
+    priority: int = getattr(rt.priority, process, 0) if process in PROCESSES else 0
+    if priority:
+        try:
+            done["priority"] = f"SCHED_FIFO {realtime(priority)}"
+        except PermissionError:
+            raise ConfigError(
+                f"runtime.priority.{process} = {priority}: this process may not use SCHED_FIFO; run it as "
+                "root, grant CAP_SYS_NICE (setcap cap_sys_nice+ep on the python binary, or "
+                "AmbientCapabilities=CAP_SYS_NICE in its systemd unit) or raise its rtprio limit "
+                f"(limits.conf), or set runtime.priority.{process} = 0") from None
+        except OSError as exc:
+            raise ConfigError(f"runtime.priority.{process}: {exc}") from exc
     done["cpus"] = usable_cpus()
     if "numba" in sys.modules or process in PROCESSES:
         done["numba_threads"] = numba_threads(rt.numba_threads)

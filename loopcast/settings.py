@@ -134,6 +134,24 @@ class AffinityConfig:
 
 
 @dataclass(frozen=True)
+class PriorityConfig:
+    """[runtime.priority]: each real-time process's scheduling: 0 = the OS default (SCHED_OTHER); 1-99 =
+    SCHED_FIFO at that priority, every thread (needs root, CAP_SYS_NICE or an rtprio limit). Meant for
+    the controller, which is light and stimulates: a busy FIFO process starves everything below it."""
+
+    run: int = 0
+    controller: int = 0
+    sim: int = 0
+    replay: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if not 0 <= getattr(self, f.name) <= 99:
+                raise ValueError(f"{f.name}: priority must be 0 (the OS default) or 1-99 (SCHED_FIFO), "
+                                 f"got {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Process-level settings of every command, applied once at its start (`loopcast.app.configure_process`):
     the numba kernel cache, and the CPU use of the process (loopcast/cpu.py, docs/cpu.md): the threads
@@ -147,6 +165,7 @@ class RuntimeConfig:
     torch_threads: int = 1          # torch's intra-op threads: runtime "torch" engines, torch preprocessing
     tensorstore_threads: int = 0    # TensorStore's data-copy threads (decoding, encoding); 0 = one per CPU
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    priority: PriorityConfig = field(default_factory=PriorityConfig)
 
     def __post_init__(self) -> None:
         for name, least in (("numba_threads", 0), ("tensorstore_threads", 0), ("onnxruntime_threads", 1),

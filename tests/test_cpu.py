@@ -32,7 +32,9 @@ def test_the_old_thread_keys_say_where_they_went(key: str) -> None:
 
 @pytest.mark.parametrize("override, match", [("runtime.numba_threads=-1", "numba_threads must be >= 0"),
                                              ("runtime.onnxruntime_threads=0", "onnxruntime_threads must be >= 1"),
-                                             ("runtime.affinity.run=[0, 0]", "CPUs must be distinct")])
+                                             ("runtime.affinity.run=[0, 0]", "CPUs must be distinct"),
+                                             ("runtime.priority.controller=100", "priority must be 0"),
+                                             ("runtime.priority.sim=-1", "priority must be 0")])
 def test_bad_runtime_values_are_refused(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_settings(overrides=[override])
@@ -51,6 +53,7 @@ tids = [int(t) for t in os.listdir("/proc/self/task")]
 print(json.dumps({{"done": done, "affinity": sorted(os.sched_getaffinity(0)),
                   "threads": sorted({{tuple(sorted(os.sched_getaffinity(t))) for t in tids}}),
                   "numba": numba.get_num_threads(), "store": store.CONTEXT_SPEC.get("data_copy_concurrency"),
+                  "sched": sorted({{(os.sched_getscheduler(t), os.sched_getparam(t).sched_priority) for t in tids}}),
                   "torch": "torch" in sys.modules}}))
 '''
 
@@ -72,6 +75,27 @@ def test_a_process_applies_its_affinity_and_thread_counts_at_start() -> None:
     controller = probe("controller", [*overrides, "runtime.numba_threads=1", "runtime.tensorstore_threads=3"])
     assert controller["affinity"] == sorted(os.sched_getaffinity(0))   # no affinity of its own: unpinned
     assert controller["numba"] == 1 and controller["store"] == {"limit": 3} and not controller["torch"]
+
+
+def may_use_fifo() -> bool:
+    """Whether a process here may use SCHED_FIFO (root or CAP_SYS_NICE), asked of a child process."""
+    ask = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", ask], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="needs Linux")
+def test_a_real_time_priority_reaches_every_thread_or_says_what_to_grant() -> None:
+    overrides = ["runtime.priority.controller=7", "runtime.priority.run=0"]
+    if may_use_fifo():
+        controller = probe("controller", overrides)
+        assert controller["sched"] == [[os.SCHED_FIFO, 7]]            # every thread, the earlier one included
+        assert controller["done"]["priority"] == "SCHED_FIFO 7"
+    else:
+        from loopcast import cpu
+        with pytest.raises(ConfigError, match=r"runtime.priority.controller = 7: .* CAP_SYS_NICE"):
+            cpu.apply(load_settings(overrides=overrides), "controller")
+    run = probe("run", overrides)                                     # 0: as the OS started it
+    assert run["sched"] == [[os.SCHED_OTHER, 0]] and "priority" not in run["done"]
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux")

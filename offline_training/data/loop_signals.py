@@ -9,6 +9,7 @@ recording (`<root>/loop_signals/`), keyed by a hash of the settings that produce
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -64,7 +65,8 @@ def extract_segment_means(rec: Recording, progress: bool = False) -> np.ndarray:
 def loop_spike_probs(rec: Recording, pre: PreprocessConfig = PreprocessConfig(),
                      progress: bool = False) -> np.ndarray:
     """(T, N) float32 in [0, 1]: the pipeline's causal spike probability per frame (zeros in warm-up)."""
-    key = _digest("spikes", {"dff": to_dict(pre.dff), "spikes": to_dict(pre.spikes),
+    spikes = {k: v for k, v in to_dict(pre.spikes).items() if k != "fit_in_background"}   # inline here
+    key = _digest("spikes", {"dff": to_dict(pre.dff), "spikes": spikes,
                              "period": rec.frame_period_s})
     return _cached(rec, f"spike_prob-{key}",
                    lambda: spike_probs(loop_dff(rec, pre.dff, progress), pre, rec.frame_period_s, progress))
@@ -72,10 +74,13 @@ def loop_spike_probs(rec: Recording, pre: PreprocessConfig = PreprocessConfig(),
 
 def spike_probs(dff: np.ndarray, pre: PreprocessConfig, frame_period_s: float,
                 progress: bool = False) -> np.ndarray:
-    """dF/F (T, N) -> the configured causal spike estimator's probabilities (T, N), frame by frame."""
+    """dF/F (T, N) -> the configured causal spike estimator's probabilities (T, N), frame by frame. The
+    OASIS fit runs inline here, so the result is reproducible: the live loop fits in the background and
+    reports zeros for the frame or two that come during the fit, where this has their values."""
     if dff.ndim != 2:
         raise ValueError(f"expected dF/F of shape (T, N), got {dff.shape}")
-    estimator = make_spike_estimator(dff.shape[1], pre.spikes, frame_period_s)
+    inline = dataclasses.replace(pre.spikes, fit_in_background=False)
+    estimator = make_spike_estimator(dff.shape[1], inline, frame_period_s)
     out = np.empty(dff.shape, dtype=np.float32)
     for t in tqdm(range(dff.shape[0]), desc="causal spikes", unit="frame", leave=False, disable=not progress):
         out[t] = estimator.process(np.ascontiguousarray(dff[t])).prob

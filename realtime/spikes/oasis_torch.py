@@ -18,9 +18,9 @@ class TorchStreamingOasis(_Warmup):
 
     def __init__(self, n_neurons: int, params: OasisParams | None = None, cfg: OasisConfig = OasisConfig(),
                  frame_period_s: float = 0.9141, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, background: bool = False) -> None:
         self._torch = torch
-        self._init_warmup(n_neurons, params, cfg, frame_period_s)
+        self._init_warmup(n_neurons, params, cfg, frame_period_s, background)
         self.device, self.dtype = torch.device(device), dtype or torch.float64
         self._v, self._w, self._h, self._start = (
             torch.zeros(n_neurons, cfg.max_pools, device=self.device, dtype=self.dtype) for _ in range(4))
@@ -43,12 +43,15 @@ class TorchStreamingOasis(_Warmup):
         if self.params is None:
             cpu = dff.detach().cpu().numpy() if isinstance(dff, self._torch.Tensor) else np.asarray(dff)
             done = self._warm_frame(cpu.astype(np.float32))
-            if done is not None:
-                params, warm = done
-                self._set_params(params)
-                for t, row in enumerate(warm):
-                    self._add(self._torch.as_tensor(row).to(self.device, self.dtype), t)
-            return zeros
+            if done is None:
+                return zeros
+            replay, buffered = done
+            assert self.params is not None
+            self._set_params(self.params)
+            for t, row in enumerate(replay):
+                self._add(self._torch.as_tensor(row).to(self.device, self.dtype), t)
+            if buffered:
+                return zeros
         y = self._torch.as_tensor(dff).to(self.device, self._torch.float32).to(self.dtype)
         self._add(y, self.frames)
         self.frames += 1

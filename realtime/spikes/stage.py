@@ -35,6 +35,7 @@ class SpikeConfig:
     method: str = "oasis"
     dff_per_spike: float = 0.08       # a: dF/F of one spike; converts deconvolved amounts to counts
     oasis: OasisConfig = field(default_factory=OasisConfig)
+    fit_in_background: bool = True    # oasis: the parameter fit ending the warm-up on its own thread, not the loop's
     engine: str = ""                  # method "engine": engine version dir or registry name dir
     engine_threads: int = 1
     # ar1_threshold only
@@ -100,17 +101,18 @@ class OasisSpikes:
                  device: str | None = None) -> None:
         self.cfg, self.dt, self.device = cfg, frame_period_s, device
         if device is None:
-            self.oasis: StreamingOasis | TorchStreamingOasis = StreamingOasis(n_neurons, None, cfg.oasis,
-                                                                              frame_period_s)
+            self.oasis: StreamingOasis | TorchStreamingOasis = StreamingOasis(
+                n_neurons, None, cfg.oasis, frame_period_s, background=cfg.fit_in_background)
         else:
             from loopcast.realtime.spikes.oasis_torch import TorchStreamingOasis
-            self.oasis = TorchStreamingOasis(n_neurons, None, cfg.oasis, frame_period_s, device=device)
+            self.oasis = TorchStreamingOasis(n_neurons, None, cfg.oasis, frame_period_s, device=device,
+                                             background=cfg.fit_in_background)
         self._zero = SpikeEstimate.from_count(np.zeros(n_neurons, np.float32), frame_period_s)
 
     @property
     def ready(self) -> bool:
         """True from the first frame after the warm-up with a real estimate (the frame that ends the
-        warm-up still reports zeros)."""
+        warm-up, and those that come while the parameters are fitted in the background, report zeros)."""
         return self.oasis.ready and self.oasis.frames > self.cfg.oasis.warmup + self.cfg.oasis.lag
 
     def warm_up(self) -> None:
@@ -118,12 +120,18 @@ class OasisSpikes:
         `oasis.min_fit_frames` frames instead of `oasis.warmup`, through the end of its warm-up and two
         frames past it: the parameter fit, the replay of the warm-up frames into the pools and the
         per-frame step all run (numba `_run_block` and `_stream_step`, each seconds to compile, ran at
-        the end of the live warm-up, frame 100). This estimator sees nothing."""
+        the end of the live warm-up, frame 100). A background fit is waited for, so its replay runs
+        too. This estimator sees nothing."""
         oasis = dataclasses.replace(self.cfg.oasis, warmup=self.cfg.oasis.min_fit_frames)
         scratch = OasisSpikes(self.oasis.n, dataclasses.replace(self.cfg, oasis=oasis), self.dt, self.device)
         rng = np.random.default_rng(0)
-        for _ in range(oasis.warmup + oasis.lag + 2):
+        for _ in range(oasis.warmup):
             scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
+        scratch.oasis.wait_for_fit()
+        for _ in range(oasis.lag + 2):
+            scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
+        if not scratch.ready:
+            raise RuntimeError("the spike estimator's warm-up did not reach its per-frame step")
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
         s = self.oasis.process(dff)

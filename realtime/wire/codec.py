@@ -326,7 +326,9 @@ class TriggerCommand:
     v: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
-        d = dataclasses.asdict(self)
+        # shallow, not dataclasses.asdict: asdict deep-copies the targets one element at a time (0.4 ms for
+        # 750 targets, on the trigger's latency path; this is 0.05 ms)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["targets"] = list(self.targets)
         return json.dumps(d, separators=(",", ":")).encode()
 

@@ -19,7 +19,8 @@ from loopcast.replay.layout import Recording
 from loopcast.replay.synth import SynthConfig, synthesize
 
 PRE = PreprocessConfig(dff=DffConfig(window=60, warmup=5),
-                       spikes=SpikeConfig(dff_per_spike=0.08, oasis=OasisConfig(warmup=30)))
+                       spikes=SpikeConfig(dff_per_spike=0.08, oasis=OasisConfig(warmup=30),
+                                          fit_in_background=False))
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ from loopcast.replay.fish import FishConfig
 from loopcast.replay.layout import Recording
 from loopcast.replay.synth import SynthConfig, synthesize
 
-PRE = PreprocessConfig(dff=DffConfig(warmup=5), spikes=SpikeConfig(oasis=OasisConfig(warmup=20)))
+PRE = PreprocessConfig(dff=DffConfig(warmup=5),
+                       spikes=SpikeConfig(oasis=OasisConfig(warmup=20), fit_in_background=False))
 SMALL = dict(d_model=16, n_heads=2, n_layers=1, cluster_size=32)
 TINY = SBMTrainConfig(context=4, horizon=2, model_options=SMALL, batch_size=8, max_steps=30, val_per_epoch=2,
                       threads=1, device="cpu", eval=SBMEvalConfig(rollout_steps=4, rollout_starts=8))

@@ -33,9 +33,11 @@ SHAPE = (8, 8, 2)
 FRAMES = 16
 OASIS_WARMUP = 8
 # "every": the stages run side by side, each on every frame (the live default "newest" lets a busy stage
-# skip frames: tests/realtime/test_parallel_stages.py)
+# skip frames: tests/realtime/test_parallel_stages.py); the OASIS fit inline, so the spike signal starts
+# on a known frame (the live default fits in the background: tests/realtime/test_oasis.py)
 CFG = PipelineConfig(preprocess=PreprocessConfig(dff=DffConfig(warmup=2),
-                                                 spikes=SpikeConfig(oasis=OasisConfig(warmup=OASIS_WARMUP))),
+                                                 spikes=SpikeConfig(oasis=OasisConfig(warmup=OASIS_WARMUP),
+                                                                  fit_in_background=False)),
                      forecast=ForecastConfig(also_schedule="every"))
 RIG = RigConfig(shape=SHAPE, dtype="uint16", n_covariates=K)
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,61 @@ def test_internal_warmup_matches_given_parameters(traces: np.ndarray) -> None:
     np.testing.assert_array_equal(out[cfg.warmup:], ref[cfg.warmup:])
     assert auto.n_fallback == n_fallback and auto.params is not None
     np.testing.assert_array_equal(auto.params.g, p.g)
+
+
+def held_fit(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> threading.Event:
+    """Make the warm-up's parameter fit wait for the returned event (and then fail, with `fail`)."""
+    from loopcast.realtime.spikes import oasis
+    gate, fit = threading.Event(), oasis.estimate_params
+
+    def held(*args: object) -> tuple[OasisParams, int]:
+        assert gate.wait(30)
+        if fail:
+            raise FloatingPointError("the fit failed")
+        return fit(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(oasis, "estimate_params", held)
+    return gate
+
+
+@pytest.mark.parametrize("impl", ["numba", "torch"])
+def test_a_background_fit_gives_the_inline_outputs_from_the_frame_it_lands_on(
+        traces: np.ndarray, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    n, cfg, late = traces.shape[1], OasisConfig(warmup=40, lag=1), 3
+    make = StreamingOasis if impl == "numba" else TorchStreamingOasis
+    inline = run(make(n, None, cfg, DT), traces)
+    gate = held_fit(monkeypatch)
+    est = make(n, None, cfg, DT, background=True)
+    out = [np.asarray(est.process(row)) for row in traces[:cfg.warmup + late]]   # the fit is held meanwhile
+    assert est.fitting and not est.ready and not np.any(out)
+    gate.set()
+    est.wait_for_fit(30)
+    out += [np.asarray(est.process(row)) for row in traces[cfg.warmup + late:]]
+    assert est.ready and not est.fitting and est.frames == len(traces)
+    first = cfg.warmup + late                          # the frame that found the fit done: replayed, then live
+    np.testing.assert_array_equal(np.stack(out)[first:], inline[first:])
+    assert inline[cfg.warmup:first].any()              # what the frames during the fit report inline
+
+
+def test_a_failed_background_fit_raises_on_the_loop(traces: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = OasisConfig(warmup=20)
+    gate = held_fit(monkeypatch, fail=True)
+    est = StreamingOasis(traces.shape[1], None, cfg, DT, background=True)
+    run(est, traces[:cfg.warmup])
+    gate.set()
+    est.wait_for_fit(30)
+    with pytest.raises(FloatingPointError, match="the fit failed"):
+        est.process(traces[cfg.warmup])
+
+
+def test_a_fit_that_never_ends_is_an_error_not_a_growing_buffer(traces: np.ndarray,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = OasisConfig(warmup=20)
+    gate = held_fit(monkeypatch)
+    est = StreamingOasis(traces.shape[1], None, cfg, DT, background=True)
+    run(est, traces[:2 * cfg.warmup])                  # the warm-up, then as many frames buffered
+    with pytest.raises(RuntimeError, match="still running after 20 more frames"):
+        est.process(traces[2 * cfg.warmup])
+    gate.set()
 
 
 @pytest.mark.parametrize("t", [2, 3, 10])

@@ -32,7 +32,7 @@ def fish_volumes() -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def config(**kw: Any) -> PreprocessConfig:
-    spikes = SpikeConfig(dff_per_spike=0.08, oasis=OasisConfig(warmup=20))
+    spikes = SpikeConfig(dff_per_spike=0.08, oasis=OasisConfig(warmup=20), fit_in_background=False)
     return PreprocessConfig(dff=DffConfig(window=40, warmup=5), spikes=spikes, **kw)
 
 

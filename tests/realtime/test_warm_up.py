@@ -36,7 +36,7 @@ FRAMES = 16
 RIG = RigConfig(shape=SHAPE, dtype="uint16", n_covariates=K)
 # dF/F, OASIS with a short warm-up and the per-voxel stage, so that all of them are past warm-up in FRAMES
 WARM_CFG = PipelineConfig(preprocess=PreprocessConfig(
-    dff=DffConfig(warmup=2), spikes=SpikeConfig(oasis=OasisConfig(warmup=8)),
+    dff=DffConfig(warmup=2), spikes=SpikeConfig(oasis=OasisConfig(warmup=8), fit_in_background=False),
     voxels=VoxelStageConfig(enabled=True, dff=VoxelDffConfig(window=16, warmup=2, decimate=8))),
     forecast=ForecastConfig(also_schedule="every"))
 
