@@ -20,6 +20,11 @@ small CPU configs of bench/sbm_quantformer_latency.py. Phases, in one run, each 
   nice0      the same with also_nice = 0 (does the lower priority help?)
   serial     the same with `also_schedule = "serial"` (the previous behaviour: one after the other)
 
+A phase takes options after its name: nice, numba (threads), switch (the GIL's switch interval, s),
+schedule, idle (1: SCHED_IDLE) and workers ("processes": the `also` engines each in a child process,
+pipeline.forecast.also_workers), e.g. `--phases alone,parallel:workers=processes`. Process CPU counts
+those children too.
+
 Each phase: `--warmup` untimed frames (OASIS warm-up shortened to 20 frames so the SBM, which reads
 spike probabilities, starts early; QuantFormer needs 16 frames of context), then `--frames` timed ones
 (default 200: enough for a p99). Per stage: p50/p99/max latency from the frame's t_src to the message on
@@ -50,7 +55,7 @@ from loopcast.models.zoo import MODELS, model_config
 from loopcast.offline_training.export.engine import export_engine
 from loopcast.offline_training.trace.train import TrainConfig
 from loopcast.realtime.engines.base import Engine
-from loopcast.realtime.forecast.stage import engine_loader
+from loopcast.realtime.forecast.stage import also_loader, engine_loader
 from loopcast.realtime.metrics import Metrics, MetricsConfig
 from loopcast.realtime.pipeline import Pipeline
 from loopcast.realtime.wire.codec import FrameHeader, encode_frame
@@ -185,6 +190,16 @@ class Phase:
     numba: int = -1            # numba threads of the loop's thread (-1: --numba-threads)
     switch: float = 0.0        # sys.setswitchinterval for the phase (0: Python's 0.005 s)
     idle: int = 0              # 1: the `also` threads under SCHED_IDLE (pipeline.forecast.also_idle)
+    workers: str = "threads"   # "processes": the `also` engines in child processes (pipeline.forecast.also_workers)
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes so far (the engines' children)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])             # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def make_phase(token: str, args: argparse.Namespace) -> Phase:
@@ -198,7 +213,7 @@ def make_phase(token: str, args: argparse.Namespace) -> Phase:
     phase = presets[base]
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key not in ("nice", "numba", "switch", "schedule", "idle"):
+        if key not in ("nice", "numba", "switch", "schedule", "idle", "workers"):
             raise SystemExit(f"--phases {token}: unknown option {key!r}")
         kind = type(getattr(phase, key))
         phase = dataclasses.replace(phase, **{key: kind(value)})
@@ -211,6 +226,7 @@ def phase_config(args: argparse.Namespace, phase: Phase, shape: tuple[int, ...])
         f"pipeline.preprocess.spikes.oasis.warmup={args.oasis_warmup}",
         f'pipeline.forecast.also_schedule="{phase.schedule}"', f"pipeline.forecast.also_nice={phase.nice}",
         f"pipeline.forecast.also_idle={'true' if phase.idle else 'false'}",
+        f'pipeline.forecast.also_workers="{phase.workers}"',
         f"runtime.onnxruntime_threads={args.onnx_threads}", f"runtime.numba_threads={args.numba_threads}",
         "pipeline.forecast.watch=false"])
 
@@ -223,8 +239,12 @@ def run_phase(args: argparse.Namespace, phase: Phase, engines: dict[str, Engine]
     sys.setswitchinterval(phase.switch or 0.005)
     metrics = Metrics("run", MetricsConfig(enabled=False))
     publisher = Publisher("tcp://127.0.0.1:*", sndhwm=cfg.pipeline.forecast.sndhwm)
-    stages = [app.forecast_stage(engines[e], publisher, metrics, seg, cfg.pipeline.forecast, Path(e),
-                                 engine_loader(cfg.pipeline.forecast)) for e in phase.engines]
+    fc = cfg.pipeline.forecast
+    served = [also_loader(fc)(engines[e].manifest.engine_dir) if i and phase.workers == "processes"
+              else engines[e] for i, e in enumerate(phase.engines)]
+    stages = [app.forecast_stage(engine, publisher, metrics, seg, fc, Path(e), engine_loader(fc))
+              for engine, e in zip(served, phase.engines)]
+    children = [pid for engine in served if (pid := getattr(engine, "pid", None))]
     for stage in stages:
         stage.warm_up(args.neurons)
     source = PacedSource(vols, stim, cfg.rig.name, args.period, cfg.pipeline.source.rcvhwm)
@@ -235,10 +255,11 @@ def run_phase(args: argparse.Namespace, phase: Phase, engines: dict[str, Engine]
     def mark() -> None:      # counts at the first timed frame: what came before is warm-up
         marks.update(samples={lab: metrics.latency(lab).samples().size for lab in (*labels.values(), "preprocess",
                                                                                   "ingest")},
-                     skipped=dict(pipe.report.skipped), seq=source.seq, cpu=time.process_time(),
+                     skipped=dict(pipe.report.skipped), seq=source.seq, cpu=time.process_time() + cpu_s(children),
                      wall=time.perf_counter(), lost=source.lost)
 
-    print(f"\n{phase.name}: {' + '.join(phase.engines)} (also_schedule {phase.schedule}, nice {phase.nice}); "
+    print(f"\n{phase.name}: {' + '.join(phase.engines)} (also_schedule {phase.schedule}, nice {phase.nice}, "
+          f"also_workers {phase.workers}); "
           f"load {load()}", flush=True)
     load_before = os.getloadavg()
     orig_recv = source.recv_all
@@ -250,10 +271,11 @@ def run_phase(args: argparse.Namespace, phase: Phase, engines: dict[str, Engine]
     source.recv_all = recv_all  # type: ignore[method-assign]
     try:
         report = pipe.run()
+        cpu_end = time.process_time() + cpu_s(children)         # before close ends the children
     finally:
         pipe.close()
         sys.setswitchinterval(switch)
-    cores = (time.process_time() - marks["cpu"]) / max(time.perf_counter() - marks["wall"], 1e-9)
+    cores = (cpu_end - marks["cpu"]) / max(time.perf_counter() - marks["wall"], 1e-9)
     timed = len(vols) - marks["seq"]
     rows: dict[str, Any] = {}
     for lab in ("ingest", "preprocess"):

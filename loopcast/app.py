@@ -18,7 +18,13 @@ from loopcast.realtime.engines.base import Engine
 from loopcast.realtime.engines.manifest import EngineError
 from loopcast.realtime.engines.watch import Loader
 from loopcast.realtime.forecast.activation import ActivationStage
-from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage, engine_loader, engine_watcher
+from loopcast.realtime.forecast.stage import (
+    ForecastConfig,
+    ForecastStage,
+    also_loader,
+    engine_loader,
+    engine_watcher,
+)
 from loopcast.realtime.forecast.video import VideoForecastStage
 from loopcast.realtime.jit import set_cache_dir as set_kernel_cache
 from loopcast.realtime.metrics import Metrics, MetricsConfig
@@ -103,12 +109,12 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     the first frame waited ~10 s for numba's kernels, and 192 of the demo's 300 frames were lost)."""
     fc = cfg.pipeline.forecast
     paths = [engine_path(cfg), *(Path(p) for p in fc.also)]
-    loader = engine_loader(fc)
-    engines = load_engines(paths, loader)
+    loaders = [engine_loader(fc), *[also_loader(fc)] * len(fc.also)]
+    engines = load_engines(paths, loaders)
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
     stages: list[ForecastStage] = []
     try:
-        for engine, path in zip(engines, paths):
+        for engine, path, loader in zip(engines, paths, loaders):
             stages.append(forecast_stage(engine, publisher, metrics, segmentation, fc, path, loader))
     except (EngineError, ValueError) as exc:
         for stage in stages:
@@ -133,13 +139,16 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     return pipeline
 
 
-def load_engines(paths: list[Path], loader: Loader) -> list[Engine]:
-    """Every configured engine, loaded; a UserError naming the one that fails."""
-    engines = []
-    for path in paths:
+def load_engines(paths: list[Path], loaders: list[Loader]) -> list[Engine]:
+    """Every configured engine, each by its loader; a UserError naming the one that fails (those loaded
+    before it are closed: an engine may hold a child process)."""
+    engines: list[Engine] = []
+    for path, loader in zip(paths, loaders):
         try:
             engine = loader(path)
         except EngineError as exc:
+            for loaded in engines:
+                loaded.close()
             raise UserError(str(exc)) from exc
         log.info("engine %s: task %s, signal %s, %d stimulus covariates (%s)", engine.version,
                  engine.manifest.task, engine.manifest.signal, engine.manifest.n_covariates,

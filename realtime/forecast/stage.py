@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 #           skips, a frame costs the slowest stage: offline replays, deterministic tests)
 #   serial  on the pipeline's thread after the first, one after the other (a frame costs their sum)
 SCHEDULES = ("newest", "every", "serial")
+# Where an `also` stage's engine computes: "threads" in the stage's thread (ONNX Runtime releases the GIL,
+# the Python around each call does not); "processes" in a child process (realtime.engines.process), the
+# stage's thread only waiting for it, so the pipeline's thread keeps the GIL (docs/cpu.md)
+WORKERS = ("threads", "processes")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class ForecastConfig:
     also_schedule: str = "newest"            # how `also` stages run: SCHEDULES
     also_nice: int = 10                      # "newest"/"every": their threads' nice increment (0..19)
     also_idle: bool = False                  # "newest"/"every": their threads under SCHED_IDLE (Linux)
+    also_workers: str = "threads"            # "processes": each `also` engine computes in a child process
     runtime: str = "onnxruntime"
     threads: int = 1                         # per engine; derived from [runtime] (loopcast/runtime.py)
     device: str = "cpu"                      # "cpu" or "cuda[:k]"
@@ -67,6 +72,11 @@ class ForecastConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.also_schedule not in SCHEDULES:
             raise ValueError(f"also_schedule must be one of {list(SCHEDULES)}, got {self.also_schedule!r}")
+        if self.also_workers not in WORKERS:
+            raise ValueError(f"also_workers must be one of {list(WORKERS)}, got {self.also_workers!r}")
+        if self.also_workers == "processes" and self.also_schedule == "serial":
+            raise ValueError('also_workers = "processes" needs also_schedule "newest" or "every" (with '
+                             '"serial" the stages run one after the other on the pipeline\'s thread anyway)')
         if not 0 <= self.also_nice <= 19:
             raise ValueError(f"also_nice must be in 0..19, got {self.also_nice}")
         if self.threads < 1:
@@ -77,6 +87,16 @@ def engine_loader(cfg: ForecastConfig) -> Loader:
     """path -> engine with the configured runtime, threads and device."""
     return functools.partial(load_engine, runtime=cfg.runtime, threads=cfg.threads, device=cfg.device,
                              memory_arena=cfg.memory_arena, precision=cfg.precision)
+
+
+def also_loader(cfg: ForecastConfig) -> Loader:
+    """path -> engine for the `also` stages: as `engine_loader`, or with also_workers = "processes" a
+    ProcessEngine whose child runs it (at nice `also_nice`)."""
+    if cfg.also_workers == "threads":
+        return engine_loader(cfg)
+    from loopcast.realtime.engines.process import ProcessEngine
+    return functools.partial(ProcessEngine, runtime=cfg.runtime, nice=cfg.also_nice, threads=cfg.threads,
+                             device=cfg.device, memory_arena=cfg.memory_arena, precision=cfg.precision)
 
 
 def engine_watcher(path: str | Path, cfg: ForecastConfig, loader: Loader,
@@ -275,6 +295,8 @@ class ForecastStage:
         return header, pred
 
     def close(self) -> None:
+        """Stop watching, release the serving engine (a ProcessEngine ends its child), close the publisher."""
         if self.watcher is not None:
             self.watcher.stop()
+        close_engine(self.engine)
         self.publisher.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -168,6 +169,16 @@ def _run_block(ys: F64, b: F64, g: F64, smin: F64, hot: F64, ring: F64, meta: I6
             _add(hot, ring, meta, prev, i, ys[k, i] - b[i], g[i], smin[i], t0 + k)
 
 
+@njit(nogil=True)
+def _run_block_serial(ys: F64, b: F64, g: F64, smin: F64, hot: F64, ring: F64, meta: I64, prev: F64,
+                      t0: int) -> None:  # pragma: no cover (compiled)
+    """`_run_block` on the calling thread only: for a thread beside the loop's, which runs the parallel
+    kernels (numba's `workqueue` threading layer must not run parallel kernels on two threads at once)."""
+    for i in range(ys.shape[1]):
+        for k in range(ys.shape[0]):
+            _add(hot, ring, meta, prev, i, ys[k, i] - b[i], g[i], smin[i], t0 + k)
+
+
 @njit(parallel=True, nogil=True)
 def _build(hot: F64, ring: F64, meta: I64, prev: F64, g: F64, smin: F64, t_end: int, c: F64,
            s: F64) -> None:  # pragma: no cover (compiled)
@@ -247,16 +258,30 @@ def oasis_offline(y: np.ndarray, g: Any, smin: Any, baseline: Any = 0.0,
     return (c[:, 0], s[:, 0]) if one else (c, s)
 
 
+@dataclass(frozen=True)
+class _Replay:
+    """What the end of the warm-up hands back: `frames` (T', N) to run into the pools from frame `start`
+    on (into `prepared` when the background job already ran the earlier ones into pools of its own),
+    and `live`: the current frame is not among them and is to be processed as a live frame next."""
+
+    frames: NDArray[np.float32]
+    start: int
+    live: bool
+    prepared: Any = None
+
+
 class _Warmup:
     """Warm-up bookkeeping shared by both implementations: without given parameters, buffer `cfg.warmup`
     frames, estimate the parameters on them and hand the frames back to replay into the pools.
 
-    Inline (`background` False), the fit runs on the frame that completes the warm-up: 0.3-0.6 s at
-    71,721 neurons on 2 CPU cores, inside that frame's latency. In the background, that frame starts the
-    fit on its own thread (numpy: it releases the GIL in the sorts and products) and later frames are
-    buffered until it is done; the first frame that finds it done is replayed after them as a live
-    frame. The pools then hold what inline fitting gives: from that frame on the outputs are the same,
-    and only the frames that came during the fit report zeros (one or two at the rig's rate).
+    Inline (`background` False), the fit and the replay run on the frame that completes the warm-up:
+    0.3-0.6 s at 71,721 neurons on 2 CPU cores, inside that frame's latency. In the background, that
+    frame starts a job on its own thread: the fit (numpy: it releases the GIL in the sorts and
+    products) and, where the implementation can (`_prepare`), the replay of the warm-up frames into
+    pools of its own. Later frames are buffered until the job is done; the first frame that finds it
+    done adopts its pools, replays the buffered frames and is then processed live. The pools then hold
+    what inline fitting gives: from that frame on the outputs are the same, and only the frames that
+    came during the job report zeros (one or two at the rig's rate).
     """
 
     def _init_warmup(self, n: int, params: OasisParams | None, cfg: OasisConfig, frame_period_s: float,
@@ -267,7 +292,7 @@ class _Warmup:
         self.params, self.n_fallback, self.frames = params, 0, 0
         self._warm: NDArray[np.float32] | None = \
             None if params is not None else np.zeros((cfg.warmup, n), dtype=np.float32)
-        self._fit: Future[tuple[OasisParams, int]] | None = None
+        self._job: Future[tuple[tuple[OasisParams, int], Any]] | None = None
         self._backlog: list[NDArray[np.float32]] = []
 
     @property
@@ -277,27 +302,35 @@ class _Warmup:
 
     @property
     def fitting(self) -> bool:
-        """True while the background fit runs (frames are being buffered)."""
-        return self._fit is not None
+        """True while the background job runs (frames are being buffered)."""
+        return self._job is not None
 
     def wait_for_fit(self, timeout_s: float | None = None) -> None:
-        """Block until a background fit is done (its frames are replayed by the next `process`)."""
-        if self._fit is not None:
-            concurrent.futures.wait([self._fit], timeout_s)
+        """Block until a background job is done (its frames are replayed by the next `process`)."""
+        if self._job is not None:
+            concurrent.futures.wait([self._job], timeout_s)
 
     def _check(self, shape: tuple[int, ...]) -> None:
         if tuple(shape) != (self.n,):
             raise ValueError(f"expected dF/F of shape ({self.n},), got {tuple(shape)}")
 
-    def _warm_frame(self, dff: np.ndarray) -> tuple[NDArray[np.float32], bool] | None:
-        """One frame while `params` is None. None: buffered (output zeros). Else the parameters are set,
-        and this returns the frames to replay into the pools (the buffers are released here) and whether
-        `dff` is among them; if not, the caller processes it as a live frame after the replay."""
+    def _prepare(self, params: OasisParams, warm: NDArray[np.float32]) -> Any:
+        """Background job, after the fit: pools with the warm-up frames run into them, or None (the loop
+        then replays them)."""
+        return None
+
+    def _fit_job(self, warm: NDArray[np.float32]) -> tuple[tuple[OasisParams, int], Any]:
+        fit = estimate_params(warm, self.frame_period_s, self.cfg)
+        return fit, self._prepare(fit[0], warm)
+
+    def _warm_frame(self, dff: np.ndarray) -> _Replay | None:
+        """One frame while `params` is None. None: buffered (output zeros). Else the parameters are set
+        (the buffers released here), and the frames to replay come back."""
         warm = self._warm
         assert warm is not None, "warm-up frame after the warm-up"
-        if self._fit is not None:
-            if self._fit.done():
-                return self._adopt(self._fit.result()), False   # a failed fit raises here, on the loop
+        if self._job is not None:
+            if self._job.done():
+                return self._adopt(*self._job.result())   # a failed job raises here, on the loop's thread
             if len(self._backlog) >= self.cfg.warmup:
                 raise RuntimeError(f"the OASIS parameter fit is still running after {len(self._backlog)} "
                                    "more frames; frames are piling up")
@@ -309,18 +342,23 @@ class _Warmup:
         if self.frames < self.cfg.warmup:
             return None
         if not self.background:
-            return self._adopt(estimate_params(warm, self.frame_period_s, self.cfg)), True
+            self.params, self.n_fallback = estimate_params(warm, self.frame_period_s, self.cfg)
+            self._warm = None
+            return _Replay(warm, 0, live=False)
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="oasis-fit")
-        self._fit = pool.submit(estimate_params, warm, self.frame_period_s, self.cfg)
-        pool.shutdown(wait=False)                 # its thread ends with the fit
+        self._job = pool.submit(self._fit_job, warm)
+        pool.shutdown(wait=False)                 # its thread ends with the job
         return None
 
-    def _adopt(self, fit: tuple[OasisParams, int]) -> NDArray[np.float32]:
+    def _adopt(self, fit: tuple[OasisParams, int], prepared: Any) -> _Replay:
         self.params, self.n_fallback = fit
         warm, backlog = self._warm, self._backlog
         assert warm is not None
-        self._warm, self._fit, self._backlog = None, None, []
-        return np.concatenate([warm, np.stack(backlog)]) if backlog else warm
+        self._warm, self._job, self._backlog = None, None, []
+        later = np.stack(backlog) if backlog else np.zeros((0, self.n), np.float32)
+        if prepared is not None:
+            return _Replay(later, len(warm), live=True, prepared=prepared)
+        return _Replay(np.concatenate([warm, later]), 0, live=True)
 
 
 class StreamingOasis(_Warmup):
@@ -342,18 +380,28 @@ class StreamingOasis(_Warmup):
     def _set_params(self, p: OasisParams) -> None:
         self._b, self._g, self._smin = (np.asarray(a, dtype=np.float64) for a in (p.baseline, p.g, p.smin))
 
+    def _prepare(self, params: OasisParams, warm: NDArray[np.float32]) -> _PoolState:
+        """On the background job's thread: fresh pools with the warm-up frames run into them."""
+        state = _PoolState(self.n, self.cfg.max_pools)
+        b, g, smin = (np.asarray(a, dtype=np.float64) for a in (params.baseline, params.g, params.smin))
+        _run_block_serial(warm.astype(np.float64), b, g, smin, *state.arrays, 0)
+        return state
+
     def process(self, dff: np.ndarray) -> np.ndarray:
         """dff (N,) -> (N,) float32 spike amount (dF/F) at frame t - lag; zeros in warm-up and while t < lag."""
         self._check(np.shape(dff))
         if self.params is None:
-            done = self._warm_frame(dff)
-            if done is None:
+            replay = self._warm_frame(dff)
+            if replay is None:
                 return np.zeros(self.n, dtype=np.float32)
-            replay, buffered = done
             assert self.params is not None
             self._set_params(self.params)
-            _run_block(replay.astype(np.float64), self._b, self._g, self._smin, *self._state.arrays, 0)
-            if buffered:
+            if replay.prepared is not None:
+                self._state = replay.prepared
+            if len(replay.frames):
+                _run_block(replay.frames.astype(np.float64), self._b, self._g, self._smin, *self._state.arrays,
+                           replay.start)
+            if not replay.live:
                 return np.zeros(self.n, dtype=np.float32)
         st = self._state
         _stream_step(np.ascontiguousarray(dff, dtype=np.float32), self._b, self._g, self._smin, *st.arrays,

@@ -42,15 +42,14 @@ class TorchStreamingOasis(_Warmup):
         zeros = self._torch.zeros(self.n, dtype=self._torch.float32, device=self.device)
         if self.params is None:
             cpu = dff.detach().cpu().numpy() if isinstance(dff, self._torch.Tensor) else np.asarray(dff)
-            done = self._warm_frame(cpu.astype(np.float32))
-            if done is None:
+            replay = self._warm_frame(cpu.astype(np.float32))
+            if replay is None:
                 return zeros
-            replay, buffered = done
             assert self.params is not None
             self._set_params(self.params)
-            for t, row in enumerate(replay):
+            for t, row in enumerate(replay.frames, start=replay.start):    # never `prepared` here
                 self._add(self._torch.as_tensor(row).to(self.device, self.dtype), t)
-            if buffered:
+            if not replay.live:
                 return zeros
         y = self._torch.as_tensor(dff).to(self.device, self._torch.float32).to(self.dtype)
         self._add(y, self.frames)

@@ -116,22 +116,24 @@ class OasisSpikes:
         return self.oasis.ready and self.oasis.frames > self.cfg.oasis.warmup + self.cfg.oasis.lag
 
     def warm_up(self) -> None:
-        """Run a throwaway estimator of the same N (and device) on seeded noise, with a warm-up of
-        `oasis.min_fit_frames` frames instead of `oasis.warmup`, through the end of its warm-up and two
-        frames past it: the parameter fit, the replay of the warm-up frames into the pools and the
+        """Run throwaway estimators of the same N (and device) on seeded noise, with a warm-up of
+        `oasis.min_fit_frames` frames instead of `oasis.warmup`, through the end of their warm-up and
+        two frames past it: the parameter fit, the replay of the warm-up frames into the pools and the
         per-frame step all run (numba `_run_block` and `_stream_step`, each seconds to compile, ran at
-        the end of the live warm-up, frame 100). A background fit is waited for, so its replay runs
-        too. This estimator sees nothing."""
+        the end of the live warm-up, frame 100). With the fit in the background, a second one takes
+        that path too (its job's serial replay kernel), waited for. These estimators see nothing."""
         oasis = dataclasses.replace(self.cfg.oasis, warmup=self.cfg.oasis.min_fit_frames)
-        scratch = OasisSpikes(self.oasis.n, dataclasses.replace(self.cfg, oasis=oasis), self.dt, self.device)
-        rng = np.random.default_rng(0)
-        for _ in range(oasis.warmup):
-            scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
-        scratch.oasis.wait_for_fit()
-        for _ in range(oasis.lag + 2):
-            scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
-        if not scratch.ready:
-            raise RuntimeError("the spike estimator's warm-up did not reach its per-frame step")
+        for background in sorted({False, self.cfg.fit_in_background}):
+            cfg = dataclasses.replace(self.cfg, oasis=oasis, fit_in_background=background)
+            scratch = OasisSpikes(self.oasis.n, cfg, self.dt, self.device)
+            rng = np.random.default_rng(0)
+            for _ in range(oasis.warmup):
+                scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
+            scratch.oasis.wait_for_fit()
+            for _ in range(oasis.lag + 2):
+                scratch.process(rng.normal(0.0, 0.05, self.oasis.n).astype(np.float32))
+            if not scratch.ready:
+                raise RuntimeError("the spike estimator's warm-up did not reach its per-frame step")
 
     def process(self, dff: np.ndarray) -> SpikeEstimate:
         s = self.oasis.process(dff)

@@ -19,7 +19,7 @@ import pytest
 
 from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 from loopcast.realtime.forecast.activation import ActivationStage
-from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage
+from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage, also_loader
 from loopcast.realtime.forecast.worker import MAX_CONSECUTIVE_FAILURES
 from loopcast.realtime.ingest import RigConfig
 from loopcast.realtime.metrics import Metrics, MetricsConfig
@@ -230,3 +230,29 @@ def test_serial_schedule_runs_every_stage_on_the_loops_thread(toy_engines: dict[
     assert metrics.latency("forecast").summary()["count"] == FRAMES - FIRST
     assert metrics.latency("forecast/toycov").summary()["count"] == FRAMES - FIRST
     assert report.skipped == {}
+
+
+def test_also_workers_processes_serves_the_also_stages_from_children(toy_engines: dict[str, Path]) -> None:
+    """The first stage in-process, the `also` stages (forecast and activation) each in a child: every
+    frame published by all three, with the outputs the in-process stages give."""
+    metrics = Metrics("run", MetricsConfig(enabled=False))
+    outputs = {}
+    for workers in ("threads", "processes"):
+        load = also_loader(ForecastConfig(also_workers=workers))
+        pub = Publisher("tcp://127.0.0.1:*", sndhwm=10_000)
+        sub = Subscriber(pub.endpoint, topics=(b"forecast/", b"activation/"))
+        time.sleep(0.2)
+        stages = [ForecastStage(OnnxEngine(toy_engines["mean"]), pub, metrics),
+                  ForecastStage(load(toy_engines["cov"]), pub, metrics),
+                  ActivationStage(load(toy_engines["act"]), pub, metrics)]
+        assert [type(s.engine).__name__ for s in stages[1:]] == ["ProcessEngine" if workers == "processes"
+                                                                  else "OnnxEngine"] * 2
+        pipe = pipeline(stages, Feed(8), metrics, schedule="every")
+        pipe.run()
+        got = receive(sub, 3 * 6)
+        pipe.close()
+        sub.close()
+        outputs[workers] = {(f.header.model, f.header.seq): f.data for f in got}
+    assert len(outputs["processes"]) == 3 * 6 and outputs["processes"].keys() == outputs["threads"].keys()
+    for key, data in outputs["threads"].items():
+        np.testing.assert_allclose(outputs["processes"][key], data, rtol=1e-6, atol=1e-6)
