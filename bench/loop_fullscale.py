@@ -52,6 +52,24 @@ PROCESSES = ("controller", "run", "sim")
 SETTLE_S = 120.0     # RSS growth is measured from this long after the first frame
 
 
+# The controller armed, its policy firing on every nlinear forecast, the interlocks opened up: every
+# forecast makes a trigger, so forecast -> PUBACK is measured on each (also bench/trigger_latency.py)
+FIRE_ON_EVERY_FORECAST = [
+    'controller.policy.mode="above"', "controller.policy.level=-1.0", 'controller.policy.model="nlinear"',
+    "controller.interlocks.armed_at_start=true", "controller.interlocks.min_interval_s=0.0",
+    "controller.interlocks.max_per_minute=1000000", "controller.interlocks.max_forecast_age_s=5.0",
+    'rig.name="bench"']
+
+
+def prioritise_broker(broker: object, priority: int) -> int | None:
+    """Mosquitto's pid (None for the embedded broker), under SCHED_FIFO at `priority` when > 0, as a
+    rig's unit would run it (docs/cpu.md); single-threaded, so its main thread is all of it."""
+    pid: int | None = getattr(broker, "pid", None)
+    if priority and pid is not None:
+        os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(priority))
+    return pid
+
+
 def engines(n: int, work: Path, seed: int) -> dict[str, Path]:
     """nlinear C=4 H=8 and TSMixer C=4 H=32 at n neurons, seeded random weights (reused when present)."""
     import torch
@@ -97,9 +115,7 @@ def preprocess_alone(frames: int) -> dict[str, Any]:
 
 def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path], sockets: Path) -> dict[str, Any]:
     with start_broker(args.broker) as broker:
-        broker_proc = getattr(broker, "_proc", None)      # Mosquitto's process (none when embedded)
-        if args.priority and broker_proc is not None:     # single-threaded: its main thread is all of it
-            os.sched_setscheduler(broker_proc.pid, os.SCHED_FIFO, os.sched_param(args.priority))
+        broker_pid = prioritise_broker(broker, args.priority)
         cfg = load_settings(CONFIGS, [
             f'paths.recording="{args.recording}"', f'paths.runs="{args.work}/runs"', "metrics.samples=true",
             *(f"metrics.{p}=0" for p in PROCESSES), f"mqtt.port={broker.port}",
@@ -108,10 +124,7 @@ def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path],
             f'pipeline.forecast.engine="{eng["nlinear"]}"', f'pipeline.forecast.also=["{eng["tsmixer"]}"]',
             "pipeline.forecast.watch=false", "pipeline.forecast.wait_subscribers=1",
             "pipeline.forecast.wait_timeout_s=600", "pipeline.idle_timeout_s=10.0",
-            'controller.policy.mode="above"', "controller.policy.level=-1.0", 'controller.policy.model="nlinear"',
-            "controller.interlocks.armed_at_start=true", "controller.interlocks.min_interval_s=0.0",
-            "controller.interlocks.max_per_minute=1000000", "controller.interlocks.max_forecast_age_s=5.0",
-            f"runtime.priority.controller={args.priority}", 'rig.name="bench"', *args.set])
+            *FIRE_ON_EVERY_FORECAST, f"runtime.priority.controller={args.priority}", *args.set])
         run_dir = new_run_dir(cfg, f"loop-fullscale-{i}")
         sampler = ProcSampler(1.0).start()
         procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -121,8 +134,8 @@ def one_run(args: argparse.Namespace, i: int, frames: int, eng: dict[str, Path],
             for name in PROCESSES:
                 procs[name] = spawn(name, run_dir)
                 sampler.add(name, procs[name].pid)
-            if broker_proc is not None:
-                sampler.add("mosquitto", broker_proc.pid)
+            if broker_pid is not None:
+                sampler.add("mosquitto", broker_pid)
             deadline = time.monotonic() + frames * cfg.rig.frame_period_s + 900
             while procs["sim"].poll() is None and time.monotonic() < deadline:
                 sent = max(sent, scrape_counters(run_dir, "sim").get("loopcast_frames_sent_total", 0.0))

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from procstat import cpu_seconds
 from sbm_quantformer_latency import K, export, quantformer_case, sbm_case
 
 from loopcast import app, cpu
@@ -195,11 +196,7 @@ class Phase:
 
 def cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system) of these processes so far (the engines' children)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])             # utime, stime (fields 14, 15)
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def make_phase(token: str, args: argparse.Namespace) -> Phase:

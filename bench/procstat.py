@@ -14,6 +14,18 @@ import numpy as np
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+
+
+def stat_cpu_s(stat: str) -> float:
+    """CPU seconds (user + system) from the text of /proc/<pid>/stat."""
+    fields = stat.rsplit(")", 1)[1].split()          # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / TICKS   # utime, stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far."""
+    return stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
+
 @dataclass
 class Track:
     """Samples of one process: (monotonic s, CPU s so far, RSS MB)."""
@@ -30,8 +42,7 @@ class Track:
             status = Path(f"/proc/{self.pid}/status").read_text()
         except OSError:
             return False
-        fields = stat.rsplit(")", 1)[1].split()     # after the command name, which may hold spaces
-        cpu = (int(fields[11]) + int(fields[12])) / TICKS   # utime + stime
+        cpu = stat_cpu_s(stat)
         rss = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), None)
         if rss is None:         # a zombie: exited, not yet reaped
             return False

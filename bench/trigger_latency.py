@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from loop_fullscale import FIRE_ON_EVERY_FORECAST, prioritise_broker
 
 from loopcast.broker import start_broker
 from loopcast.demo import spawn, wait_or_stop
@@ -50,15 +51,11 @@ def one(args: argparse.Namespace, condition: str, work: Path) -> dict[str, Any]:
     priority = args.priority if condition == "busy-fifo" else 0
     endpoint = f"ipc://{work}/fc-{condition}"
     with start_broker("mosquitto") as broker:
-        if priority:
-            os.sched_setscheduler(broker._proc.pid, os.SCHED_FIFO, os.sched_param(priority))  # type: ignore[attr-defined]
+        prioritise_broker(broker, priority)
         cfg = load_settings(CONFIGS, [
             f'paths.recording="{args.recording}"', f'paths.runs="{work}/runs"', "metrics.samples=true",
             "metrics.controller=0", f"mqtt.port={broker.port}", f'endpoints.forecasts="{endpoint}"',
-            'controller.policy.mode="above"', "controller.policy.level=-1.0", 'controller.policy.model="nlinear"',
-            "controller.interlocks.armed_at_start=true", "controller.interlocks.min_interval_s=0.0",
-            "controller.interlocks.max_per_minute=1000000", "controller.interlocks.max_forecast_age_s=5.0",
-            f"runtime.priority.controller={priority}", 'rig.name="bench"'])
+            *FIRE_ON_EVERY_FORECAST, f"runtime.priority.controller={priority}"])
         run_dir = new_run_dir(cfg, f"trigger-{condition}")
         ctx = zmq.Context()
         pub = ctx.socket(zmq.XPUB)                  # XPUB: its subscription comes back as a message

@@ -203,6 +203,11 @@ class MosquittoBroker(_ContextBroker):
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """Mosquitto's process id while it runs (for its scheduling or a process sampler)."""
+        return self._proc.pid if self._proc is not None else None
+
     def config_text(self) -> str:
         """The mosquitto.conf this broker runs with."""
         return "\n".join([
