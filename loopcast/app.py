@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from loopcast.realtime.forecast.video import VideoForecastStage
 from loopcast.realtime.jit import set_cache_dir as set_kernel_cache
 from loopcast.realtime.metrics import Metrics, MetricsConfig
 from loopcast.realtime.pipeline import Pipeline
+from loopcast.realtime.record.session import SessionRecorder, select_neurons
 from loopcast.realtime.wire.transport import Publisher, Subscriber
 from loopcast.replay.fish import FishModel
 from loopcast.replay.layout import Recording, RecordingError
@@ -101,12 +103,15 @@ def engine_path(cfg: LoopcastConfig) -> Path:
     return Path(cfg.paths.engines) / TrainEngineRef.of(cfg).name
 
 
-def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray) -> Pipeline:
+def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarray, run_dir: Path | None = None,
+                   groups: dict[str, np.ndarray] | None = None) -> Pipeline:
     """Forecast publisher first, then one stage per engine ([pipeline.forecast] engine, then each `also`
     entry), the pipeline with its ingest and preprocess stages, every stage warmed up (`Pipeline.warm_up`),
     optionally a wait for a controller, and only then the frame subscriber: a source starts sending once
     it sees that subscription (`wait_subscribers`), so nothing slow may come after it (on a fresh install
-    the first frame waited ~10 s for numba's kernels, and 192 of the demo's 300 frames were lost)."""
+    the first frame waited ~10 s for numba's kernels, and 192 of the demo's 300 frames were lost).
+    With a `run_dir` (and [pipeline.record] enabled) the session is recorded in it from the first frame
+    (`groups`: the recording's neuron groups, to add the controller policy's neurons to the record)."""
     fc = cfg.pipeline.forecast
     paths = [engine_path(cfg), *(Path(p) for p in fc.also)]
     loaders = [engine_loader(fc), *[also_loader(fc)] * len(fc.also)]
@@ -133,10 +138,36 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     except (EngineError, ValueError) as exc:
         pipeline.close()
         raise UserError(f"cannot start the pipeline: warm-up failed: {exc}") from exc
+    if run_dir is not None and cfg.pipeline.record.enabled:
+        try:
+            pipeline.attach(session_recorder(cfg, pipeline, metrics, run_dir, groups or {}))
+        except (OSError, ValueError) as exc:
+            pipeline.close()
+            raise UserError(f"cannot start the session record in {run_dir}: {exc}") from exc
     if fc.wait_subscribers and not publisher.wait_for_subscribers(fc.wait_subscribers, fc.wait_timeout_s):
         log.warning("no forecast subscriber after %.0f s; publishing anyway", fc.wait_timeout_s)
     pipeline.connect(Subscriber(cfg.endpoints.frames, topics=(b"frame",), rcvhwm=cfg.pipeline.source.rcvhwm))
     return pipeline
+
+
+def session_recorder(cfg: LoopcastConfig, pipeline: Pipeline, metrics: Metrics, run_dir: Path,
+                     groups: dict[str, np.ndarray]) -> SessionRecorder:
+    """The session record of `pipeline` at <run_dir>/<pipeline.record.path>: the configured neurons plus the
+    controller policy's monitored and target neurons (where they resolve against `groups`)."""
+    n, pol = pipeline.preprocess.n_neurons, cfg.controller.policy
+    try:
+        extra = np.concatenate([resolve_neuron_set(pol.monitor, n, groups), resolve_neuron_set(pol.targets, n, groups)])
+    except ValueError as exc:
+        log.warning("session record: the policy's neurons are not added (%s)", exc)
+        extra = None
+    rc = cfg.pipeline.record
+    neurons = select_neurons(rc.neurons, n, extra)
+    attrs = {"rig": cfg.rig.name, "frame_period_s": cfg.rig.frame_period_s, "shape": list(cfg.rig.shape),
+             "dtype": cfg.rig.dtype, "n_neurons": n, "recording": cfg.paths.recording,
+             "loopcast_version": version("loopcast")}
+    log.info("session record %s: %d of %d neurons, dF/F of every %s frame", run_dir / rc.path, neurons.size, n,
+             "" if rc.frame_every == 1 else f"{rc.frame_every}th")
+    return SessionRecorder(rc, run_dir / rc.path, neurons, pipeline.stage_infos(), metrics, attrs)
 
 
 def load_engines(paths: list[Path], loaders: list[Loader]) -> list[Engine]:
@@ -170,8 +201,10 @@ def forecast_stage(engine: Engine, publisher: Publisher, metrics: Metrics, segme
     return stage(engine, publisher, metrics, engine_watcher(path, fc, loader, metrics))
 
 
-def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | None) -> Controller:
-    """Resolve the policy's neuron sets (against the recording's groups, if any) and build it."""
+def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | None,
+                     run_dir: Path | None = None) -> Controller:
+    """Resolve the policy's neuron sets (against the recording's groups, if any) and build it; with a run
+    directory, its audit log is <run_dir>/<controller.audit.file> (unless controller.audit.enabled is false)."""
     n = rec.n_neurons if rec is not None else None
     groups = neuron_groups(rec) if rec is not None else {}
     if n is None:
@@ -182,7 +215,11 @@ def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | Non
         targets = resolve_neuron_set(pol.targets, n, groups)
     except ValueError as exc:
         raise UserError(f"controller.policy: {exc}") from exc
-    return Controller(cfg.controller, monitor, targets, metrics, n_neurons=n)
+    audit_path = run_dir / cfg.controller.audit.file if run_dir is not None else None
+    try:
+        return Controller(cfg.controller, monitor, targets, metrics, n_neurons=n, audit_path=audit_path)
+    except OSError as exc:
+        raise UserError(f"controller audit log {audit_path}: {exc}") from exc
 
 
 def build_sim(cfg: LoopcastConfig, metrics: Metrics, mqtt: bool = True) -> LiveSim:

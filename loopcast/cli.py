@@ -89,7 +89,7 @@ def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
 def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     rec = app.open_recording(cfg)
     metrics = app.process_metrics(cfg, "run", run_dir)
-    pipeline = app.build_pipeline(cfg, metrics, rec.segmentation())
+    pipeline = app.build_pipeline(cfg, metrics, rec.segmentation(), run_dir, app.neuron_groups(rec))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: pipeline.stop())
     log.info("pipeline: frames from %s, forecasts on %s", cfg.endpoints.frames, cfg.endpoints.forecasts)
@@ -106,10 +106,11 @@ def cmd_run(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
 def cmd_controller(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     rec = app.open_recording(cfg)
     metrics = app.process_metrics(cfg, "controller", run_dir)
-    controller = app.build_controller(cfg, metrics, rec)
+    controller = app.build_controller(cfg, metrics, rec, run_dir)
     log.info("controller for rig %s: forecasts from %s, MQTT %s:%d, %s", cfg.rig.name,
              cfg.endpoints.forecasts, cfg.mqtt.host, cfg.mqtt.port,
              "ARMED at start" if cfg.controller.interlocks.armed_at_start else "disarmed until armed")
+    log.info("audit log: %s", controller.audit.path or "off (controller.audit.enabled = false)")
     app.run_until_signalled(controller.run)
     metrics.write_summary(run_dir / "controller.summary.json", {"controller": controller.status()},
                           samples=cfg.metrics.samples)
@@ -240,6 +241,15 @@ def cmd_control(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) ->
     return 0
 
 
+def cmd_session(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
+    from loopcast.session import commands
+    from loopcast.session.data import RecordError
+    try:
+        return commands.run(args)
+    except RecordError as exc:
+        raise app.UserError(str(exc)) from exc
+
+
 def cmd_demo(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     from loopcast.demo import run_demo
     return run_demo(cfg, run_dir, args)
@@ -260,6 +270,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "train-quantformer": (cmd_train_quantformer, "pretrain and fine-tune QuantFormer; export its activation engine"),
     "train-spikes": (cmd_train_spikes, "train the causal spike-inference net on simulated fish; export it"),
     "control": (cmd_control, "send arm / disarm / stop / reset to a controller"),
+    "session": (cmd_session, "after a run: `report` RUN_DIR (summary and figure) or `export-nwb` RUN_DIR"),
     "demo": (cmd_demo, "the whole closed loop on the embedded defaults"),
 }
 
@@ -333,6 +344,9 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--timeout", type=float, default=5.0)
     elif name == "demo":
         p.add_argument("--fresh", action="store_true", help="re-synthesize and retrain")
+    elif name == "session":
+        from loopcast.session.commands import add_arguments
+        add_arguments(p)
 
 
 # Convenience flags that are just overrides of one config key.
@@ -369,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1   # torchrun's protocol
         if under_torchrun and not args.run_dir:
             raise app.UserError("under torchrun pass --run-dir: every rank must share one run directory")
-        run_dir = new_run_dir(cfg, args.command, args.run_dir)
+        # `session` reads a run directory; it makes none
+        run_dir = Path(args.session_dir) if args.command == "session" else new_run_dir(cfg, args.command, args.run_dir)
         code = COMMANDS[args.command][0](cfg, args, run_dir)
         if under_torchrun:                       # a rank leaves without gloo's teardown
             from loopcast.offline_training.fit.ddp import exit_rank

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import socket
 import time
 from typing import Any
 
@@ -19,13 +21,33 @@ async def send_control(cfg: LoopcastConfig, command: str, timeout_s: float = 5.0
     try:
         async with aiomqtt.Client(cfg.mqtt.host, cfg.mqtt.port, identifier=f"loopcast-cli-{time.time_ns()}") as c:
             await c.subscribe(mqtt_topic(rig, "status"), qos=1)
-            await c.publish(mqtt_topic(rig, "control"), command.encode(), qos=1)
+            await c.publish(mqtt_topic(rig, "control"), control_payload(command), qos=1)
             return await asyncio.wait_for(_next_status(c, command, time.time_ns()), timeout_s)
     except aiomqtt.MqttError as exc:
         raise UserError(f"MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}") from exc
     except TimeoutError:
         raise UserError(f"no status from rig {rig!r} within {timeout_s} s: is `loopcast controller` "
                         f"running against this broker?") from None
+
+
+def control_payload(command: str, tool: str = "loopcast control") -> bytes:
+    """The JSON control message: the command and who sent it, from which tool (recorded in the controller's
+    audit log)."""
+    return json.dumps({"command": command, "sender": f"{_user()}@{_host()} ({tool})"}).encode()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser() or "unknown"
+    except Exception:   # no login name, no $USER, no passwd entry (containers)
+        return "unknown"
+
+
+def _host() -> str:
+    try:
+        return socket.gethostname() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 async def _next_status(client: aiomqtt.Client, command: str, after_ns: int) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from loopcast.broker import Broker, EmbeddedBroker, MosquittoBroker
+from loopcast.control import control_payload
 from loopcast.realtime.metrics import STAGES
 from loopcast.realtime.wire.codec import mqtt_topic
 from loopcast.settings import LoopcastConfig, new_run_dir, with_overrides
@@ -127,7 +128,7 @@ async def _arm_when_online(cfg: LoopcastConfig, proc: subprocess.Popen[bytes]) -
                 log.info("controller armed")
                 return
             if status.get("online") and not armed_sent:
-                await c.publish(mqtt_topic(rig, "control"), b"arm", qos=1)
+                await c.publish(mqtt_topic(rig, "control"), control_payload("arm", "loopcast demo"), qos=1)
                 armed_sent = True
             if proc.poll() is not None:
                 raise RuntimeError("the controller exited; see controller.log")
@@ -247,6 +248,9 @@ def _print_report(cfg: LoopcastConfig, s: dict[str, Any], run_dir: Path) -> None
         if q:
             lines.append(f"             {stage:<10} {q['p50_ms']:>8.2f}  {q['p99_ms']:>8.2f}  {q['max_ms']:>8.2f}"
                          f"  {q['count']:>6}")
+    lines += [f"  record     {run_dir} (session.zarr, controller.audit.jsonl; docs/record.md); look at it with:",
+              f"               loopcast session report {run_dir}",
+              f"               loopcast session export-nwb {run_dir}"]
     print("\n".join(lines))
 
 

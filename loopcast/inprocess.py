@@ -10,10 +10,10 @@ import asyncio
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import numpy as np
 
 from loopcast import app, cpu
 from loopcast.realtime.control.controller import Controller
@@ -21,6 +21,7 @@ from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.pipeline import PipelineReport
 from loopcast.realtime.wire.codec import Forecast, decode_forecast, mqtt_topic
 from loopcast.realtime.wire.transport import Subscriber
+from loopcast.replay.layout import Recording
 from loopcast.replay.sim import SimReport
 from loopcast.settings import LoopcastConfig
 
@@ -57,21 +58,22 @@ class TriggerListener:
                     self.triggers.append(json.loads(msg.payload))
 
 
-def run_loop(cfg: LoopcastConfig, timeout_s: float = 120.0) -> LoopResult:
-    """Run sim -> pipeline -> controller -> broker until the sim has sent sim.n_frames frames."""
+def run_loop(cfg: LoopcastConfig, timeout_s: float = 120.0, run_dir: Path | None = None) -> LoopResult:
+    """Run sim -> pipeline -> controller -> broker until the sim has sent sim.n_frames frames; with a
+    `run_dir`, the session record and the controller's audit log are written there."""
     if not cfg.sim.n_frames:
         raise ValueError("run_loop needs a finite sim.n_frames")
     app.configure_process(cfg)
-    return asyncio.run(_closed_loop(cfg, timeout_s))
+    return asyncio.run(_closed_loop(cfg, timeout_s, run_dir))
 
 
-async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
+async def _closed_loop(cfg: LoopcastConfig, timeout_s: float, run_dir: Path | None) -> LoopResult:
     rec = app.open_recording(cfg)
     metrics = {name: Metrics(name) for name in ("sim", "run", "controller")}
     # one subscription to everything on the forecasts endpoint (forecast/ and activation/ topics): a
     # publisher's wait_subscribers counts subscriptions, so one per consumer keeps it counting consumers
     forecasts = Subscriber(cfg.endpoints.forecasts, topics=(b"",), rcvhwm=100_000)
-    controller = app.build_controller(cfg, metrics["controller"], rec)
+    controller = app.build_controller(cfg, metrics["controller"], rec, run_dir)
     stop_ctl = asyncio.Event()
     ctl_task = asyncio.create_task(controller.run(stop_ctl))
     await asyncio.wait_for(controller.ready.wait(), 10)   # subscribed to control: an arm now counts
@@ -80,7 +82,7 @@ async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
     await asyncio.wait_for(listener.ready.wait(), 10)
     await asyncio.wait_for(_until(lambda: controller.interlocks.armed), 10)
     holder: dict[str, Any] = {}
-    thread = threading.Thread(target=_pipeline_thread, args=(cfg, metrics["run"], rec.segmentation(), holder))
+    thread = threading.Thread(target=_pipeline_thread, args=(cfg, metrics["run"], rec, holder, run_dir))
     thread.start()
     sim = app.build_sim(cfg, metrics["sim"])
     try:
@@ -107,10 +109,12 @@ async def _closed_loop(cfg: LoopcastConfig, timeout_s: float) -> LoopResult:
                       [f for f in received if f.header.kind == "activation"])
 
 
-def _pipeline_thread(cfg: LoopcastConfig, metrics: Metrics, seg: np.ndarray, out: dict[str, Any]) -> None:
+def _pipeline_thread(cfg: LoopcastConfig, metrics: Metrics, rec: Recording, out: dict[str, Any],
+                     run_dir: Path | None) -> None:
     try:
         cpu.numba_threads(cfg.runtime.numba_threads)   # numba's count is per thread: this one runs the loop
-        pipeline = out["pipeline"] = app.build_pipeline(cfg, metrics, seg)
+        pipeline = out["pipeline"] = app.build_pipeline(cfg, metrics, rec.segmentation(), run_dir,
+                                                        app.neuron_groups(rec))
         try:
             out["report"] = pipeline.run()
         finally:

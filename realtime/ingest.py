@@ -59,8 +59,18 @@ class RigConfig:
             raise ValueError(f"rig name {self.name!r} must be non-empty and free of '/', '+', '#'")
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """Why ingest dropped the last message: the counted reason, and its seq / source time where the
+    header could be read."""
+
+    reason: str
+    seq: int | None = None
+    t_src_ns: int | None = None
+
+
 class Ingest:
-    """Stage 1: raw multipart message -> validated `Frame` (or None, counted)."""
+    """Stage 1: raw multipart message -> validated `Frame` (or None, counted; `rejected` says why)."""
 
     def __init__(self, rig: RigConfig, metrics: Metrics, shm_dir: str = "/dev/shm") -> None:
         self.rig = rig
@@ -68,6 +78,7 @@ class Ingest:
         self.shm = ShmReader(shm_dir)   # volumes sent through the shm transport are viewed in place
         self.throttle = LogThrottle()
         self.last_seq: int | None = None
+        self.rejected: Rejection | None = None   # the last message's rejection (None when it was accepted)
         self._latency = metrics.latency("ingest")
 
     def setup(self) -> None:
@@ -84,6 +95,7 @@ class Ingest:
             decode_frame(encode_frame(header, volume), rig.shape, rig.dtype, self.shm)
 
     def process(self, parts: Sequence[Any]) -> Frame | None:
+        frame = self.rejected = None
         try:
             frame = decode_frame(parts, self.rig.shape, self.rig.dtype, self.shm)
             self._check_stimulus(frame)
@@ -91,6 +103,8 @@ class Ingest:
         except WireError as exc:
             self.metrics.frames_invalid.labels(reason=exc.reason).inc()
             self.throttle.warning(exc.reason, "dropped invalid frame (last good seq %s): %s", self.last_seq, exc)
+            h = frame.header if frame is not None else None
+            self.rejected = Rejection(exc.reason, h.seq if h else None, h.t_src_ns if h else None)
             return None
         self.metrics.frames_received.inc()
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())

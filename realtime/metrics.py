@@ -102,6 +102,13 @@ class Metrics:
         self.stage_engine = Info("loopcast_stage_engine", "The engine serving each forecast or activation "
                                  "stage (stage = its topic, e.g. activation/quantformer)", ["stage"], registry=r)
         self.armed = Gauge("loopcast_controller_armed", "1 when the controller is armed", registry=r)
+        self.forecast_mae = Gauge("loopcast_forecast_mae", "Live forecast skill: rolling mean absolute error of "
+                                  "the forecasts at one lead time against the signal that came (recorded "
+                                  "neurons; window pipeline.record.skill_window)", ["model", "lead"], registry=r)
+        self.forecast_baseline_mae = Gauge("loopcast_forecast_baseline_mae", "The same for the mean-of-context "
+                                           "baseline", ["model", "lead"], registry=r)
+        self.record_dropped = Counter("loopcast_record_dropped_total", "Items the session record's writer "
+                                      "could not keep up with", ["item"], registry=r)
         self._latency = {s: LatencyRecorder(self.stage_latency.labels(stage=s), self.config.keep_samples)
                          for s in STAGES}
         self._latency_lock = threading.Lock()

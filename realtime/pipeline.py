@@ -31,8 +31,9 @@ from loopcast.realtime.forecast.worker import StageRunner, StageWorker
 from loopcast.realtime.ingest import Ingest, RigConfig
 from loopcast.realtime.jit import cache_dir as kernel_cache_dir
 from loopcast.realtime.metrics import Metrics
-from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig
-from loopcast.realtime.wire.codec import Frame
+from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig, Preprocessed
+from loopcast.realtime.record.session import RecordConfig, SessionRecorder, StageInfo
+from loopcast.realtime.wire.codec import ForecastHeader, Frame
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 60.0   # at the end of a run, how long the stages beside the first may take to finish
@@ -54,6 +55,7 @@ class PipelineConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
     max_frames: int = 0          # stop after this many valid frames (0 = run until stopped)
     idle_timeout_s: float = 0.0  # stop when no frame arrived for this long after the first (0 = never)
 
@@ -138,7 +140,8 @@ class Pipeline:
                 stage.record_latency_as(stage.name)
             kinds.add(stage.kind)
             self.report.latency[stage.name] = stage.latency_label
-        self.runners = [StageRunner(s, metrics, self._tally) for s in self.stages]
+        self.recorder: SessionRecorder | None = None
+        self.runners = [StageRunner(s, metrics, self._tally, self._published) for s in self.stages]
         self.schedule = cfg.forecast.also_schedule
         self.workers = [] if self.schedule == "serial" else \
             [StageWorker(r, cfg.forecast.also_nice, cfg.forecast.also_idle) for r in self.runners[1:]]
@@ -168,33 +171,96 @@ class Pipeline:
         """Take frames from `source` from now on (after `warm_up`: a subscription makes a source send)."""
         self.source = source
 
+    def stage_infos(self) -> list[StageInfo]:
+        """What the session record needs of each forecast stage."""
+        return [StageInfo(s.name, s.kind, s.model, s.signal, tuple(s.lead_times), s.context) for s in self.stages]
+
+    def attach(self, recorder: SessionRecorder) -> None:
+        """Record the session from the next frame on (every frame handled, every stage's publications)."""
+        self.recorder = recorder
+
+    def _published(self, stage: ForecastStage, header: ForecastHeader, data: np.ndarray) -> None:
+        if self.recorder is not None:
+            self.recorder.forecast(stage.name, header.seq, header.t_src_ns, header.t_pub_ns, header.engine_version,
+                                   stage.engine.manifest.path, data)
+
     def step(self, timeout_ms: int | None = None) -> int:
         """Receive what is queued, process it; returns the number of valid frames handled. Raises a
-        stage's failure streak, a worker's included."""
+        stage's failure streak, a worker's included, and a failure of the session record."""
         self._check_workers()
         msgs = self.source.recv_all(self.cfg.source.poll_ms if timeout_ms is None else timeout_ms,
                                     self.cfg.source.max_batch)
-        received = [f for f in (self.ingest.process(m) for m in msgs) if f is not None]
-        frames, ready = [], [False] * len(self.stages)
-        for frame in received:
+        received = [r for r in (self._ingest(m) for m in msgs) if r is not None]
+        frames, timing, ready = [], [], [False] * len(self.stages)
+        for frame, t_in in received:
             pre = self.preprocess.process(frame)
+            t_pre = time.time_ns()
             if pre is None:
+                self._record_rejected(frame.t_recv_ns, "shm_overrun", frame.header.seq, frame.header.t_src_ns)
                 continue
             frames.append(frame)
+            timing.append((t_in, t_pre))
+            self._record_rows(frame, pre)
             for i, (stage, buf) in enumerate(zip(self.stages, self.contexts)):
                 if stage.takes_row(pre):
                     buf.push(stage.frame_row(pre, frame.header))
                 ready[i] = stage.ready(pre) and buf.full
         if frames:
-            self._account(frames, ready)
+            first = self._account(frames, ready)
+            self._record_frames(frames, timing, ready[0], first)
         return len(frames)
 
-    def _account(self, frames: list[Frame], ready: list[bool]) -> None:
+    def _ingest(self, msg: Sequence[Any]) -> tuple[Frame, int] | None:
+        frame = self.ingest.process(msg)
+        t = time.time_ns()
+        if frame is not None:
+            return frame, t
+        r = self.ingest.rejected
+        if r is not None:
+            self._record_rejected(t, r.reason, r.seq, r.t_src_ns)
+        return None
+
+    def _record_rejected(self, t_recv_ns: int, reason: str, seq: int | None, t_src_ns: int | None) -> None:
+        if self.recorder is not None:
+            self.recorder.rejected(t_recv_ns, reason, seq, t_src_ns)
+
+    def _record_rows(self, frame: Frame, pre: Preprocessed) -> None:
+        if self.recorder is not None:
+            self.recorder.rows(frame.header.seq, frame.header.t_src_ns, pre.dff,
+                               pre.spikes.prob if pre.spikes_ready else None)
+
+    def _record_frames(self, frames: list[Frame], timing: list[tuple[int, int]], ready: bool,
+                       first: tuple[bool, int] | None) -> None:
+        """The frames table's rows: stage latencies from the source time, and what the first stage did
+        (only the newest of a batch is forecast; the others were skipped if it was ready)."""
+        rec = self.recorder
+        if rec is None:
+            return
+        rec.check()
+        for i, (frame, (t_in, t_pre)) in enumerate(zip(frames, timing)):
+            h, last = frame.header, i == len(frames) - 1
+            t_fc = first[1] if (last and first is not None and first[0]) else None
+            if not ready:
+                code = "not_ready"
+            elif not last:
+                code = "skipped"
+            else:
+                code = "forecast" if t_fc is not None else "failed"
+            lat = ((t_in - h.t_src_ns) / 1e6, (t_pre - h.t_src_ns) / 1e6,
+                   (t_fc - h.t_src_ns) / 1e6 if t_fc is not None else float("nan"))
+            rec.frame(h.seq, h.t_src_ns, frame.t_recv_ns, code, lat)
+
+    def _account(self, frames: list[Frame], ready: list[bool]) -> tuple[bool, int] | None:
+        """Run the stages on the newest frame; returns (the first stage published, when) if it ran."""
         self.report.frames += len(frames)
         self.report.last_seq = frames[-1].header.seq
         header = frames[-1].header
-        if ready[0] and self.runners[0].run(self.context.window(), header):   # first: its latency comes first
-            self._first_stage_done(header.seq)
+        first = None
+        if ready[0]:   # first: its latency comes first
+            ok = self.runners[0].run(self.context.window(), header)
+            first = (ok, time.time_ns())
+            if ok:
+                self._first_stage_done(header.seq)
         for i in range(1, len(self.stages)):
             if not ready[i]:
                 continue
@@ -208,6 +274,7 @@ class Pipeline:
         if any(ready) and len(frames) > 1:
             self.metrics.frames_dropped.labels(reason="forecast_skipped").inc(len(frames) - 1)
         self._check_workers()
+        return first
 
     def _tally(self, name: str, what: str) -> None:
         """Count one published, failed or skipped frame of a stage in the report (workers call it too)."""
@@ -265,3 +332,6 @@ class Pipeline:
         self.ingest.close()
         for stage in self.stages:
             stage.close()
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder.check()

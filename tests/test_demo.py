@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from pynwb import NWBHDF5IO  # type: ignore[import-untyped]
+
+from loopcast.realtime.record.audit import read_audit
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("loopcast", "realtime", "replay", "models", "offline_training")
@@ -51,6 +54,25 @@ def test_demo_runs_the_closed_loop_and_reports(tmp_path: Path) -> None:
         assert (run_dir / f"{proc}.summary.json").is_file() and (run_dir / f"{proc}.log").is_file()
     assert (run_dir / "config.toml").is_file()
     assert "warm-up before subscribing to frames" in (run_dir / "run.log").read_text()
+
+    # the record: the demo names the two commands; they run on its run directory, and the NWB file holds each
+    # trigger of the audit log with the forecast behind it
+    for action in ("report", "export-nwb"):
+        assert f"loopcast session {action} {run_dir}" in out
+        cmd = subprocess.run([sys.executable, "-m", "loopcast.cli", "session", action, str(run_dir)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert cmd.returncode == 0, cmd.stdout[-2000:] + cmd.stderr[-2000:]
+    assert (run_dir / "session.png").stat().st_size > 10_000
+    sent = {r["trigger"]["trigger_id"]: r for r in read_audit(run_dir / "controller.audit.jsonl").records
+            if r["kind"] == "forecast" and r["decision"] == "sent"}
+    assert len(sent) == summary["triggers_sent"]
+    with NWBHDF5IO(str(run_dir / "session.nwb"), "r") as io:
+        triggers = io.read().intervals["triggers"].to_dataframe()
+    assert sorted(triggers["trigger_id"]) == sorted(sent)
+    for row in triggers.itertuples():
+        cause = sent[row.trigger_id]
+        assert (row.seq, row.model, row.engine_version) == (cause["seq"], cause["model"], cause["engine_version"])
+        assert row.value == pytest.approx(cause["value"]) and row.lead == cause["lead"]
 
     # the kernels were compiled into the kernel cache, and numba wrote nothing next to the source
     cached = {p.name.split("-")[0] for p in (tmp_path / "kernels").rglob("*.nbi")}

@@ -56,6 +56,9 @@ def build_tree() -> None:
     for src in sorted((ROOT / mapping[PACKAGE]).glob("*.py*")):
         if src.suffix in (".py", ".pyi") or src.name == "py.typed":
             link(src, top / src.name)
+    for sub in sorted((ROOT / mapping[PACKAGE]).iterdir()):   # sub-packages in the package's own folder
+        if (sub / "__init__.py").is_file():
+            link(sub, top / sub.name)
     for pkg, folder in sorted(mapping.items()):
         if pkg != PACKAGE:
             link(ROOT / folder, TREE.joinpath(*pkg.split(".")))

@@ -11,6 +11,12 @@ MQTT topics (ARCHITECTURE.md): `loopcast/<rig>/trigger` (QoS 1 TriggerCommand JS
 `loopcast/<rig>/status` (retained JSON state, also the last will: offline and disarmed),
 `loopcast/<rig>/control` (arm, disarm, stop, reset). The controller starts disarmed unless
 `interlocks.armed_at_start`; a failed trigger publish or a lost broker connection disarms it.
+
+Audit log (docs/record.md; realtime/record/audit.py for the crash and fsync guarantees): given an
+`audit_path`, every forecast the policy reads, every message that does not decode, every control message and
+every change of armed / emergency stop / broker connection is one JSON line, written with one `write(2)` when
+the decision is made (a sent trigger: after its PUBACK, and after its latency was observed). A record that
+cannot be written disarms the controller: no trigger is sent while the log fails to take its records.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -28,18 +35,22 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from loopcast.realtime.control import records
 from loopcast.realtime.control.interlocks import InterlockConfig, Interlocks
 from loopcast.realtime.control.policy import Decision, PolicyConfig, PolicyError, make_policy
 from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.record.audit import AuditConfig
 from loopcast.realtime.wire.codec import (
     ACTIVATION_PREFIX,
     FORECAST_PREFIX,
+    ControlMessage,
     Forecast,
     TriggerCommand,
     WireError,
+    control_sender,
     decode_forecast,
     mqtt_topic,
-    parse_control,
+    parse_control_message,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,7 @@ class ControllerConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     interlocks: InterlockConfig = field(default_factory=InterlockConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     heartbeat_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -77,7 +89,7 @@ class Controller:
     """Turns forecasts into trigger commands inside the safety interlocks. One per rig."""
 
     def __init__(self, cfg: ControllerConfig, monitor: np.ndarray, targets: np.ndarray,
-                 metrics: Metrics, n_neurons: int | None = None) -> None:
+                 metrics: Metrics, n_neurons: int | None = None, audit_path: Path | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.policy = make_policy(cfg.policy, monitor, targets, n_neurons)
@@ -93,6 +105,30 @@ class Controller:
         self._topics = {k: mqtt_topic(cfg.mqtt.rig, k) for k in ("trigger", "status", "control")}
         self._trigger_latency = metrics.latency("trigger")
         metrics.armed.set(int(self.interlocks.armed))
+        self._connected = False
+        self.audit = records.AuditTrail(audit_path, cfg.audit, metrics, self._on_audit_failed)
+        self.audit.start(records.start_fields(cfg.mqtt.rig, cfg.policy, cfg.interlocks, monitor, targets,
+                                              self.interlocks.armed, self.interlocks.estop), self._snapshot())
+
+    # --- audit log ----------------------------------------------------------------------------
+    def _on_audit_failed(self, exc: OSError) -> None:
+        if self.interlocks.armed:   # fail safe: no trigger is sent without its record
+            self.interlocks.disarm()
+            self.metrics.armed.set(0)
+            log.error("audit log write failed (%s): DISARMED", exc)
+            self._note_state(f"audit log write failed: {exc}")
+
+    def _audit_forecast(self, forecast: Forecast, topic: str | None, decision: str, t_decision_ns: int,
+                        **fields: Any) -> None:
+        if self.audit.enabled:
+            self.audit.write("forecast", **records.forecast_fields(forecast, topic, self.cfg.policy, decision,
+                                                                   t_decision_ns, **fields))
+
+    def _snapshot(self) -> records.StateSnapshot:
+        return records.StateSnapshot(self.interlocks.armed, self.interlocks.estop, self._connected)
+
+    def _note_state(self, cause: str) -> None:
+        self.audit.state(self._snapshot(), cause)
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -116,12 +152,17 @@ class Controller:
         finally:
             sub.close(linger=0)
             ctx.term()
+            self.interlocks.disarm()
             self.metrics.armed.set(0)
+            self._note_state("controller stopping")
+            self.audit.close(forecasts=self.forecasts_seen, sent=self.interlocks.sent,
+                             suppressed=dict(self.interlocks.suppressed))
             log.info("controller stopped: %d triggers sent, suppressed %s",
                      self.interlocks.sent, dict(self.interlocks.suppressed))
 
     def _on_connection_lost(self, exc: BaseException) -> None:
         self._client = None
+        self._connected = False
         self.ready.clear()
         self.metrics.errors.labels(kind="mqtt_connection").inc()
         if self.interlocks.armed:
@@ -130,6 +171,7 @@ class Controller:
             log.error("broker connection lost (%s): DISARMED; re-arm over MQTT after reconnect", exc)
         else:
             log.error("broker connection lost (%s); retrying in %.1f s", exc, self.cfg.mqtt.reconnect_s)
+        self._note_state(f"broker connection lost: {exc}")
 
     async def _session(self, sub: zmq.asyncio.Socket, stop: asyncio.Event) -> None:
         m = self.cfg.mqtt
@@ -138,6 +180,8 @@ class Controller:
                                   will=will, timeout=m.publish_timeout_s) as client:
             client.pending_calls_threshold = 1000  # default 10 logs a warning under bursts
             self._client = client
+            self._connected = True
+            self._note_state(f"connected to broker {m.host}:{m.port} as {m.client_id}")
             await client.subscribe(self._topics["control"], qos=1)
             await self._publish_status()
             self.ready.set()
@@ -166,6 +210,7 @@ class Controller:
     async def _publish_final_status(self) -> None:
         self.interlocks.disarm()
         self.metrics.armed.set(0)
+        self._note_state("controller stopping")
         with contextlib.suppress(aiomqtt.MqttError):
             await self._publish_status(online=False)
 
@@ -173,46 +218,56 @@ class Controller:
     async def _forecast_loop(self, sub: zmq.asyncio.Socket) -> None:
         while True:
             parts = await sub.recv_multipart(copy=False)
+            topic = parts[0].bytes.decode(errors="replace") if parts and self.audit.enabled else None
             try:
                 forecast = decode_forecast(parts)
             except WireError as exc:
                 self.invalid += 1
                 self.metrics.frames_invalid.labels(reason=exc.reason).inc()
                 log.warning("invalid forecast message dropped: %s", exc)
+                self.audit.write("invalid", topic=topic, reason=exc.reason, error=str(exc))
                 continue
             self.forecasts_seen += 1
             try:
-                await self.handle_forecast(forecast)
+                await self.handle_forecast(forecast, topic)
             except Exception:  # a bug on one forecast must not take the controller down
                 self.metrics.errors.labels(kind="forecast_handling").inc()
                 log.exception("forecast seq=%d could not be handled", forecast.header.seq)
 
-    async def handle_forecast(self, forecast: Forecast) -> TriggerCommand | None:
-        """Policy, interlocks and (if allowed) the trigger publish for one forecast."""
+    async def handle_forecast(self, forecast: Forecast, topic: str | None = None) -> TriggerCommand | None:
+        """Policy, interlocks and (if allowed) the trigger publish for one forecast; one audit record for
+        each message the policy reads, whatever the outcome."""
+        if not self.policy.accepts(forecast):
+            return None
         try:
             decision = self.policy.evaluate(forecast)
         except PolicyError as exc:
             self.metrics.errors.labels(kind=f"policy_{exc.reason}").inc()
             log.warning("forecast seq=%d not usable by policy %s: %s",
                         forecast.header.seq, self.cfg.policy.name, exc)
+            self._audit_forecast(forecast, topic, "unusable", time.time_ns(), error=str(exc))
             return None
         if decision is None:
+            self._audit_forecast(forecast, topic, "below_level", time.time_ns(), value=self.policy.last_value)
             return None
         now = time.time_ns()
         reason = self.interlocks.check(now, forecast.header.t_src_ns)
         if reason is not None:
             self.metrics.triggers_suppressed.labels(interlock=reason).inc()
             log.info("trigger suppressed by %s: seq=%d value=%.3f", reason, decision.seq, decision.value)
+            self._audit_forecast(forecast, topic, "suppressed", now, value=decision.value, interlock=reason)
             return None
-        return await self._send_trigger(forecast, decision, now)
+        return await self._send_trigger(forecast, decision, now, topic)
 
-    async def _send_trigger(self, forecast: Forecast, decision: Decision, now_ns: int) -> TriggerCommand | None:
+    async def _send_trigger(self, forecast: Forecast, decision: Decision, now_ns: int,
+                            topic: str | None = None) -> TriggerCommand | None:
         cmd = decision.command(uuid.uuid4().hex, self.cfg.mqtt.rig, now_ns)
         try:
             if self._client is None:
                 raise aiomqtt.MqttError("not connected to the broker")
             await self._client.publish(self._topics["trigger"], cmd.to_json(), qos=1)
         except aiomqtt.MqttError as exc:
+            self._audit_forecast(forecast, topic, "publish_failed", now_ns, value=decision.value, trigger=cmd)
             await self._on_publish_failed(cmd, exc)
             return None
         t_ack = time.time_ns()
@@ -223,6 +278,7 @@ class Controller:
         log.info("TRIGGER %s sent: seq=%d model=%s value=%.3f lead=%d pattern=%s %d targets %.1f mW %.0f ms",
                  cmd.trigger_id[:8], cmd.seq, cmd.model, cmd.value, cmd.lead, cmd.pattern,
                  len(cmd.targets), cmd.power_mw, cmd.duration_ms)
+        self._audit_forecast(forecast, topic, "sent", now_ns, value=decision.value, trigger=cmd, t_puback_ns=t_ack)
         return cmd
 
     async def _on_publish_failed(self, cmd: TriggerCommand, exc: BaseException) -> None:
@@ -230,36 +286,48 @@ class Controller:
         self.interlocks.disarm()
         self.metrics.armed.set(0)
         log.error("trigger %s (seq=%d) publish failed: %s -> DISARMED", cmd.trigger_id[:8], cmd.seq, exc)
+        self._note_state(f"trigger publish failed: {exc}")
         with contextlib.suppress(aiomqtt.MqttError):
             await self._publish_status()
 
     # --- control and status -------------------------------------------------------------------
     async def _control_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            command = self._control_command(message)
-            if command is not None:
-                self.apply_control(command)
+            msg = self._control_message(message)
+            if msg is not None:
+                self.apply_control(msg.command, msg.sender, message.topic.value)
                 await self._publish_status()
 
-    def _control_command(self, message: aiomqtt.Message) -> str | None:
-        """The command in a control message, or None (logged and counted) if it is not one."""
+    def _control_message(self, message: aiomqtt.Message) -> ControlMessage | None:
+        """The control message, or None (logged, counted and recorded) if it is not one to apply."""
         if not message.topic.matches(self._topics["control"]):
             log.debug("ignoring message on %s (not subscribed here)", message.topic)
+            return None
+        raw = message.payload
+        payload = raw if isinstance(raw, (bytes, bytearray, str)) else str(raw)
+        try:
+            msg = parse_control_message(payload)
+        except WireError as exc:
+            self.metrics.errors.labels(kind="bad_control").inc()
+            log.warning("control message on %s ignored: %s", message.topic, exc)
+            self._audit_control(None, message.topic.value, control_sender(payload), False, str(exc))
             return None
         if message.retain:  # a stale retained "arm" must never arm a freshly started controller
             self.metrics.errors.labels(kind="bad_control").inc()
             log.warning("retained control message on %s ignored: control must be live", message.topic)
+            self._audit_control(msg.command, message.topic.value, msg.sender, False,
+                                "retained message ignored: control must be live")
             return None
-        raw = message.payload
-        try:
-            return parse_control(raw if isinstance(raw, (bytes, bytearray, str)) else str(raw))
-        except WireError as exc:
-            self.metrics.errors.labels(kind="bad_control").inc()
-            log.warning("control message on %s ignored: %s", message.topic, exc)
-            return None
+        return msg
 
-    def apply_control(self, command: str) -> bool:
-        """Apply arm/disarm/stop/reset; False when refused (arm while the emergency stop is latched)."""
+    def _audit_control(self, command: str | None, source: str, sender: str | None, accepted: bool,
+                       error: str | None) -> None:
+        self.audit.write("control", **records.control_fields(command, source, sender, accepted, error,
+                                                        self.interlocks.armed, self.interlocks.estop))
+
+    def apply_control(self, command: str, sender: str | None = None, source: str | None = None) -> bool:
+        """Apply arm/disarm/stop/reset; False when refused (arm while the emergency stop is latched).
+        Recorded (a `control` record, then a `state` record per change) with its sender and topic."""
         ok = True
         if command == "arm":
             ok = self.interlocks.arm()
@@ -276,6 +344,9 @@ class Controller:
                         self.interlocks.estop)
         else:
             log.error("control ARM refused: emergency stop latched; send 'reset' first")
+        self._audit_control(command, source or self._topics["control"], sender, ok,
+                            None if ok else "refused: emergency stop latched; send 'reset' first")
+        self._note_state(f"control {command} from {sender or 'an unnamed sender (plain-text command)'}")
         return ok
 
     async def _heartbeat_loop(self) -> None:
@@ -288,6 +359,7 @@ class Controller:
         return {"rig": self.cfg.mqtt.rig, "online": online, **self.interlocks.state(),
                 "policy": self.cfg.policy.name, "forecasts": self.forecasts_seen,
                 "invalid_forecasts": self.invalid, "last_control": self.last_control,
+                "audit_log": None if self.audit.path is None else str(self.audit.path),
                 "heartbeat_ns": time.time_ns()}
 
     def _status_payload(self, online: bool = True) -> bytes:

@@ -154,7 +154,7 @@ class ThresholdPolicy:
         self.n_neurons = n_neurons
         self._needed = int(max(self.monitor.max(), max(self.targets))) + 1
         self._was_above: bool | None = None
-        self.last_value: float | None = None
+        self.last_value: float | None = None   # of the last message evaluated; None when it was unusable
 
     def accepts(self, forecast: Forecast) -> bool:
         """Whether this message is one the policy reads (kind and model)."""
@@ -168,7 +168,7 @@ class ThresholdPolicy:
         try:
             value = self._value(forecast)
         except PolicyError:
-            self._was_above = None
+            self._was_above = self.last_value = None
             raise
         above = value > self.cfg.level
         fire = above if self.cfg.mode == "above" else (above and self._was_above is False)

@@ -31,20 +31,23 @@ import numpy as np
 
 from loopcast.realtime.forecast.stage import ForecastStage
 from loopcast.realtime.metrics import Metrics
-from loopcast.realtime.wire.codec import FrameHeader
+from loopcast.realtime.wire.codec import ForecastHeader, FrameHeader
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 10  # a broken engine stops the pipeline loudly instead of limping on
 Tally = Callable[[str, str], None]   # (stage name, "published" | "failures" | "skipped") -> count it
+Published = Callable[[ForecastStage, ForecastHeader, np.ndarray], None]   # a stage published (header, data)
 
 
 class StageRunner:
     """One stage's runs: counts what it published, failed and skipped, and escalates a failure streak."""
 
-    def __init__(self, stage: ForecastStage, metrics: Metrics, tally: Tally | None = None) -> None:
+    def __init__(self, stage: ForecastStage, metrics: Metrics, tally: Tally | None = None,
+                 published: Published | None = None) -> None:
         self.stage = stage
         self.metrics = metrics
         self._tally = tally
+        self._published = published   # e.g. the session record, called after each publish
         self.published = 0
         self.failures = 0
         self.skipped = 0
@@ -58,7 +61,7 @@ class StageRunner:
         """Run the stage on its window; True if it published. A failure is counted and logged; the
         MAX_CONSECUTIVE_FAILURES-th in a row is raised."""
         try:
-            self.stage.process(window, header)
+            out = self.stage.process(window, header)
         except Exception:
             self.in_a_row += 1
             self.failures += 1
@@ -71,6 +74,8 @@ class StageRunner:
         self.in_a_row = 0
         self.published += 1
         self._count("published")
+        if self._published is not None:
+            self._published(self.stage, *out)
         return True
 
     def skip(self, n: int = 1) -> None:

@@ -351,16 +351,50 @@ class TriggerCommand:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def parse_control(payload: bytes | str) -> str:
-    """A control message: plain `arm|disarm|stop|reset` or JSON {"command": ...}."""
+MAX_SENDER = 200   # characters of a control message's sender that are kept
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """A control message: the command and who sent it (the JSON form's `sender`; None for plain text)."""
+
+    command: str
+    sender: str | None = None
+
+
+def parse_control_message(payload: bytes | str) -> ControlMessage:
+    """A control message: plain `arm|disarm|stop|reset` or JSON {"command": ..., "sender": ...}."""
     text = payload.decode(errors="replace") if isinstance(payload, (bytes, bytearray)) else payload
     text = text.strip()
+    sender = None
     if text.startswith("{"):
         try:
-            text = str(json.loads(text).get("command", ""))
+            doc = json.loads(text)
+            text = str(doc.get("command", ""))
         except (ValueError, AttributeError):
             raise WireError("malformed_control", "control JSON must be an object with 'command'") from None
+        sender = _sender(doc)
     cmd = text.lower()
     if cmd not in CONTROL_COMMANDS:
         raise WireError("malformed_control", f"unknown control command {text[:40]!r}; use {list(CONTROL_COMMANDS)}")
-    return cmd
+    return ControlMessage(cmd, sender)
+
+
+def parse_control(payload: bytes | str) -> str:
+    """The command of a control message (see `parse_control_message`)."""
+    return parse_control_message(payload).command
+
+
+def control_sender(payload: bytes | str) -> str | None:
+    """The `sender` of a JSON control message, whether or not its command is valid; None if it has none."""
+    text = payload.decode(errors="replace") if isinstance(payload, (bytes, bytearray)) else payload
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return _sender(doc) if isinstance(doc, dict) else None
+
+
+def _sender(doc: dict[str, Any]) -> str | None:
+    sender = doc.get("sender")
+    return sender[:MAX_SENDER] if isinstance(sender, str) else None
