@@ -1,13 +1,16 @@
-"""What the experiment record costs the closed loop: forecast and trigger latency with the record on
-(the pipeline's session store and the controller's audit log) and off, in alternating runs of the loop
-bench's setup (bench/loop_latency.py: live simulated fish -> pipeline -> controller -> MQTT broker in one
-process, the policy firing on every forecast so every frame is a trigger).
+"""What the experiment record costs the closed loop: forecast and trigger latency with the controller's
+audit log and the pipeline's session store each on and off, in interleaved runs of the loop bench's setup
+(bench/loop_latency.py: live simulated fish -> pipeline -> controller -> MQTT broker in one process, the
+policy firing on every forecast so every frame is a trigger).
 
-Runs off, on, off, on, ... (--runs pairs), each --frames frames at --speed x the rig's frame rate,
-drops the first --warmup frames of each, and reports p50/p99/max per run and the medians of the runs'
-p99 per mode, with the record's disk size per hour at the rig's frame period.
+Modes: off (neither), audit (the audit log only: its cost on the trigger latency), record (the session store
+only: its cost on the forecast latency), both. Rounds of one run per mode (--rounds), each --frames frames at
+--speed x the rig's frame rate; the first --warmup frames of each run are dropped. Reports p50/p99/max per run,
+the median of the runs' p99 per mode and its difference from "off", and the record's disk rate per hour at the
+rig's frame period. In one process the session store's writer shares the GIL with the controller's event loop;
+on a rig they are separate processes (`loopcast run`, `loopcast controller`).
 
-    .venv/bin/python bench/record_overhead.py [--runs 3] [--frames 600] [--speed 10]
+    .venv/bin/python bench/record_overhead.py [--rounds 3] [--frames 500] [--speed 10]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from loopcast.workflows import ensure_engine, ensure_recording
 from common import quantiles, write_result
 
 STAGES = {"forecast": "run", "trigger": "controller"}
+MODES = {"off": (False, False), "audit": (True, False), "record": (False, True), "both": (True, True)}  # audit, store
 
 
 def loop_overrides(broker_port: int, frames: int, speed: float) -> list[str]:
@@ -40,15 +44,15 @@ def loop_overrides(broker_port: int, frames: int, speed: float) -> list[str]:
             "controller.interlocks.max_forecast_age_s=5.0", 'rig.name="bench"']
 
 
-def one_run(base: list[str], record: bool, work: Path, args: argparse.Namespace, port: int) -> dict[str, Any]:
-    flag = str(record).lower()
+def one_run(base: list[str], mode: str, work: Path, args: argparse.Namespace, port: int) -> dict[str, Any]:
+    audit, store = (str(x).lower() for x in MODES[mode])
     cfg = load_settings(overrides=[*base, *loop_overrides(port, args.frames, args.speed),
-                                   f"pipeline.record.enabled={flag}", f"controller.audit.enabled={flag}"])
+                                   f"pipeline.record.enabled={store}", f"controller.audit.enabled={audit}"])
     run_dir = work / f"run-{time.time_ns()}"
     run_dir.mkdir()
     t0 = time.monotonic()
     res = run_loop(cfg, timeout_s=args.frames * cfg.rig.frame_period_s / args.speed + 120, run_dir=run_dir)
-    out: dict[str, Any] = {"record": record, "wall_s": time.monotonic() - t0, "triggers": len(res.triggers),
+    out: dict[str, Any] = {"mode": mode, "wall_s": time.monotonic() - t0, "triggers": len(res.triggers),
                            "forecasts": res.pipeline.forecasts}
     for stage, proc in STAGES.items():
         samples = res.metrics[proc].latency(stage).samples()
@@ -63,8 +67,8 @@ def one_run(base: list[str], record: bool, work: Path, args: argparse.Namespace,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3, help="pairs of runs (off, on)")
-    ap.add_argument("--frames", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of one run per mode")
+    ap.add_argument("--frames", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--speed", type=float, default=10.0)
     ap.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
@@ -77,14 +81,14 @@ def main() -> int:
     ensure_engine(cfg, new_run_dir(cfg, "train"), progress=False)
     runs = []
     with start_broker(args.broker) as broker:
-        for i in range(2 * args.runs):
-            runs.append(one_run(base, record=bool(i % 2), work=work, args=args, port=broker.port))
+        for _ in range(args.rounds):
+            runs += [one_run(base, mode, work, args, broker.port) for mode in MODES]
         kind = broker.kind
     summary = _summary(runs)
     _print(runs, summary, cfg, args, kind)
     path = write_result("record-overhead", {
         "description": f"closed loop, {cfg.synth.fish.n_neurons} neurons, {args.frames} frames at {args.speed:g}x, "
-                       f"record on vs off, broker {kind}", "runs": runs, "summary": summary,
+                       f"audit log and session store on and off, broker {kind}", "runs": runs, "summary": summary,
         "config": to_dict(load_settings(overrides=base))})
     print(f"\nwrote {path}")
     return 0
@@ -93,25 +97,26 @@ def main() -> int:
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stage in STAGES:
-        med = {mode: statistics.median(r[stage]["p99_ms"] for r in runs if r["record"] == on)
-               for mode, on in (("off", False), ("on", True))}
-        spread = {mode: [round(r[stage]["p99_ms"], 3) for r in runs if r["record"] == on]
-                  for mode, on in (("off", False), ("on", True))}
-        out[stage] = {"median_p99_ms": med, "p99_ms_per_run": spread, "added_p99_ms": med["on"] - med["off"]}
+        per_run = {m: [r[stage]["p99_ms"] for r in runs if r["mode"] == m] for m in MODES}
+        med = {m: statistics.median(v) for m, v in per_run.items()}
+        p50 = {m: statistics.median(r[stage]["p50_ms"] for r in runs if r["mode"] == m) for m in MODES}
+        out[stage] = {"median_p99_ms": med, "median_p50_ms": p50, "p99_ms_per_run": per_run,
+                      "added_p99_ms": {m: med[m] - med["off"] for m in MODES if m != "off"}}
     return out
 
 
 def _print(runs: list[dict[str, Any]], summary: dict[str, Any], cfg: Any, args: argparse.Namespace,
            kind: str) -> None:
-    print(f"\nexperiment record on vs off: {cfg.synth.fish.n_neurons} neurons, {args.frames} frames at "
+    print(f"\nexperiment record on and off: {cfg.synth.fish.n_neurons} neurons, {args.frames} frames at "
           f"{args.speed:g}x, broker {kind} (first {args.warmup} frames of each run dropped)")
-    print(f"{'run':<5}{'record':<8}" + "".join(f"{s + ' p50/p99/max ms':>32}" for s in STAGES) + f"{'MB/hour':>12}")
+    print(f"{'run':<5}{'mode':<8}" + "".join(f"{s + ' p50/p99/max ms':>32}" for s in STAGES) + f"{'MB/hour':>12}")
     for i, r in enumerate(runs):
         cells = "".join(f"{r[s]['p50_ms']:>12.2f}{r[s]['p99_ms']:>10.2f}{r[s]['max_ms']:>10.2f}" for s in STAGES)
-        print(f"{i:<5}{'on' if r['record'] else 'off':<8}{cells}{sum(r['record_mb_per_hour'].values()):>12.1f}")
+        print(f"{i:<5}{r['mode']:<8}{cells}{sum(r['record_mb_per_hour'].values()):>12.1f}")
     for stage, s in summary.items():
         m = s["median_p99_ms"]
-        print(f"{stage}: median p99 off {m['off']:.3f} ms, on {m['on']:.3f} ms, added {s['added_p99_ms']:+.3f} ms")
+        print(f"{stage}: median p99 " + ", ".join(f"{k} {v:.3f} ms" for k, v in m.items()) + "; added over off: "
+              + ", ".join(f"{k} {v:+.3f} ms" for k, v in s["added_p99_ms"].items()))
 
 
 if __name__ == "__main__":

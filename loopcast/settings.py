@@ -185,6 +185,29 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class SubjectConfig:
+    """The animal, for the session's NWB file (`loopcast session export-nwb`; NWB's Subject fields)."""
+
+    subject_id: str = "unknown"
+    species: str = "Danio rerio"
+    sex: str = "U"                 # a larva: undetermined
+    age: str = "P0D/"              # ISO 8601 duration (e.g. "P6D" for 6 dpf); "P0D/" = unknown
+    genotype: str = ""
+    strain: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Who ran the session and where, for the session's NWB file."""
+
+    experimenter: tuple[str, ...] = ()   # "Last, First"
+    institution: str = ""
+    lab: str = ""
+    description: str = ""               # what this session is for (the NWB file's experiment_description)
+
+
+@dataclass(frozen=True)
 class LoopcastConfig:
     """Everything, resolved. Saved as config.toml in every run directory and every engine.
 
@@ -210,6 +233,8 @@ class LoopcastConfig:
     train_quantformer: Any = field(default_factory=dict, repr=False)  # QuantFormerTrainConfig
     demo: DemoConfig = field(default_factory=DemoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def __post_init__(self) -> None:
         fish = self.synth.fish

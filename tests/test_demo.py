@@ -7,10 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pynwb import NWBHDF5IO  # type: ignore[import-untyped]
 
 from loopcast.realtime.record.audit import read_audit
+from loopcast.session.data import read_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("loopcast", "realtime", "replay", "models", "offline_training")
@@ -66,8 +68,15 @@ def test_demo_runs_the_closed_loop_and_reports(tmp_path: Path) -> None:
     sent = {r["trigger"]["trigger_id"]: r for r in read_audit(run_dir / "controller.audit.jsonl").records
             if r["kind"] == "forecast" and r["decision"] == "sent"}
     assert len(sent) == summary["triggers_sent"]
+    record = read_session(run_dir)
     with NWBHDF5IO(str(run_dir / "session.nwb"), "r") as io:
-        triggers = io.read().intervals["triggers"].to_dataframe()
+        nwb = io.read()
+        triggers = nwb.intervals["triggers"].to_dataframe()
+        dff_times = nwb.processing["ophys"]["DfOverF"]["dff"].timestamps[:]
+    assert record.dff is not None and len(record.dff.seq) == 60
+    np.testing.assert_allclose(dff_times, record.seconds(record.dff.t_src_ns), atol=1e-9)
+    for row in triggers.itertuples():   # one clock: the trigger's PUBACK in seconds from the same start
+        assert row.start_time == pytest.approx(record.seconds(sent[row.trigger_id]["t_puback_ns"]), abs=1e-6)
     assert sorted(triggers["trigger_id"]) == sorted(sent)
     for row in triggers.itertuples():
         cause = sent[row.trigger_id]

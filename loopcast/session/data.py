@@ -206,24 +206,37 @@ def _table(root: Any, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]
     return read_table(group), dict(group.attrs)
 
 
+def _columns(table: dict[str, np.ndarray], attrs: dict[str, Any], packed: str = "index",
+             names: str = "index_columns") -> dict[str, np.ndarray]:
+    """The table's columns, with its packed array (`index`: integers side by side) split by name."""
+    out = {k: v for k, v in table.items() if k != packed}
+    for i, name in enumerate(attrs[names]):
+        out[name] = table[packed][:, i]
+    return out
+
+
 def _store_parts(root: Any, attrs: dict[str, Any]) -> _StoreParts:
-    f, fa = _table(root, "frames")
-    frames = FrameTable(f["seq"], f["t_src_ns"], f["t_recv_ns"], f["status"], tuple(fa.get("reasons", ())),
-                        f["forecast"], f["latency_ms"])
-    d, _ = _table(root, "dff")
+    t, ta = _table(root, "frames")
+    f = _columns(t, ta)
+    frames = FrameTable(f["seq"], f["t_src_ns"], f["t_recv_ns"], f["status"].astype(np.int8),
+                        tuple(ta.get("reasons", ())), f["forecast"].astype(np.int8), f["latency_ms"])
+    t, ta = _table(root, "dff")
+    d = _columns(t, ta)
     parts = _StoreParts(attrs, np.asarray(root["neurons"][:], dtype=np.int64), frames,
                         TraceTable(d["seq"], d["t_src_ns"], d["data"]))
     if "forecasts" in root:
         for name in sorted(root["forecasts"].group_keys()):
             t, ta = _table(root, f"forecasts/{name}")
-            versions = list(ta.get("engine_versions", []))
+            c, versions = _columns(t, ta), list(ta.get("engine_versions", []))
             parts.forecasts[name] = ForecastSeries(
-                name, ta["kind"], ta["model"], ta.get("signal", "dff"), tuple(ta["lead_times"]), t["seq"],
-                t["t_src_ns"], t["t_pub_ns"], tuple(versions[i] if i < len(versions) else "?" for i in t["engine"]),
-                t["latency_ms"], t["data"])
+                name, ta["kind"], ta["model"], ta.get("signal", "dff"), tuple(ta["lead_times"]), c["seq"],
+                c["t_src_ns"], c["t_pub_ns"], tuple(versions[i] if i < len(versions) else "?" for i in c["engine"]),
+                c["latency_ms"], c["data"])
     if "skill" in root:
         for name in sorted(root["skill"].group_keys()):
             t, ta = _table(root, f"skill/{name}")
-            parts.skill[name] = SkillTable(name, int(ta["window"]), t["lead"], t["source_seq"], t["target_seq"],
-                                           t["mae"], t["baseline_mae"], t["rolling_mae"], t["rolling_baseline_mae"])
+            c = _columns(_columns(t, ta), ta, "values", "value_columns")
+            parts.skill[name] = SkillTable(name, int(ta["window"]), c["lead"].astype(np.int16), c["source_seq"],
+                                           c["target_seq"], c["mae"], c["baseline_mae"], c["rolling_mae"],
+                                           c["rolling_baseline_mae"])
     return parts

@@ -109,13 +109,17 @@ def _new_file(data: SessionData) -> NWBFile:
     seconds, ns = divmod(int(data.t0_ns), 1_000_000_000)
     start = datetime.fromtimestamp(seconds, tz=UTC) + timedelta(microseconds=ns // 1000)   # NWB keeps us
     name, rig = data.run_dir.name, _rig(data)
+    exp = data.config.get("experiment") or {}
     return NWBFile(
         session_description=f"loopcast closed-loop session {name} on rig {rig}: light-sheet whole-brain imaging, "
         "online dF/F, activity forecasts and forecast-triggered optogenetic stimulation",
         identifier=str(uuid.uuid4()),     # one per file; session_id names the session
         session_start_time=start, timestamps_reference_time=start, session_id=name,
-        experiment_description="Real-time closed loop: volumes -> per-neuron dF/F -> forecasts -> threshold policy "
-        "-> interlocks -> optogenetic triggers over MQTT (loopcast).",
+        experiment_description=str(exp.get("description") or "Real-time closed loop: volumes -> per-neuron dF/F "
+                                   "-> forecasts -> threshold policy -> interlocks -> optogenetic triggers over MQTT "
+                                   "(loopcast)."),
+        experimenter=list(exp.get("experimenter") or []) or None, institution=exp.get("institution") or None,
+        lab=exp.get("lab") or None,
         keywords=["zebrafish", "light-sheet", "closed-loop", "forecasting", "optogenetics"],
         notes="\n".join(data.problems) or None, subject=_subject(data),
         source_script=f"loopcast {_version()} (loopcast session export-nwb)",
@@ -125,7 +129,7 @@ def _new_file(data: SessionData) -> NWBFile:
 def _subject(data: SessionData) -> Subject:
     """The config's [subject] table (fields of pynwb's Subject) over defaults that say what is unknown: loopcast
     records no subject, and nwbinspector wants id, species, sex and age (a larval zebrafish: sex 'U')."""
-    given = {k: str(v) for k, v in (data.config.get("subject") or {}).items() if k in SUBJECT_FIELDS}
+    given = {k: str(v) for k, v in (data.config.get("subject") or {}).items() if k in SUBJECT_FIELDS and v}
     fields = {"subject_id": "unknown", "species": "Danio rerio", "sex": "U", "age": "P0D/",
               "description": "not recorded by loopcast: set a [subject] table in the config"} | given
     return Subject(**fields)

@@ -16,6 +16,7 @@ figures (tests/realtime/test_record.py).
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -101,4 +102,5 @@ class SkillTracker:
         recent, recent_base = self._recent[p.lead]
         recent.append(mae)
         recent_base.append(base)
-        return SkillRow(p.source_seq, target, p.lead, mae, base, float(np.mean(recent)), float(np.mean(recent_base)))
+        return SkillRow(p.source_seq, target, p.lead, mae, base, math.fsum(recent) / len(recent),
+                        math.fsum(recent_base) / len(recent_base))

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-CHUNK_BYTES = 4 << 20   # default target chunk size: big enough for few files, small enough to rewrite often
+CHUNK_BYTES = 1 << 20   # default target chunk size: few files, yet cheap to rewrite at every flush
+MAX_CHUNK_ROWS = 1024   # a flush rewrites the chunk it is filling: keep it small for tables of small rows
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class GrowingTable:
                  attrs: dict[str, Any] | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
         row_bytes = sum(c.row_bytes for c in columns.values())
         biggest = max(c.row_bytes for c in columns.values())
-        self.chunk_rows = int(max(1, min(65536, chunk_bytes // max(1, biggest))))
+        self.chunk_rows = int(max(1, min(MAX_CHUNK_ROWS, chunk_bytes // max(1, biggest))))
         self.row_bytes = row_bytes
         self.group = parent.create_group(name, attributes={**(attrs or {}), "rows": 0})
         self.columns = columns
