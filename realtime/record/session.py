@@ -2,18 +2,19 @@
 live forecast skill, in a zarr store that grows as the session runs (format: docs/record.md).
 
 The pipeline's thread only copies the recorded neurons' values and queues them (`rejected`, `rows`,
-`frame`, `forecast`; stage threads call `forecast` too); one writer thread of the recorder scores the
-forecasts (realtime.record.skill), sets the skill gauges and appends to the tables
-(realtime.record.store), flushing every `flush_s` seconds and whenever a chunk fills. The queue is
-bounded (`max_queue` items): when the writer falls behind, an item is dropped and counted in
+`frame`, `forecast`; stage threads call `forecast` too). A sender thread passes them through a pipe to a
+writer in a child process (realtime.record.writer), which scores the forecasts, appends to the tables and
+flushes; a receiver thread sets the skill gauges from what the child sends back. The store's Python work
+(zarr's ~1 ms per array write, the scoring) so never holds the pipeline's GIL. The queue is bounded
+(`max_queue` items): when the writer falls behind, an item is dropped and counted in
 `loopcast_record_dropped_total{item}` rather than letting memory grow or the loop wait. A failure of the
-writer (e.g. the disk is full) ends it and `check()` raises it in the pipeline's thread: the loop stops
-loudly rather than run on unrecorded.
+writer (e.g. the disk is full, or the child dies) is kept and `check()` raises it in the pipeline's thread:
+the loop stops loudly rather than run on unrecorded.
 """
 from __future__ import annotations
 
-import json
 import logging
+import multiprocessing as mp
 import queue
 import threading
 import time
@@ -25,8 +26,6 @@ import numpy as np
 import zarr
 
 from loopcast.realtime.metrics import Metrics
-from loopcast.realtime.record.skill import SkillRow, SkillTracker
-from loopcast.realtime.record.store import Column, GrowingTable
 
 log = logging.getLogger(__name__)
 FORMAT, VERSION = "loopcast-session", 1
@@ -102,7 +101,8 @@ def select_neurons(spec: str, n_neurons: int, extra: np.ndarray | None = None) -
 
 
 class SessionRecorder:
-    """Writes `<run dir>/session.zarr` from a writer thread; see the module docstring."""
+    """Writes `<run dir>/session.zarr` through a writer process; see the module docstring. The store is created
+    here, in the caller (an existing one is refused: FileExistsError)."""
 
     def __init__(self, cfg: RecordConfig, path: Path, neurons: np.ndarray, stages: list[StageInfo],
                  metrics: Metrics, attrs: dict[str, Any]) -> None:
@@ -115,9 +115,24 @@ class SessionRecorder:
         self.dropped: dict[str, int] = {}
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(cfg.max_queue)
         self._needs_spikes = any(s.signal == "spike_prob" for s in stages)
-        self._writer = _Writer(self, attrs)
-        self._thread = threading.Thread(target=self._writer.run, name="session record", daemon=True)
-        self._thread.start()
+        self._closed = False
+        _create_store(cfg, path, self.neurons, stages, attrs)
+        self._start_writer(stages)
+
+    def _start_writer(self, stages: list[StageInfo]) -> None:
+        from loopcast.realtime.record.writer import writer_main
+        ctx = mp.get_context("spawn")   # never fork a process with the pipeline's threads
+        inbox, self._to_child = ctx.Pipe(duplex=False)
+        self._from_child, outbox = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=writer_main, args=(inbox, outbox, self.cfg, str(self.path), self.neurons,
+                                                           stages), name="loopcast session record", daemon=True)
+        self._proc.start()
+        inbox.close()
+        outbox.close()
+        self._sender = threading.Thread(target=self._send_loop, name="session record sender", daemon=True)
+        self._receiver = threading.Thread(target=self._recv_loop, name="session record receiver", daemon=True)
+        self._sender.start()
+        self._receiver.start()
 
     # --- called by the pipeline (any thread) ----------------------------------------------------
     def rejected(self, t_recv_ns: int, reason: str, seq: int | None, t_src_ns: int | None) -> None:
@@ -143,17 +158,57 @@ class SessionRecorder:
 
     def check(self) -> None:
         """Raise, in the caller's thread, the failure that ended the writer."""
+        if self.error is None and not self._closed and self._proc.exitcode is not None:
+            self.error = RuntimeError(f"the writer process exited with code {self._proc.exitcode}")
         if self.error is not None:
             raise RuntimeError(f"the session record {self.path} failed: {self.error}") from self.error
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Write what is queued, close the tables and mark the store complete."""
-        if self._thread.is_alive():
+        """Write what is queued, close the tables and mark the store complete; ends the writer process."""
+        if self._sender.is_alive():
             self._queue.put(_STOP)
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("session record: writer still busy %.0f s after close; %s may be incomplete",
-                          timeout_s, self.path)
+        self._sender.join(timeout_s)
+        self._receiver.join(timeout_s)
+        self._proc.join(timeout_s)
+        self._closed = True
+        if self._proc.is_alive():
+            log.error("session record: writer still busy %.0f s after close; %s may be incomplete (stopped)",
+                      timeout_s, self.path)
+            self._proc.kill()
+        self._to_child.close()
+        self._from_child.close()
+
+    def _send_loop(self) -> None:
+        """The queue -> the child's pipe (a blocked write releases the GIL); stop when told or when it fails."""
+        while True:
+            item = self._queue.get()
+            try:
+                self._to_child.send(("stop", dict(self.dropped)) if item is _STOP else item)
+            except (OSError, ValueError) as exc:   # the child is gone: its receiver says why, if it could
+                if self.error is None:
+                    self.error = RuntimeError(f"the writer process is gone ({type(exc).__name__}: {exc})")
+                return
+            if item is _STOP:
+                return
+
+    def _recv_loop(self) -> None:
+        """What the child sends back: skill for the gauges, its failure, or its clean close."""
+        while True:
+            try:
+                msg = self._from_child.recv()
+            except (EOFError, OSError):
+                if not self._closed and self.error is None and self._proc.exitcode not in (None, 0):
+                    self.error = RuntimeError(f"the writer process died (exit code {self._proc.exitcode})")
+                return
+            if msg[0] == "skill":
+                for model, lead, mae, base in msg[1]:
+                    self.metrics.forecast_mae.labels(model=model, lead=str(lead)).set(mae)
+                    self.metrics.forecast_baseline_mae.labels(model=model, lead=str(lead)).set(base)
+            elif msg[0] == "error":
+                self.error = RuntimeError(msg[1])
+                log.error("session record %s failed: %s", self.path, msg[1])
+            elif msg[0] == "closed":
+                return
 
     def _put(self, item: tuple[Any, ...]) -> None:
         if self.error is not None:
@@ -168,134 +223,11 @@ class SessionRecorder:
                           "loopcast_record_dropped_total)", self.cfg.max_queue)
 
 
-class _Writer:
-    """The recorder's thread: tables, skill trackers and gauges."""
-
-    def __init__(self, rec: SessionRecorder, attrs: dict[str, Any]) -> None:
-        self.rec = rec
-        cfg, s = rec.cfg, rec.neurons.size
-        self.root = zarr.open_group(str(rec.path), mode="w-")
-        stages = [asdict(st) for st in rec.stages.values()]
-        self.root.attrs.update({"format": FORMAT, "version": VERSION, "started_ns": time.time_ns(), **attrs,
-                                "neurons_spec": cfg.neurons, "frame_every": cfg.frame_every, "stages": stages,
-                                "engines": {}, "complete": False})
-        self.root.create_array("neurons", data=rec.neurons)
-        chunk = int(cfg.chunk_mb * (1 << 20))
-        self.reasons: list[str] = []
-        self.frames = GrowingTable(self.root, "frames", {
-            "index": Column("int64", (len(FRAME_INDEX),)), "latency_ms": Column("float32", (3,))},
-            {"index_columns": list(FRAME_INDEX), "codes": list(FORECAST_CODES), "reasons": [],
-             "latency_columns": list(LATENCY_COLUMNS)}, chunk)
-        self.dff = GrowingTable(self.root, "dff", {"index": Column("int64", (len(DFF_INDEX),)),
-                                                   "data": Column("float32", (s,))},
-                                {"index_columns": list(DFF_INDEX)}, chunk)
-        self.forecasts = {st.name: self._forecast_table(st, s, chunk) for st in rec.stages.values()} \
-            if cfg.forecasts else {}
-        self.versions: dict[str, list[str]] = {name: [] for name in rec.stages}
-        self.trackers = {st.name: SkillTracker(st.lead_times, st.context, cfg.skill_window)
-                         for st in rec.stages.values() if st.kind == "forecast"}
-        self.skill = {name: self._skill_table(rec.stages[name], chunk) for name in self.trackers}
-        self.engines: dict[str, Any] = {}   # engine version -> its manifest (the store's attribute `engines`)
-        self.n_valid = 0
-        self.n_forecasts = {name: 0 for name in rec.stages}
-
-    def _forecast_table(self, st: StageInfo, s: int, chunk: int) -> GrowingTable:
-        h = len(st.lead_times) if st.kind == "forecast" else 1
-        return GrowingTable(self.root.require_group("forecasts"), f"{st.kind}.{st.model}", {
-            "index": Column("int64", (len(FORECAST_INDEX),)), "latency_ms": Column("float32"),
-            "data": Column("float32", (h, s))},
-            {"index_columns": list(FORECAST_INDEX), "kind": st.kind, "model": st.model, "signal": st.signal,
-             "lead_times": list(st.lead_times), "engine_versions": []}, chunk)
-
-    def _skill_table(self, st: StageInfo, chunk: int) -> GrowingTable:
-        cols = {"index": Column("int64", (len(SKILL_INDEX),)), "values": Column("float32", (len(SKILL_VALUES),))}
-        return GrowingTable(self.root.require_group("skill"), st.model, cols,
-                            {"index_columns": list(SKILL_INDEX), "value_columns": list(SKILL_VALUES),
-                             "window": self.rec.cfg.skill_window, "lead_times": list(st.lead_times),
-                             "signal": st.signal, "context": st.context}, chunk)
-
-    def run(self) -> None:
-        try:
-            self._loop()
-            self._close()
-        except BaseException as exc:   # raised in the pipeline's thread by check()
-            log.exception("session record %s failed", self.rec.path)
-            self.rec.error = exc
-
-    def _loop(self) -> None:
-        next_flush = time.monotonic() + self.rec.cfg.flush_s
-        while True:
-            try:
-                item = self.rec._queue.get(timeout=max(0.0, next_flush - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                return
-            if item is not None:
-                getattr(self, f"_on_{item[0]}")(*item[1:])
-            if time.monotonic() >= next_flush:
-                self._flush()
-                next_flush = time.monotonic() + self.rec.cfg.flush_s
-
-    def _on_frame(self, seq: int, t_src: int, t_recv: int, reason: str, code: str, lat: tuple[float, ...]) -> None:
-        if reason and reason not in self.reasons:
-            self.reasons.append(reason)
-            self.frames.set_attrs(reasons=list(self.reasons))
-        status = self.reasons.index(reason) + 1 if reason else 0
-        self.frames.append(index=(seq, t_src, t_recv, status, FORECAST_CODES.index(code)), latency_ms=lat)
-
-    def _on_rows(self, seq: int, t_src: int, dff: np.ndarray, spikes: np.ndarray | None) -> None:
-        if self.n_valid % self.rec.cfg.frame_every == 0:
-            self.dff.append(index=(seq, t_src), data=dff)
-        self.n_valid += 1
-        for name, tracker in self.trackers.items():
-            row = dff if self.rec.stages[name].signal == "dff" else spikes
-            if row is not None:
-                self._scored(name, tracker.observe(seq, row))
-
-    def _on_forecast(self, name: str, seq: int, t_src: int, t_pub: int, version: str, manifest: Path,
-                     latency_ms: float, pred: np.ndarray) -> None:
-        versions = self.versions[name]
-        if version not in versions:
-            versions.append(version)
-            self._new_engine(name, version, manifest)
-        if name in self.forecasts and self.n_forecasts[name] % self.rec.cfg.frame_every == 0:
-            self.forecasts[name].append(index=(seq, t_src, t_pub, versions.index(version)), latency_ms=latency_ms,
-                                        data=pred)
-        self.n_forecasts[name] += 1
-        if name in self.trackers:
-            self._scored(name, self.trackers[name].add(seq, pred))
-
-    def _new_engine(self, name: str, version: str, manifest: Path) -> None:
-        if name in self.forecasts:
-            self.forecasts[name].set_attrs(engine_versions=list(self.versions[name]))
-        try:
-            doc = json.loads(Path(manifest).read_text())
-        except (OSError, ValueError) as exc:
-            doc = {"error": f"manifest {manifest} unreadable: {exc}"}
-        engines: dict[str, Any] = dict(self.engines)
-        engines[version] = doc
-        self.engines = engines
-        self.root.attrs["engines"] = engines
-
-
-    def _scored(self, name: str, rows: list[SkillRow]) -> None:
-        model = self.rec.stages[name].model
-        for r in rows:
-            self.skill[name].append(index=(r.source_seq, r.target_seq, r.lead),
-                                    values=(r.mae, r.baseline_mae, r.rolling_mae, r.rolling_baseline_mae))
-            lead = str(r.lead)
-            self.rec.metrics.forecast_mae.labels(model=model, lead=lead).set(r.rolling_mae)
-            self.rec.metrics.forecast_baseline_mae.labels(model=model, lead=lead).set(r.rolling_baseline_mae)
-
-    def _tables(self) -> list[GrowingTable]:
-        return [self.frames, self.dff, *self.forecasts.values(), *self.skill.values()]
-
-    def _flush(self) -> None:
-        for table in self._tables():
-            table.flush()
-
-    def _close(self) -> None:
-        for table in self._tables():
-            table.close()
-        self.root.attrs.update({"complete": True, "ended_ns": time.time_ns(), "dropped": dict(self.rec.dropped)})
+def _create_store(cfg: RecordConfig, path: Path, neurons: np.ndarray, stages: list[StageInfo],
+                  attrs: dict[str, Any]) -> None:
+    """The store's group, attributes and `neurons` (the writer process adds the tables)."""
+    root = zarr.open_group(str(path), mode="w-")
+    root.attrs.update({"format": FORMAT, "version": VERSION, "started_ns": time.time_ns(), **attrs,
+                       "neurons_spec": cfg.neurons, "frame_every": cfg.frame_every,
+                       "stages": [asdict(st) for st in stages], "engines": {}, "complete": False})
+    root.create_array("neurons", data=neurons)

@@ -125,6 +125,15 @@ def test_recorder_failure_is_raised_in_the_callers_thread(tmp_path: Path) -> Non
         rec.check()
 
 
+def test_a_dead_writer_process_is_raised_in_the_callers_thread(tmp_path: Path) -> None:
+    rec = _recorder(tmp_path / "session.zarr", Metrics("t"))
+    rec._proc.kill()
+    rec._proc.join(10)
+    with pytest.raises(RuntimeError, match="session record"):
+        rec.check()
+    rec.close()
+
+
 def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     metrics = Metrics("t")
     rec = _recorder(tmp_path / "session.zarr", metrics, max_queue=1, flush_s=10.0)
