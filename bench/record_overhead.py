@@ -1,26 +1,30 @@
 """What the experiment record costs the closed loop: forecast and trigger latency with the controller's
-audit log and the pipeline's session store each on and off, in interleaved runs of the loop bench's setup
-(bench/loop_latency.py: live simulated fish -> pipeline -> controller -> MQTT broker in one process, the
-policy firing on every forecast so every frame is a trigger).
+audit log and the pipeline's session store each on and off, in interleaved runs of the closed loop with the
+policy firing on every forecast (every frame a trigger). By default each run is `loopcast demo` (the fish,
+the pipeline and the controller as separate processes, as on a rig, with Mosquitto); `--in-process` runs the
+loop bench's setup instead (bench/loop_latency.py: everything in one process, sharing one GIL).
 
 Modes: off (neither), audit (the audit log only: its cost on the trigger latency), record (the session store
 only: its cost on the forecast latency), both. Rounds of one run per mode (--rounds), each --frames frames at
 --speed x the rig's frame rate; the first --warmup frames of each run are dropped. Reports p50/p99/max per run,
 the median of the runs' p99 per mode and its difference from "off", and the record's disk rate per hour at the
-rig's frame period. In one process the session store's writer shares the GIL with the controller's event loop;
-on a rig they are separate processes (`loopcast run`, `loopcast controller`).
+rig's frame period.
 
-    .venv/bin/python bench/record_overhead.py [--rounds 3] [--frames 500] [--speed 10]
+    .venv/bin/python bench/record_overhead.py [--rounds 3] [--frames 500] [--speed 10] [--in-process]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from loopcast.app import setup_logging
 from loopcast.broker import free_port, start_broker
@@ -35,28 +39,32 @@ STAGES = {"forecast": "run", "trigger": "controller"}
 MODES = {"off": (False, False), "audit": (True, False), "record": (False, True), "both": (True, True)}  # audit, store
 
 
+FIRE_ON_EVERY_FORECAST = ['controller.policy.mode="above"', "controller.policy.level=-1.0",
+                          "controller.interlocks.min_interval_s=0.0", "controller.interlocks.max_per_minute=1000000",
+                          "controller.interlocks.max_forecast_age_s=5.0", 'rig.name="bench"']
+
+
 def loop_overrides(broker_port: int, frames: int, speed: float) -> list[str]:
     return [f"mqtt.port={broker_port}", f'endpoints.frames="tcp://127.0.0.1:{free_port()}"',
             f'endpoints.forecasts="tcp://127.0.0.1:{free_port()}"', f"sim.n_frames={frames}", f"sim.speed={speed}",
-            "pipeline.forecast.wait_subscribers=2", f"pipeline.max_frames={frames}",
-            'controller.policy.mode="above"', "controller.policy.level=-1.0",
-            "controller.interlocks.min_interval_s=0.0", "controller.interlocks.max_per_minute=1000000",
-            "controller.interlocks.max_forecast_age_s=5.0", 'rig.name="bench"']
+            "pipeline.forecast.wait_subscribers=2", f"pipeline.max_frames={frames}", *FIRE_ON_EVERY_FORECAST]
 
 
 def one_run(base: list[str], mode: str, work: Path, args: argparse.Namespace, port: int) -> dict[str, Any]:
     audit, store = (str(x).lower() for x in MODES[mode])
-    cfg = load_settings(overrides=[*base, *loop_overrides(port, args.frames, args.speed),
-                                   f"pipeline.record.enabled={store}", f"controller.audit.enabled={audit}"])
+    flags = [f"pipeline.record.enabled={store}", f"controller.audit.enabled={audit}"]
+    cfg = load_settings(overrides=[*base, *loop_overrides(port, args.frames, args.speed), *flags])
     run_dir = work / f"run-{time.time_ns()}"
     run_dir.mkdir()
     t0 = time.monotonic()
-    res = run_loop(cfg, timeout_s=args.frames * cfg.rig.frame_period_s / args.speed + 120, run_dir=run_dir)
-    out: dict[str, Any] = {"mode": mode, "wall_s": time.monotonic() - t0, "triggers": len(res.triggers),
-                           "forecasts": res.pipeline.forecasts}
-    for stage, proc in STAGES.items():
-        samples = res.metrics[proc].latency(stage).samples()
-        out[stage] = quantiles(samples[args.warmup:])
+    if args.in_process:
+        res = run_loop(cfg, timeout_s=args.frames * cfg.rig.frame_period_s / args.speed + 120, run_dir=run_dir)
+        samples = {stage: res.metrics[proc].latency(stage).samples() for stage, proc in STAGES.items()}
+    else:
+        samples = demo_run(base, flags, run_dir, args)
+    out: dict[str, Any] = {"mode": mode, "wall_s": time.monotonic() - t0}
+    for stage in STAGES:
+        out[stage] = quantiles(samples[stage][args.warmup:])
     files = [f for f in run_dir.rglob("*") if f.is_file()]
     out["record_bytes"] = {"session": sum(f.stat().st_size for f in files if "session.zarr" in f.parts),
                            "audit": sum(f.stat().st_size for f in files if f.name.endswith(".audit.jsonl"))}
@@ -65,13 +73,28 @@ def one_run(base: list[str], mode: str, work: Path, args: argparse.Namespace, po
     return out
 
 
+def demo_run(base: list[str], flags: list[str], run_dir: Path, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """`loopcast demo` (separate processes, Mosquitto) on the bench's recording and engine; latency samples (s)."""
+    sets = [*base, *flags, 'mqtt.broker="mosquitto"', "metrics.samples=true", f"demo.frames={args.frames}",
+            f"demo.speed={args.speed}", "demo.fault_every=0", *FIRE_ON_EVERY_FORECAST]
+    argv = [sys.executable, "-m", "loopcast.cli", "demo", "--run-dir", str(run_dir),
+            *(a for s in sets for a in ("-s", s))]
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"loopcast demo failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    loaded = {**json.loads((run_dir / "run.latency.json").read_text()),
+              **json.loads((run_dir / "controller.latency.json").read_text())}
+    return {stage: np.asarray(loaded[stage]) for stage in STAGES}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="rounds of one run per mode")
     ap.add_argument("--frames", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--speed", type=float, default=10.0)
-    ap.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
+    ap.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto", help="--in-process")
+    ap.add_argument("--in-process", action="store_true", help="everything in one process (bench/loop_latency.py)")
     args = ap.parse_args()
     setup_logging()
     work = Path(tempfile.mkdtemp(prefix="loopcast-bench-"))
@@ -83,12 +106,14 @@ def main() -> int:
     with start_broker(args.broker) as broker:
         for _ in range(args.rounds):
             runs += [one_run(base, mode, work, args, broker.port) for mode in MODES]
-        kind = broker.kind
+        kind = broker.kind if args.in_process else "mosquitto"
     summary = _summary(runs)
     _print(runs, summary, cfg, args, kind)
-    path = write_result("record-overhead", {
-        "description": f"closed loop, {cfg.synth.fish.n_neurons} neurons, {args.frames} frames at {args.speed:g}x, "
-                       f"audit log and session store on and off, broker {kind}", "runs": runs, "summary": summary,
+    where = "one process" if args.in_process else "separate processes (loopcast demo)"
+    path = write_result("record-overhead" + ("-inprocess" if args.in_process else ""), {
+        "description": f"closed loop in {where}, {cfg.synth.fish.n_neurons} neurons, {args.frames} frames at "
+                       f"{args.speed:g}x, audit log and session store on and off, broker {kind}",
+        "runs": runs, "summary": summary,
         "config": to_dict(load_settings(overrides=base))})
     print(f"\nwrote {path}")
     return 0

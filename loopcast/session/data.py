@@ -23,7 +23,7 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class FrameTable:
-    """Every message the pipeline handled, in arrival order (T rows)."""
+    """Every message the pipeline handled (T rows), in the order it finished with them."""
 
     seq: np.ndarray          # (T,) int64; -1 when a rejected message had no readable seq
     t_src_ns: np.ndarray     # (T,) int64; 0 when unknown

@@ -55,10 +55,13 @@ class RecordConfig:
     flush_s: float = 5.0            # a killed session loses at most this much
     chunk_mb: float = 1.0           # target chunk size of each array (at most 1024 rows)
     max_queue: int = 512            # items waiting for the writer before new ones are dropped (counted)
+    writer_nice: int = 10           # the writer process's nice increment: the loop's processes take the CPU first
 
     def __post_init__(self) -> None:
         if self.frame_every < 1 or self.skill_window < 1 or self.max_queue < 1:
             raise ValueError("frame_every, skill_window and max_queue must be >= 1")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"writer_nice must be in 0..19, got {self.writer_nice}")
         if self.flush_s <= 0 or self.chunk_mb <= 0:
             raise ValueError(f"flush_s and chunk_mb must be > 0, got {self.flush_s}, {self.chunk_mb}")
 

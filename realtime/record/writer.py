@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -45,6 +46,8 @@ def writer_main(inbox: Connection, outbox: Connection, cfg: RecordConfig, path: 
     """The child process: write until ("stop", dropped) arrives, then close the store; report a failure."""
     writer = None
     try:
+        if cfg.writer_nice:
+            os.nice(cfg.writer_nice)
         writer = SessionWriter(cfg, Path(path), neurons, stages, outbox)
         writer.run(inbox)
         outbox.send(("closed",))
