@@ -56,6 +56,8 @@ class RecordConfig:
     chunk_mb: float = 1.0           # target chunk size of each array (at most 1024 rows)
     max_queue: int = 512            # items waiting for the writer before new ones are dropped (counted)
     writer_nice: int = 10           # the writer process's nice increment: the loop's processes take the CPU first
+    writer_idle: bool = True        # the writer process under SCHED_IDLE (Linux): it runs only on CPU time that
+    #                                 nothing else wants, so it never delays the loop's processes on a busy machine
 
     def __post_init__(self) -> None:
         if self.frame_every < 1 or self.skill_window < 1 or self.max_queue < 1:

@@ -46,8 +46,7 @@ def writer_main(inbox: Connection, outbox: Connection, cfg: RecordConfig, path: 
     """The child process: write until ("stop", dropped) arrives, then close the store; report a failure."""
     writer = None
     try:
-        if cfg.writer_nice:
-            os.nice(cfg.writer_nice)
+        _lower_priority(cfg)
         writer = SessionWriter(cfg, Path(path), neurons, stages, outbox)
         writer.run(inbox)
         outbox.send(("closed",))
@@ -56,6 +55,14 @@ def writer_main(inbox: Connection, outbox: Connection, cfg: RecordConfig, path: 
             writer.flush()
     except BaseException as exc:   # raised in the pipeline's thread by SessionRecorder.check()
         outbox.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _lower_priority(cfg: RecordConfig) -> None:
+    """nice and (Linux) SCHED_IDLE for this process, as configured; lowering needs no privilege."""
+    if cfg.writer_nice:
+        os.nice(cfg.writer_nice)
+    if cfg.writer_idle and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 class SessionWriter:
