@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from loopcast.realtime.metrics import Metrics
-from loopcast.realtime.record.session import RecordConfig, SessionRecorder, StageInfo, select_neurons
+from loopcast.realtime.record.config import RecordConfig, StageInfo
+from loopcast.realtime.record.session import SessionRecorder, select_neurons
 
 from common import print_table, quantiles, write_result
 

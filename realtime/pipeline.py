@@ -32,7 +32,8 @@ from loopcast.realtime.ingest import Ingest, RigConfig
 from loopcast.realtime.jit import cache_dir as kernel_cache_dir
 from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig, Preprocessed
-from loopcast.realtime.record.session import RecordConfig, SessionRecorder, StageInfo
+from loopcast.realtime.record.config import RecordConfig, StageInfo
+from loopcast.realtime.record.session import SessionRecorder
 from loopcast.realtime.wire.codec import ForecastHeader, Frame
 
 log = logging.getLogger(__name__)

@@ -140,6 +140,8 @@ WIRE, METRICS, CONTROL, ENGINES = f"{RT}.wire", f"{RT}.metrics", f"{RT}.control"
 SPIKES, PREPROCESS, FORECAST, INGEST, PIPELINE = (f"{RT}.spikes", f"{RT}.preprocess", f"{RT}.forecast",
                                                   f"{RT}.ingest", f"{RT}.pipeline")
 JIT = f"{RT}.jit"   # the numba decorator and its kernel cache
+RECORD = f"{RT}.record"   # the experiment record's writers (audit log, session store)
+SESSION = "loopcast.session"   # after a session: reading, reporting, exporting the record (part of the app)
 REPLAY, MODELS, OFFLINE = "loopcast.replay", "loopcast.models", "loopcast.offline_training"
 
 # importer (a module or a package's prefix; the longest one that matches applies) -> the loopcast
@@ -150,7 +152,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     WIRE: (WIRE,),
     METRICS: (),
     JIT: (),
-    CONTROL: (CONFIG, CONTROL, WIRE, METRICS),
+    CONTROL: (CONFIG, CONTROL, WIRE, METRICS, f"{RECORD}.audit"),
+    RECORD: (CONFIG, RECORD, METRICS),
     ENGINES: (CONFIG, ENGINES, WIRE, METRICS),
     SPIKES: (CONFIG, SPIKES, ENGINES, WIRE, METRICS, JIT),
     PREPROCESS: (CONFIG, PREPROCESS, SPIKES, WIRE, METRICS, JIT),
@@ -163,6 +166,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     OFFLINE: (CONFIG, RT, REPLAY, MODELS, OFFLINE),
     "loopcast.configs": (),
     **{app: ("loopcast",) for app in APP},
+    SESSION: ("loopcast",),
 }
 # realtime modules that may import torch when they are imported (their callers import them lazily)
 TORCH_AT_IMPORT = frozenset({f"{PREPROCESS}.dff_torch", f"{PREPROCESS}.traces_torch", f"{SPIKES}.oasis_torch"})

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from loopcast.realtime.record.session import (
+from loopcast.realtime.record.config import (
     DFF_INDEX,
     FORECAST_CODES,
     FORECAST_INDEX,

@@ -8,7 +8,8 @@ import pytest
 import zarr
 
 from loopcast.realtime.metrics import Metrics
-from loopcast.realtime.record.session import RecordConfig, SessionRecorder, StageInfo, select_neurons
+from loopcast.realtime.record.config import RecordConfig, StageInfo
+from loopcast.realtime.record.session import SessionRecorder, select_neurons
 from loopcast.realtime.record.skill import SkillTracker
 from loopcast.realtime.record.store import Column, GrowingTable, read_table
 from loopcast.session.data import RecordError, read_session
