@@ -19,7 +19,7 @@ SKILL_VALUES = ("mae", "baseline_mae", "rolling_mae", "rolling_baseline_mae")
 
 @dataclass(frozen=True)
 class RecordConfig:
-    """`[pipeline.record]`: what the session store keeps (docs/record.md; disk rates in docs/fullscale.md)."""
+    """`[pipeline.record]`: what the session store keeps (docs/record.md, with its disk rates)."""
 
     enabled: bool = True
     path: str = "session.zarr"      # inside the run directory

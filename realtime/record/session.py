@@ -32,6 +32,7 @@ from loopcast.realtime.record.writer import writer_main
 log = logging.getLogger(__name__)
 _STOP = ("stop",)
 
+
 def select_neurons(spec: str, n_neurons: int, extra: np.ndarray | None = None) -> np.ndarray:
     """The recorded neurons: `spec` ('all', 'stride:k', 'indices:i,j,...') plus `extra`, sorted (int64)."""
     kind, _, arg = spec.strip().partition(":")
