@@ -10,7 +10,9 @@ nothing is received or decoded that the policy ignores (a pipeline serving sever
 MQTT topics (ARCHITECTURE.md): `loopcast/<rig>/trigger` (QoS 1 TriggerCommand JSON),
 `loopcast/<rig>/status` (retained JSON state, also the last will: offline and disarmed),
 `loopcast/<rig>/control` (arm, disarm, stop, reset). The controller starts disarmed unless
-`interlocks.armed_at_start`; a failed trigger publish or a lost broker connection disarms it.
+`interlocks.armed_at_start`; a failed trigger publish, a lost broker connection or an unexpected error in
+its forecast or control handler (`fail_safe`) disarms it, until an operator arms it again. `sent` keeps the
+newest SENT_KEPT triggers; the audit log keeps them all.
 
 Audit log (docs/record.md; realtime/record/audit.py for the crash and fsync guarantees): given an
 `audit_path`, every forecast the policy reads, every message that does not decode, every control message and
@@ -26,6 +28,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ from loopcast.realtime.wire.codec import (
 )
 
 log = logging.getLogger(__name__)
+SENT_KEPT = 1000   # triggers kept in memory (Controller.sent); the audit log has every one
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class Controller:
         prefix = ACTIVATION_PREFIX if self.policy.kind == "activation" else FORECAST_PREFIX
         self.topic = prefix + cfg.policy.model    # one model's messages only, where the policy names one
         self.interlocks = Interlocks(cfg.interlocks)
-        self.sent: list[TriggerCommand] = []
+        self.sent: deque[TriggerCommand] = deque(maxlen=SENT_KEPT)   # the newest; every one is in the audit log
         self.forecasts_seen = 0
         self.invalid = 0
         self.last_control: dict[str, Any] | None = None  # {"command": ..., "accepted": ...}
@@ -230,9 +234,8 @@ class Controller:
             self.forecasts_seen += 1
             try:
                 await self.handle_forecast(forecast, topic)
-            except Exception:  # a bug on one forecast must not take the controller down
-                self.metrics.errors.labels(kind="forecast_handling").inc()
-                log.exception("forecast seq=%d could not be handled", forecast.header.seq)
+            except Exception as exc:  # a bug must neither take the controller down nor leave it armed
+                await self.fail_safe("forecast_handling", exc, f"forecast seq={forecast.header.seq}")
 
     async def handle_forecast(self, forecast: Forecast, topic: str | None = None) -> TriggerCommand | None:
         """Policy, interlocks and (if allowed) the trigger publish for one forecast; one audit record for
@@ -291,12 +294,34 @@ class Controller:
             await self._publish_status()
 
     # --- control and status -------------------------------------------------------------------
+    async def fail_safe(self, where: str, exc: BaseException, what: str) -> None:
+        """An unexpected error: disarm (until an operator arms again), count it in loopcast_errors_total{kind},
+        record it (an `error` record, and the `disarmed` state), publish the status. The controller goes on."""
+        self.metrics.errors.labels(kind=where).inc()
+        was_armed = self.interlocks.armed
+        log.error("unexpected error in %s (%s): %s: %s -> %s", where, what, type(exc).__name__, exc,
+                  "DISARMED" if was_armed else "stays disarmed", exc_info=exc)
+        self.interlocks.disarm()
+        self.metrics.armed.set(0)
+        self.audit.write("error", where=where, what=what, error=f"{type(exc).__name__}: {exc}", armed_before=was_armed)
+        self._note_state(f"unexpected error in {where}: {type(exc).__name__}: {exc}")
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._publish_status()
+
     async def _control_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            msg = self._control_message(message)
-            if msg is not None:
-                self.apply_control(msg.command, msg.sender, message.topic.value)
-                await self._publish_status()
+            try:
+                await self._on_control(message)
+            except aiomqtt.MqttError:
+                raise                   # the broker connection: _on_connection_lost disarms and reconnects
+            except Exception as exc:    # a bug must neither take the controller down nor leave it armed
+                await self.fail_safe("control_handling", exc, f"control message on {message.topic}")
+
+    async def _on_control(self, message: aiomqtt.Message) -> None:
+        msg = self._control_message(message)
+        if msg is not None:
+            self.apply_control(msg.command, msg.sender, message.topic.value)
+            await self._publish_status()
 
     def _control_message(self, message: aiomqtt.Message) -> ControlMessage | None:
         """The control message, or None (logged, counted and recorded) if it is not one to apply."""

@@ -317,6 +317,55 @@ def test_publish_failure_is_recorded(mqtt_broker: Broker, tmp_path: Path) -> Non
     assert disarmed["cause"] == "trigger publish failed: simulated publish failure" and disarmed["n"] > failed["n"]
 
 
+@pytest.mark.parametrize("where", ["forecast_handling", "control_handling"])
+def test_an_unexpected_error_in_a_handler_disarms_until_armed_again(mqtt_broker: Broker, tmp_path: Path,
+                                                                    where: str) -> None:
+    """A bug injected into the forecast handler (the policy) or the control handler (applying a command):
+    the controller disarms, counts and records it, publishes the state, carries on, and fires again only
+    after an operator's arm."""
+    log_path = tmp_path / "controller.audit.jsonl"
+
+    def bug(*a: Any, **kw: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    async def main() -> Rig:
+        async with Rig(mqtt_broker, log_path) as r:
+            await r.control("arm")
+            await r.status_where(lambda s: s["armed"])
+            ctl = r.controller
+            if where == "forecast_handling":
+                real, ctl.policy.evaluate = ctl.policy.evaluate, bug   # type: ignore[method-assign]
+                await r.forecast(0.9)
+            else:
+                real, ctl.apply_control = ctl.apply_control, bug       # type: ignore[method-assign]
+                await r.control("reset")
+            status = await r.status_where(lambda s: not s["armed"])
+            assert status["online"] and not status["estop"]
+            assert r.metrics.count("loopcast_errors_total", kind=where) == 1
+            if where == "forecast_handling":
+                ctl.policy.evaluate = real                              # type: ignore[method-assign]
+            else:
+                ctl.apply_control = real                                # type: ignore[method-assign]
+            await r.forecast(0.9)                                       # still disarmed: suppressed
+            await r.wait_records("forecast", 1)
+            assert not r.triggers
+            await r.control("arm")
+            await r.status_where(lambda s: s["armed"])
+            await r.forecast(0.9)
+            await until(lambda: len(r.triggers) == 1)
+        return r
+
+    asyncio.run(main())
+    recs = read_audit(log_path).records
+    (error,) = (x for x in recs if x["kind"] == "error")
+    assert (error["where"], error["error"], error["armed_before"]) == (where, "RuntimeError: injected bug", True)
+    disarmed = next(x for x in recs if x["kind"] == "state" and x["event"] == "disarmed")
+    assert disarmed["cause"] == f"unexpected error in {where}: RuntimeError: injected bug"
+    assert disarmed["n"] > error["n"]
+    suppressed, sent = (x for x in recs if x["kind"] == "forecast")
+    assert (suppressed["decision"], suppressed["interlock"], sent["decision"]) == ("suppressed", "disarmed", "sent")
+
+
 def test_broker_loss_is_recorded(tmp_path: Path) -> None:
     broker = start_broker("embedded")
     log_path = tmp_path / "controller.audit.jsonl"

@@ -143,7 +143,7 @@ def test_starts_disarmed_and_suppresses(mqtt_broker: Broker) -> None:
         assert first["online"] and not first["armed"] and not first["estop"]
         await h.send_forecast(0.9)
         await h.processed(1)
-        assert h.triggers.empty() and h.controller.sent == []
+        assert h.triggers.empty() and list(h.controller.sent) == []
         assert h.metrics.count("loopcast_triggers_suppressed_total", interlock="disarmed") == 1
     run(mqtt_broker, body)
 
@@ -161,7 +161,7 @@ def test_armed_over_mqtt_sends_trigger(mqtt_broker: Broker) -> None:
         async with asyncio.timeout(TIMEOUT):  # the subscriber may see the trigger before the QoS 1 publish returns
             while not h.controller.sent:
                 await asyncio.sleep(0.01)
-        assert h.controller.sent == [cmd] and h.triggers.empty()
+        assert list(h.controller.sent) == [cmd] and h.triggers.empty()
         assert h.metrics.count("loopcast_triggers_sent_total") == 1
         assert h.metrics.latency("trigger").summary()["count"] == 1
         assert h.metrics.registry.get_sample_value("loopcast_controller_armed") == 1
@@ -184,7 +184,7 @@ def test_disarm_and_stop_over_mqtt(mqtt_broker: Broker) -> None:
         assert refused["estop"] and not refused["armed"]
         await h.send_forecast(0.9)
         await h.processed(3)
-        assert h.triggers.empty() and h.controller.sent == []
+        assert h.triggers.empty() and list(h.controller.sent) == []
         assert h.metrics.count("loopcast_triggers_suppressed_total", interlock="disarmed") == 1
         assert h.metrics.count("loopcast_triggers_suppressed_total", interlock="estop") == 2
         await h.control("reset")
@@ -284,7 +284,7 @@ def test_publish_failure_disarms(mqtt_broker: Broker, caplog: pytest.LogCaptureF
             await h.send_forecast(0.9)
             await h.status_where(lambda s: not s["armed"])
         assert h.metrics.count("loopcast_errors_total", kind="mqtt_publish") == 1
-        assert not h.controller.interlocks.armed and h.controller.sent == []
+        assert not h.controller.interlocks.armed and list(h.controller.sent) == []
         assert "DISARMED" in caplog.text
     run(mqtt_broker, body)
 
