@@ -318,8 +318,8 @@ def test_publish_failure_is_recorded(mqtt_broker: Broker, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("where", ["forecast_handling", "control_handling"])
-def test_an_unexpected_error_in_a_handler_disarms_until_armed_again(mqtt_broker: Broker, tmp_path: Path,
-                                                                    where: str) -> None:
+def test_an_unexpected_error_in_a_handler_disarms_until_armed_again(
+        mqtt_broker: Broker, tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug injected into the forecast handler (the policy) or the control handler (applying a command):
     the controller disarms, counts and records it, publishes the state, carries on, and fires again only
     after an operator's arm."""
@@ -334,18 +334,15 @@ def test_an_unexpected_error_in_a_handler_disarms_until_armed_again(mqtt_broker:
             await r.status_where(lambda s: s["armed"])
             ctl = r.controller
             if where == "forecast_handling":
-                real, ctl.policy.evaluate = ctl.policy.evaluate, bug   # type: ignore[method-assign]
+                monkeypatch.setattr(ctl.policy, "evaluate", bug)
                 await r.forecast(0.9)
             else:
-                real, ctl.apply_control = ctl.apply_control, bug       # type: ignore[method-assign]
+                monkeypatch.setattr(ctl, "apply_control", bug)
                 await r.control("reset")
             status = await r.status_where(lambda s: not s["armed"])
             assert status["online"] and not status["estop"]
             assert r.metrics.count("loopcast_errors_total", kind=where) == 1
-            if where == "forecast_handling":
-                ctl.policy.evaluate = real                              # type: ignore[method-assign]
-            else:
-                ctl.apply_control = real                                # type: ignore[method-assign]
+            monkeypatch.undo()
             await r.forecast(0.9)                                       # still disarmed: suppressed
             await r.wait_records("forecast", 1)
             assert not r.triggers
