@@ -20,6 +20,7 @@ from loopcast.realtime.wire.shm import ShmReader
 
 log = logging.getLogger(__name__)
 LOG_INTERVAL_S = 5.0   # per kind of problem: log the first at once, then at most one line per interval
+MAX_SEQ_JUMP = 100_000  # frames (~25 h at the rig's rate): a longer jump must be confirmed by the next frame
 
 
 class LogThrottle:
@@ -79,6 +80,7 @@ class Ingest:
         self.throttle = LogThrottle()
         self.last_seq: int | None = None
         self.rejected: Rejection | None = None   # the last message's rejection (None when it was accepted)
+        self._jumped_to: int | None = None       # the seq of the last frame rejected as a jump
         self._latency = metrics.latency("ingest")
 
     def setup(self) -> None:
@@ -97,7 +99,7 @@ class Ingest:
     def process(self, parts: Sequence[Any]) -> Frame | None:
         frame = self.rejected = None
         try:
-            frame = decode_frame(parts, self.rig.shape, self.rig.dtype, self.shm)
+            frame = self._decode(parts)
             self._check_stimulus(frame)
             self._check_seq(frame.header.seq)
         except WireError as exc:
@@ -113,13 +115,32 @@ class Ingest:
     def close(self) -> None:
         self.shm.close()
 
+    def _decode(self, parts: Sequence[Any]) -> Frame:
+        """decode_frame; any other exception on the way (a hostile header reaching a library) is a rejection too."""
+        try:
+            return decode_frame(parts, self.rig.shape, self.rig.dtype, self.shm)
+        except WireError:
+            raise
+        except Exception as exc:
+            raise WireError("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
     def _check_stimulus(self, frame: Frame) -> None:
         n = len(frame.header.stimulus)
         if n not in (0, self.rig.n_covariates):
             raise WireError("bad_stimulus", f"{n} stimulus covariates, rig has {self.rig.n_covariates}")
 
     def _check_seq(self, seq: int) -> None:
+        """Duplicates and older seqs are rejected; a gap counts the frames lost. A jump of more than
+        `MAX_SEQ_JUMP` is rejected too, unless the next frame follows it (seq + 1): one bad header cannot lock
+        out the frames after it, and a source that really jumped is followed from its second frame."""
         last = self.last_seq
+        if last is not None and seq > last + MAX_SEQ_JUMP:
+            confirmed, self._jumped_to = self._jumped_to == seq - 1, seq
+            if not confirmed:
+                raise WireError("seq_jump", f"seq {seq} is {seq - last} past {last} (max {MAX_SEQ_JUMP}; "
+                                f"followed when the next frame is {seq + 1})")
+            log.warning("seq jumped from %d to %d and the next frame followed: following it", last, seq)
+            self.last_seq = last = seq - 1
         if last is not None:
             if seq == last:
                 raise WireError("duplicate_seq", f"seq {seq} repeated")

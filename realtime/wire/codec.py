@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ TOPIC_FRAME = b"frame"
 FORECAST_PREFIX = "forecast/"
 ACTIVATION_PREFIX = "activation/"
 Order = Literal["C", "F"]   # memory order of a volume on the wire
+MAX_STIMULUS = 1024   # stimulus covariates a header may carry
+MAX_HEADER_ITEMS = 4096        # entries of any list or map in a header: bounded while unpacking, before conversion
+MAX_HEADER_BYTES = 64 * 1024   # any string or binary value in a header
 ALLOWED_DTYPES = frozenset({"uint8", "uint16", "int16", "float16", "float32", "float64"})
 
 Part = bytes | memoryview | Any  # zmq.Frame has .buffer; bytes/memoryview pass through
@@ -162,12 +166,14 @@ def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None =
     if topic != TOPIC_FRAME:
         raise WireError("bad_topic", f"expected topic {TOPIC_FRAME!r}, got {topic[:32]!r}")
     h = _unpack_header(raw_header)
+    kind = _get(h, "kind", str, "volume")
+    if kind != "volume":
+        raise WireError("bad_kind", f"a frame's 'kind' must be 'volume', got {kind[:32]!r}")
     header = FrameHeader(
         seq=_get(h, "seq", int), t_src_ns=_get(h, "t_src_ns", int),
-        shape=_shape(h), dtype=_dtype(h), order=_get(h, "order", str, "C"),
+        shape=_shape(h), dtype=_dtype(h), order=_get(h, "order", str),
         rig=_get(h, "rig", str, ""), stimulus=_floats(h.get("stimulus", [])),
-        condition=_get(h, "condition", int, -1), v=h["v"], kind=_get(h, "kind", str, "volume"),
-        shm=_shm_ref(h))
+        condition=_get(h, "condition", int, -1), v=h["v"], kind=kind, shm=_shm_ref(h))
     if header.order not in ("C", "F"):
         raise WireError("bad_order", f"payload order must be 'C' or 'F', got {header.order!r}")
     if expected_shape is not None and tuple(header.shape) != tuple(expected_shape):
@@ -194,10 +200,13 @@ def _shm_ref(h: dict[str, Any]) -> ShmRef | None:
     if not isinstance(ref, dict):
         raise WireError("bad_shm", f"'shm' must be a map, got {type(ref).__name__}")
     try:
-        return ShmRef(path=_get(ref, "path", str), slot=_get(ref, "slot", int), offset=_get(ref, "offset", int),
-                      nbytes=_get(ref, "nbytes", int), seq=_get(ref, "seq", int))
+        out = ShmRef(path=_get(ref, "path", str), slot=_get(ref, "slot", int), offset=_get(ref, "offset", int),
+                     nbytes=_get(ref, "nbytes", int), seq=_get(ref, "seq", int))
     except WireError as exc:
         raise WireError("bad_shm", str(exc)) from None
+    if "\x00" in out.path or len(out.path) > 4096:
+        raise WireError("bad_shm", "shm 'path' holds a NUL byte or is over 4096 characters")
+    return out
 
 
 def decode_forecast(parts: Sequence[Part]) -> Forecast:
@@ -238,13 +247,15 @@ def _buffer(part: Part) -> memoryview:
 
 def _unpack_header(raw: bytes) -> dict[str, Any]:
     try:
-        h = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=MAX_HEADER_ITEMS,
+                            max_map_len=MAX_HEADER_ITEMS, max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES)
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError("malformed_header", f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(h, dict):
         raise WireError("malformed_header", f"header must be a map, got {type(h).__name__}")
-    if h.get("v") != SCHEMA_VERSION:
-        raise WireError("bad_version", f"schema version {h.get('v')!r}, this build speaks {SCHEMA_VERSION}")
+    v = h.get("v")
+    if type(v) is not int or v != SCHEMA_VERSION:   # exactly: 1.0 and true compare equal to 1
+        raise WireError("bad_version", f"schema version {v!r}, this build speaks {SCHEMA_VERSION} (an integer)")
     return h
 
 
@@ -280,9 +291,13 @@ def _dtype(h: dict[str, Any]) -> str:
 
 
 def _floats(values: Any) -> tuple[float, ...]:
-    if not isinstance(values, list) or not all(isinstance(x, (int, float)) for x in values):
-        raise WireError("missing_field", "'stimulus' must be a list of numbers")
-    return tuple(float(x) for x in values)
+    if (not isinstance(values, list) or len(values) > MAX_STIMULUS
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)):
+        raise WireError("missing_field", f"'stimulus' must be a list of at most {MAX_STIMULUS} numbers")
+    out = tuple(float(x) for x in values)
+    if not all(math.isfinite(x) for x in out):
+        raise WireError("missing_field", "'stimulus' values must be finite")
+    return out
 
 
 def _array(payload: memoryview, shape: tuple[int, ...], dtype: str, order: Order = "C") -> np.ndarray:

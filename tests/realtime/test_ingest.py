@@ -105,3 +105,27 @@ def test_a_flood_of_bad_frames_is_all_counted_but_logged_once(caplog) -> None:
     ingest.throttle._last["duplicate_seq"] -= ingest.throttle.interval_s   # the interval has passed
     ingest.process(encode_frame(header, vol))
     assert caplog.text.count("duplicate_seq") == 2 and "+49 more like it" in caplog.text
+
+
+def test_a_real_jump_is_followed_from_its_second_frame() -> None:
+    rng = np.random.default_rng(0)
+    metrics = Metrics("test")
+    ingest = Ingest(RIG, metrics)
+    seqs = [0, 1, 2, 500_000, 500_001, 500_002]
+    results = [ingest.process(encode_frame(*good(s, rng))) for s in seqs]
+    assert [r is not None for r in results] == [True, True, True, False, True, True]
+    assert metrics.count("loopcast_frames_invalid_total", reason="seq_jump") == 1
+    assert ingest.last_seq == 500_002
+
+
+def test_any_exception_while_decoding_is_a_counted_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    metrics = Metrics("test")
+    ingest = Ingest(RIG, metrics)
+
+    def broken(*a: Any, **kw: Any) -> Any:
+        raise OSError("the volume vanished under the reader")
+    monkeypatch.setattr("loopcast.realtime.ingest.decode_frame", broken)
+    assert ingest.process(encode_frame(*good(0, rng))) is None
+    assert ingest.rejected is not None and ingest.rejected.reason == "undecodable"
+    assert metrics.count("loopcast_frames_invalid_total", reason="undecodable") == 1
