@@ -41,6 +41,7 @@ import zmq.asyncio
 from loopcast.realtime.control import records
 from loopcast.realtime.control.interlocks import InterlockConfig, Interlocks
 from loopcast.realtime.control.policy import Decision, PolicyConfig, PolicyError, make_policy
+from loopcast.realtime.control.watchdog import Watchdog
 from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.record.audit import AuditConfig
 from loopcast.realtime.wire.codec import (
@@ -83,10 +84,13 @@ class ControllerConfig:
     interlocks: InterlockConfig = field(default_factory=InterlockConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     heartbeat_s: float = 1.0
+    watchdog_s: float = 5.0   # armed, forecasts came, then none for this long -> disarm (0 = off)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        if not self.watchdog_s >= 0:
+            raise ValueError(f"watchdog_s must be >= 0 (0 = off), got {self.watchdog_s}")
 
 
 class Controller:
@@ -104,6 +108,10 @@ class Controller:
         self.forecasts_seen = 0
         self.invalid = 0
         self.last_control: dict[str, Any] | None = None  # {"command": ..., "accepted": ...}
+        self.last_disarm: str | None = None   # why the controller last disarmed itself (watchdog, error)
+        self.watchdog = Watchdog(cfg.watchdog_s)
+        if self.interlocks.armed:   # armed_at_start
+            self.watchdog.armed(time.monotonic())
         self.ready = asyncio.Event()   # set once subscribed to control and the first status is out
         self._client: aiomqtt.Client | None = None
         self._topics = {k: mqtt_topic(cfg.mqtt.rig, k) for k in ("trigger", "status", "control")}
@@ -199,7 +207,8 @@ class Controller:
 
     async def _run_tasks(self, client: aiomqtt.Client, sub: zmq.asyncio.Socket, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(c) for c in (
-            self._forecast_loop(sub), self._control_loop(client), self._heartbeat_loop(), stop.wait())]
+            self._forecast_loop(sub), self._control_loop(client), self._heartbeat_loop(), self._watchdog_loop(),
+            stop.wait())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -232,6 +241,7 @@ class Controller:
                 self.audit.write("invalid", topic=topic, reason=exc.reason, error=str(exc))
                 continue
             self.forecasts_seen += 1
+            self.watchdog.forecast(time.monotonic())
             try:
                 await self.handle_forecast(forecast, topic)
             except Exception as exc:  # a bug must neither take the controller down nor leave it armed
@@ -303,6 +313,7 @@ class Controller:
                   "DISARMED" if was_armed else "stays disarmed", exc_info=exc)
         self.interlocks.disarm()
         self.metrics.armed.set(0)
+        self.last_disarm = f"unexpected error in {where}: {type(exc).__name__}: {exc}"
         self.audit.write("error", where=where, what=what, error=f"{type(exc).__name__}: {exc}", armed_before=was_armed)
         self._note_state(f"unexpected error in {where}: {type(exc).__name__}: {exc}")
         with contextlib.suppress(aiomqtt.MqttError):
@@ -356,6 +367,8 @@ class Controller:
         ok = True
         if command == "arm":
             ok = self.interlocks.arm()
+            if ok:
+                self.watchdog.armed(time.monotonic())
         elif command == "disarm":
             self.interlocks.disarm()
         elif command == "stop":
@@ -374,6 +387,25 @@ class Controller:
         self._note_state(f"control {command} from {sender or 'an unnamed sender (plain-text command)'}")
         return ok
 
+    async def _watchdog_loop(self) -> None:
+        """Disarm when forecasts stopped while armed (realtime/control/watchdog.py), checked 4x per timeout."""
+        if not self.cfg.watchdog_s:
+            await asyncio.Event().wait()
+        while True:
+            await asyncio.sleep(self.cfg.watchdog_s / 4)
+            silent = self.watchdog.silent_for(time.monotonic())
+            if silent is None or not self.interlocks.armed:
+                continue
+            cause = f"watchdog: no forecast for {silent:.1f} s (controller.watchdog_s = {self.cfg.watchdog_s:g})"
+            log.error("%s: DISARMED; arm again when forecasts resume", cause)
+            self.metrics.errors.labels(kind="watchdog").inc()
+            self.interlocks.disarm()
+            self.metrics.armed.set(0)
+            self.watchdog.disarmed()
+            self.last_disarm = cause
+            self._note_state(cause)
+            await self._publish_status()
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
@@ -385,6 +417,7 @@ class Controller:
                 "policy": self.cfg.policy.name, "forecasts": self.forecasts_seen,
                 "invalid_forecasts": self.invalid, "last_control": self.last_control,
                 "audit_log": None if self.audit.path is None else str(self.audit.path),
+                "last_disarm": self.last_disarm,
                 "heartbeat_ns": time.time_ns()}
 
     def _status_payload(self, online: bool = True) -> bytes:

@@ -32,9 +32,10 @@ class Harness:
     """A controller on its own rig name, a ZeroMQ XPUB feeding it and an MQTT observer."""
 
     def __init__(self, broker: Broker, interlocks: InterlockConfig | None = None,
-                 policy: PolicyConfig | None = None) -> None:
+                 policy: PolicyConfig | None = None, watchdog_s: float = 5.0) -> None:
         self.rig = f"rig-{uuid.uuid4().hex[:8]}"  # the session broker is shared: unique topics
         self.broker = broker
+        self.watchdog_s = watchdog_s
         self.interlocks = interlocks or InterlockConfig(min_interval_s=0.0, max_per_minute=1000)
         self.metrics = Metrics("controller-test", MetricsConfig(enabled=False))
         self.triggers: asyncio.Queue[TriggerCommand] = asyncio.Queue()
@@ -53,7 +54,7 @@ class Harness:
             forecasts=endpoint, heartbeat_s=0.2,
             mqtt=MqttConfig(host=self.broker.host, port=self.broker.port, rig=self.rig,
                             client_id=f"ctl-{self.rig}", reconnect_s=0.2),
-            policy=self.policy, interlocks=self.interlocks)
+            policy=self.policy, interlocks=self.interlocks, watchdog_s=self.watchdog_s)
         self.controller = Controller(cfg, np.array([0, 1]), np.array([2, 3]), self.metrics)
         # The observer subscribes before the controller connects: amqtt 0.12 can crash a session
         # whose CONNECT overlaps another client's SUBSCRIBE ("dictionary changed size").
@@ -397,3 +398,22 @@ def test_config_loads_strictly_from_toml_tables() -> None:
         from_dict(ControllerConfig, {"policy": {"reduce": "median"}})
     with pytest.raises(ConfigError, match="interlocks"):
         from_dict(ControllerConfig, {"interlocks": {"max_per_minute": 0}})
+
+
+def test_watchdog_disarms_when_forecasts_stop_and_waits_for_an_arm(mqtt_broker: Broker) -> None:
+    async def body(h: Harness) -> None:
+        await h.arm()
+        await asyncio.sleep(0.6)                   # armed, no forecast yet: a pipeline warming up is no fault
+        assert h.controller.interlocks.armed
+        await h.send_forecast(0.1)
+        status = await h.status_where(lambda s: not s["armed"])   # then none for 0.3 s
+        assert status["last_disarm"].startswith("watchdog: no forecast for")
+        assert h.metrics.count("loopcast_errors_total", kind="watchdog") == 1
+        await h.send_forecast(0.9)                 # forecasts resume: nothing fires until an arm
+        await h.processed(2)
+        assert h.triggers.empty()
+        await h.arm()
+        await h.send_forecast(0.9)
+        async with asyncio.timeout(TIMEOUT):
+            assert (await h.triggers.get()).seq == 3
+    run(mqtt_broker, body, watchdog_s=0.3)
