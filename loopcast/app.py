@@ -165,8 +165,8 @@ def session_recorder(cfg: LoopcastConfig, pipeline: Pipeline, metrics: Metrics, 
     attrs = {"rig": cfg.rig.name, "frame_period_s": cfg.rig.frame_period_s, "shape": list(cfg.rig.shape),
              "dtype": cfg.rig.dtype, "n_neurons": n, "recording": cfg.paths.recording,
              "loopcast_version": version("loopcast")}
-    log.info("session record %s: %d of %d neurons, dF/F of every %s frame", run_dir / rc.path, neurons.size, n,
-             "" if rc.frame_every == 1 else f"{rc.frame_every}th")
+    log.info("session record %s: %d of %d neurons, dF/F and forecasts of %s", run_dir / rc.path, neurons.size, n,
+             "every frame" if rc.frame_every == 1 else f"every {rc.frame_every}th frame")
     return SessionRecorder(rc, run_dir / rc.path, neurons, pipeline.stage_infos(), metrics, attrs)
 
 
