@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from loop_fullscale import FIRE_ON_EVERY_FORECAST
 
 from loopcast.app import setup_logging
 from loopcast.broker import free_port, start_broker
@@ -37,11 +38,6 @@ from common import quantiles, write_result
 
 STAGES = {"forecast": "run", "trigger": "controller"}
 MODES = {"off": (False, False), "audit": (True, False), "record": (False, True), "both": (True, True)}  # audit, store
-
-
-FIRE_ON_EVERY_FORECAST = ['controller.policy.mode="above"', "controller.policy.level=-1.0",
-                          "controller.interlocks.min_interval_s=0.0", "controller.interlocks.max_per_minute=1000000",
-                          "controller.interlocks.max_forecast_age_s=5.0", 'rig.name="bench"']
 
 
 def loop_overrides(broker_port: int, frames: int, speed: float) -> list[str]:

@@ -13,7 +13,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 import tomli_w
@@ -26,6 +26,21 @@ T = TypeVar("T", bound="DataclassInstance")
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
+
+
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` for what records, manifests and NWB metadata hold beside plain JSON: numpy
+    scalars and arrays (as numbers and lists), paths (as text), sets (sorted lists)."""
+    import numpy as np
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -157,13 +157,13 @@ class _StoreParts:
 
 
 def _read_config(path: Path, problems: list[str]) -> dict[str, Any]:
-    import tomllib
+    from loopcast.config import ConfigError, load_toml
     if not path.is_file():
         problems.append(f"{path}: missing (the resolved config is not in the record)")
         return {}
     try:
-        return tomllib.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        return load_toml(path)
+    except (OSError, ConfigError) as exc:
         raise RecordError(f"{path}: unreadable config ({exc})") from None
 
 

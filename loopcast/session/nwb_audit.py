@@ -11,6 +11,7 @@ Every row carries `audit_n`, the record's number in the log. Missing values: NaN
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,11 @@ from loopcast.session.nwb_tables import TIME_RESOLUTION_S, Col, bools, floats, i
 Records = Sequence[dict[str, Any]]
 
 
+def _values(recs: Records, key: str) -> list[Any]:
+    """One field of every record (None where a record lacks it)."""
+    return [r.get(key) for r in recs]
+
+
 def _seconds(data: SessionData, values: Sequence[Any]) -> np.ndarray:
     """Seconds from the session start of ns times (None -> NaN)."""
     ns = np.array([0 if v is None else int(v) for v in values], dtype=np.int64)
@@ -42,8 +48,7 @@ def _decision_ns(r: dict[str, Any]) -> int:
 
 def _forecast_cols(data: SessionData, recs: Records) -> list[Col]:
     """The forecast message behind a decision and what the policy made of it."""
-    def get(key: str) -> list[Any]:
-        return [r.get(key) for r in recs]
+    get = functools.partial(_values, recs)
     return [
         Col("seq", "frame the forecast was computed from", ints(get("seq"))),
         Col("source_time", "that frame's source time (s)", _seconds(data, get("t_src_ns"))),
@@ -120,8 +125,7 @@ decisions_table = _decision_events(
 
 def control_table(data: SessionData, recs: Records) -> EventsTable:
     """Control commands (arm, disarm, estop, ...) as the controller received them."""
-    def get(key: str) -> list[Any]:
-        return [r.get(key) for r in recs]
+    get = functools.partial(_values, recs)
     cols = [Col("command", "the command ('' when unreadable)", text(get("command"))),
             Col("source", "MQTT topic it came on", text(get("source"))),
             Col("sender", "the payload's sender ('' for a plain-text command)", text(get("sender"))),
@@ -136,8 +140,7 @@ def control_table(data: SessionData, recs: Records) -> EventsTable:
 
 def state_table(data: SessionData, recs: Records) -> EventsTable:
     """Changes of armed / emergency stop / broker connection."""
-    def get(key: str) -> list[Any]:
-        return [r.get(key) for r in recs]
+    get = functools.partial(_values, recs)
     cols = [Col("event", "armed, disarmed, estop, estop_reset, broker_connected, broker_lost", text(get("event"))),
             Col("cause", "what caused it", text(get("cause"))),
             Col("armed", "armed after it", bools(get("armed"))),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,8 @@ from hdmf.common import (  # type: ignore[import-untyped]
     VectorData,
     VectorIndex,
 )
+
+from loopcast.config import json_default
 
 TIME_RESOLUTION_S = 1e-9   # every time is a time.time_ns() integer, counted from the session start
 
@@ -72,19 +73,9 @@ def bools(values: Sequence[Any]) -> np.ndarray:
     return np.array([bool(v) for v in values], dtype=bool)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
-
-
 def to_json(value: Any) -> str:
     """Compact JSON text of a leaf (numpy scalars and arrays, paths as their plain values)."""
-    return json.dumps(value, separators=(",", ":"), default=_jsonable)
+    return json.dumps(value, separators=(",", ":"), default=json_default)
 
 
 def flatten(tree: Any, prefix: tuple[str | int, ...] = ()) -> Iterator[tuple[list[str | int], Any]]:

@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from loopcast.config import dump_toml
+from loopcast.config import dump_toml, json_default
 from loopcast.offline_training.export.versions import engine_name, publish, staging_dir
 from loopcast.offline_training.trace.train import TrainConfig
 from loopcast.realtime.engines.manifest import EngineError, EngineManifest
@@ -139,7 +139,7 @@ def publish_engine(staged: Path, manifest: Callable[[str], dict[str, Any]]) -> P
     the version the registry assigns (offline_training.export.versions.publish: atomic, never half visible).
     The manifest is validated by the reader the rig uses (realtime.engines.manifest) before it is published."""
     def finalize(staged_dir: Path, version: str) -> None:
-        text = json.dumps(manifest(version), indent=2, default=_json_default) + "\n"
+        text = json.dumps(manifest(version), indent=2, default=json_default) + "\n"
         (staged_dir / MANIFEST_FILE).write_text(text)
         try:
             EngineManifest.load(staged_dir / MANIFEST_FILE)
@@ -337,13 +337,3 @@ def quiet_exporter() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

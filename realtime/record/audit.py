@@ -32,10 +32,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loopcast.config import json_default
 
 FORMAT = "loopcast-audit"
 VERSION = 1
@@ -175,22 +177,10 @@ def _ends_in_partial_line(path: Path) -> bool:
 def encode_record(record: dict[str, Any]) -> bytes:
     """One compact JSON line (with its newline): numpy scalars and arrays as numbers and lists, NaN/inf as null."""
     try:
-        text = json.dumps(record, separators=(",", ":"), allow_nan=False, default=_to_json)
+        text = json.dumps(record, separators=(",", ":"), allow_nan=False, default=json_default)
     except ValueError:   # a non-finite float somewhere (rare): null it
-        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=_to_json)
+        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=json_default)
     return text.encode() + b"\n"
-
-
-def _to_json(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"audit record value of type {type(obj).__name__} is not JSON serialisable")
 
 
 def _finite(obj: Any) -> Any:
