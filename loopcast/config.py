@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -138,10 +139,18 @@ def to_dict(obj: Any) -> Any:
 
 
 def dump_toml(obj: Any, path: str | Path) -> Path:
-    """Write a dataclass (or mapping) as TOML; used to save resolved configs."""
+    """Write a dataclass (or mapping) as TOML; used to save resolved configs. The file is replaced whole
+    (written beside it, then renamed), so a process reading it meanwhile sees the old or the new text, never
+    a truncated one (`make demo`'s processes share one run directory's config.toml); an identical file is
+    left as it is."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(tomli_w.dumps(to_dict(obj)))
+    text = tomli_w.dumps(to_dict(obj))
+    if p.is_file() and p.read_text() == text:
+        return p
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
     return p
 
 

@@ -35,6 +35,7 @@ from loopcast.workflows import ensure_engine, ensure_recording, export_checkpoin
 
 log = logging.getLogger("loopcast.demo")
 PROCESSES = ("controller", "run", "sim")
+RUN_CLOSE_S = 90.0   # the pipeline's stop, at most: the session record's writer may take 60 s on a saturated CPU
 
 
 def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> in
         procs["run"] = spawn("run", run_dir)
         procs["sim"] = spawn("sim", run_dir)
         _follow(cfg, procs, run_dir)
-        ok = _shutdown(cfg, procs)
+        failed = _shutdown(cfg, procs)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -61,10 +62,12 @@ def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> in
         sockets.cleanup()
     summary = _collect(run_dir, engine, time.monotonic() - t0)
     _print_report(cfg, summary, run_dir)
-    healthy = ok and summary["forecasts"] > 0
+    healthy = not failed and summary["forecasts"] > 0
     if healthy and summary["triggers_sent"] == 0:
         print("note: no trigger fired: the policy's condition was never met (see [controller.policy])")
     if not healthy:
+        for name in failed:
+            print(log_tail(run_dir / f"{name}.log"), file=sys.stderr)
         print(f"demo FAILED: see the logs in {run_dir}", file=sys.stderr)
     return 0 if healthy else 1
 
@@ -170,16 +173,26 @@ def _follow(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]], run_
         bar.refresh()
 
 
-def _shutdown(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]]) -> bool:
-    """Sim ends by itself; the pipeline stops when idle; the controller on SIGTERM."""
-    codes = {"sim": wait_or_stop(procs["sim"], 10), "run": wait_or_stop(procs["run"], 30)}
+def _shutdown(cfg: LoopcastConfig, procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
+    """Sim ends by itself; the pipeline stops when idle; the controller on SIGTERM. The processes that did
+    not exit with 0."""
+    codes = {"sim": wait_or_stop(procs["sim"], 10), "run": wait_or_stop(procs["run"], RUN_CLOSE_S)}
     if procs["controller"].poll() is None:
         procs["controller"].send_signal(signal.SIGTERM)
     codes["controller"] = wait_or_stop(procs["controller"], 15)
     bad = {k: v for k, v in codes.items() if v != 0}
     for name, code in bad.items():
         log.error("%s exited with %s", name, code)
-    return not bad
+    return list(bad)
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    """The last `lines` lines of a process's log, indented under its name."""
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"{path.name}: unreadable ({exc})"
+    return "\n".join([f"last lines of {path.name}:", *(f"  | {line}" for line in tail)])
 
 
 def wait_or_stop(proc: subprocess.Popen[bytes], timeout: float, grace_s: float = 10.0) -> int | None:

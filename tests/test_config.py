@@ -59,6 +59,22 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
     assert load_settings(path) == cfg
 
 
+def test_a_saved_config_is_replaced_whole_never_rewritten_in_place(tmp_path: Path) -> None:
+    """`make demo`'s three processes share a run directory and each saves the config it read: writing in place
+    let one read a truncated file as the defaults (a CI run's sim published on the default endpoint). A reader
+    holding the old file keeps reading the old text; an identical config leaves the file alone."""
+    path = dump_toml(from_config(load_settings()), tmp_path / "config.toml")
+    with open(path) as reader:
+        first = path.stat().st_ino
+        dump_toml(from_config(load_settings(overrides=["sim.speed=3.0"])), path)
+        assert path.stat().st_ino != first, "rewritten in place"
+        assert "speed = 3.0" not in reader.read()
+    second = path.stat()
+    dump_toml(from_config(load_settings(overrides=["sim.speed=3.0"])), path)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (second.st_ino, second.st_mtime_ns)
+    assert load_settings(path).sim.speed == 3.0 and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_later_files_win(tmp_path: Path) -> None:
     top = tmp_path / "top.toml"
     top.write_text("[sim]\nspeed = 4.0\n")

@@ -49,12 +49,21 @@ def writer_main(inbox: Connection, outbox: Connection, cfg: RecordConfig, path: 
         _lower_priority(cfg)
         writer = SessionWriter(cfg, Path(path), neurons, stages, outbox)
         writer.run(inbox)
-        outbox.send(("closed",))
+        tell(outbox, ("closed",))
     except EOFError:   # the pipeline is gone (killed): keep what came, leave the store marked incomplete
         if writer is not None:
             writer.flush()
     except BaseException as exc:   # raised in the pipeline's thread by SessionRecorder.check()
-        outbox.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        tell(outbox, ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def tell(outbox: Connection, message: tuple[Any, ...]) -> bool:
+    """Send to the pipeline; False when it is gone (it was killed: what it sent before still gets written)."""
+    try:
+        outbox.send(message)
+    except OSError:
+        return False
+    return True
 
 
 def _lower_priority(cfg: RecordConfig) -> None:
@@ -63,6 +72,20 @@ def _lower_priority(cfg: RecordConfig) -> None:
         os.nice(cfg.writer_nice)
     if cfg.writer_idle and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def leave_idle() -> bool:
+    """Back from SCHED_IDLE to the normal policy (still niced) once the session ends, so that closing the
+    store does not wait for a busy CPU to go idle. Linux allows it with CAP_SYS_NICE or an RLIMIT_NICE that
+    covers the nice value; without either the writer stays idle (False) and closing takes what CPU is spare."""
+    if not hasattr(os, "SCHED_IDLE") or os.sched_getscheduler(0) != os.SCHED_IDLE:
+        return True
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except PermissionError:
+        log.info("session record: closing under SCHED_IDLE (leaving it needs CAP_SYS_NICE or RLIMIT_NICE)")
+        return False
+    return True
 
 
 class SessionWriter:
@@ -116,11 +139,12 @@ class SessionWriter:
             if inbox.poll(max(0.0, next_flush - time.monotonic())):
                 item = inbox.recv()
                 if item[0] == "stop":
+                    leave_idle()
                     self.close(item[1])
                     return
                 getattr(self, f"_on_{item[0]}")(*item[1:])
                 if self._scores:
-                    self.outbox.send(("skill", self._scores))
+                    tell(self.outbox, ("skill", self._scores))
                     self._scores = []
             if time.monotonic() >= next_flush:
                 self.flush()

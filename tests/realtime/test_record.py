@@ -1,6 +1,9 @@
 """The session record's parts: the live skill tracker, the growing zarr tables and the recorder's thread."""
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from loopcast.realtime.record.config import RecordConfig, StageInfo
 from loopcast.realtime.record.session import SessionRecorder, select_neurons
 from loopcast.realtime.record.skill import SkillTracker
 from loopcast.realtime.record.store import Column, GrowingTable, read_table
+from loopcast.realtime.record.writer import leave_idle, tell
 from loopcast.session.data import RecordError, read_session
 
 
@@ -166,3 +170,32 @@ def test_bad_run_directories_name_the_file(tmp_path: Path, damage: str, error: s
     with pytest.raises(RecordError, match=error) as info:
         read_session(run)
     assert str(run) in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
+def test_the_writer_leaves_sched_idle_to_close_when_allowed() -> None:
+    """On a saturated CPU a SCHED_IDLE writer barely runs, and a CI run's pipeline was killed mid-close.
+    Checked in a thread of its own (Linux schedules threads: the test process keeps its policy)."""
+    seen: list[tuple[bool, int]] = []
+
+    def body() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        left = leave_idle()
+        seen.append((left, os.sched_getscheduler(0)))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    left, policy = seen[0]
+    assert left == (policy == os.SCHED_OTHER)
+    if os.geteuid() == 0:
+        assert left
+
+
+def test_the_writer_outlives_a_gone_pipeline() -> None:
+    """A killed pipeline closes the writer's way back: telling it anything is then False, not a crash that
+    would lose what the writer received."""
+    reader, writer = mp.Pipe(duplex=False)
+    assert tell(writer, ("skill", []))
+    reader.close()
+    assert not tell(writer, ("skill", []))
