@@ -1,8 +1,11 @@
 """Ingest: validate each incoming volume against the wire contract and the rig, track sequence numbers.
 
 A bad message (malformed header, wrong shape/dtype, truncated payload, duplicate or out-of-order seq)
-is counted in `loopcast_frames_invalid_total{reason}`, logged once with the reason, and dropped; the
-next good frame goes through. Gaps in seq are frames lost upstream: counted as dropped, the frame is kept.
+is counted in `loopcast_frames_invalid_total{reason}` (one of REASONS), logged once with the reason, and
+dropped; the next good frame goes through. Gaps in seq are frames lost upstream: counted as dropped, the
+frame is kept. A frame whose header names another `session` than the last one starts a new session: the
+seq order starts over (its seq may restart at 0), it is counted in `loopcast_session_changes_total` and
+logged, and `Ingest.new_session` tells the pipeline to reset its preprocessing.
 """
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ from loopcast.realtime.wire.shm import ShmReader
 log = logging.getLogger(__name__)
 LOG_INTERVAL_S = 5.0   # per kind of problem: log the first at once, then at most one line per interval
 MAX_SEQ_JUMP = 100_000  # frames (~25 h at the rig's rate): a longer jump must be confirmed by the next frame
+# Every label of loopcast_frames_invalid_total{reason} a frame can get (docs/architecture.md lists them).
+REASONS = frozenset({
+    "bad_parts", "bad_topic", "malformed_header", "bad_version", "bad_kind", "missing_field", "bad_shape",
+    "bad_dtype", "bad_order", "truncated_payload", "oversized_payload", "bad_stimulus", "bad_session",
+    "duplicate_seq", "out_of_order_seq", "seq_jump", "bad_shm", "shm_unsupported", "shm_overrun", "undecodable"})
 
 
 class LogThrottle:
@@ -79,12 +87,15 @@ class Ingest:
         self.shm = ShmReader(shm_dir)   # volumes sent through the shm transport are viewed in place
         self.throttle = LogThrottle()
         self.last_seq: int | None = None
+        self.session: str | None = None          # the current session (None until a frame names one)
+        self.new_session = False                 # the last accepted frame started a new session
         self.rejected: Rejection | None = None   # the last message's rejection (None when it was accepted)
         self._jumped_to: int | None = None       # the seq of the last frame rejected as a jump
         self._latency = metrics.latency("ingest")
 
     def setup(self) -> None:
         self.last_seq = None
+        self.session = None
 
     def warm_up(self) -> None:
         """Decode one synthetic frame message of the rig's shape and dtype in each memory order (the
@@ -97,10 +108,14 @@ class Ingest:
             decode_frame(encode_frame(header, volume), rig.shape, rig.dtype, self.shm)
 
     def process(self, parts: Sequence[Any]) -> Frame | None:
+        """The validated frame, or None (counted under its reason in `rejected`); `new_session` says whether
+        it started a new session."""
         frame = self.rejected = None
+        self.new_session = False
         try:
             frame = self._decode(parts)
             self._check_stimulus(frame)
+            self._check_session(frame.header)
             self._check_seq(frame.header.seq)
         except WireError as exc:
             self.metrics.frames_invalid.labels(reason=exc.reason).inc()
@@ -128,6 +143,22 @@ class Ingest:
         n = len(frame.header.stimulus)
         if n not in (0, self.rig.n_covariates):
             raise WireError("bad_stimulus", f"{n} stimulus covariates, rig has {self.rig.n_covariates}")
+
+    def _check_session(self, header: FrameHeader) -> None:
+        """A frame naming another session than the current one (after frames were accepted) starts a new
+        session: the seq order starts over. A frame without one belongs to the current session. Nothing
+        after this check can reject the frame, so a rejected frame never changes the session."""
+        session = header.session
+        if not session or session == self.session:
+            return
+        previous, self.session = self.session, session
+        if self.last_seq is None:
+            return   # the first frames of a run: nothing to start over
+        self.new_session = True
+        self.last_seq = self._jumped_to = None
+        self.metrics.session_changes.inc()
+        self.throttle.warning("new_session", "new session %s (was %s) at seq %s: seq order and preprocessing "
+                              "start over", session, previous or "none", header.seq)
 
     def _check_seq(self, seq: int) -> None:
         """Duplicates and older seqs are rejected; a gap counts the frames lost. A jump of more than

@@ -78,6 +78,9 @@ class Metrics:
                                       "to keep latency bounded", ["reason"], registry=r)
         self.frames_invalid = Counter("loopcast_frames_invalid_total", "Frames rejected at validation",
                                       ["reason"], registry=r)
+        self.session_changes = Counter("loopcast_session_changes_total", "New sessions of the source (the frame "
+                                       "header's `session` changed): seq order and preprocessing start over",
+                                       registry=r)
         self.frames_sent = Counter("loopcast_frames_sent_total", "Frames published by a source", registry=r)
         self.forecasts = Counter("loopcast_forecasts_published_total", "Forecasts published", ["model"], registry=r)
         self.activations = Counter("loopcast_activations_published_total", "Activation predictions published",

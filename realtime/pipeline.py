@@ -12,6 +12,10 @@ thread on the newest frame it can take (realtime.forecast.worker), so no stage w
 slow one skips frames, counted per stage (`PipelineReport.skipped`,
 `loopcast_stage_frames_skipped_total{stage}`). Every stage has its own hot swap and failure count; a
 worker's failure streak is raised in the loop's thread.
+
+A new session of the source (ingest saw the frame header's `session` change: a new acquisition, its seq
+starting again) resets the preprocessing (dF/F windows and warm-up, spike estimator, voxel baselines) and
+every stage's context, as at a fresh start, before that frame is preprocessed.
 """
 from __future__ import annotations
 
@@ -100,6 +104,7 @@ class PipelineReport:
     forecasts: int = 0
     last_seq: int | None = None
     first_forecast_seq: int | None = None
+    session_changes: int = 0   # new sessions of the source after the first (each reset the preprocessing)
     published: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
@@ -131,8 +136,8 @@ class Pipeline:
         for stage in self.stages:
             stage.setup(n)
             stage.check_stimulus(rig.n_covariates)
-        self.contexts = [ContextBuffer(s.context, s.row_size(n)) for s in self.stages]
-        self.forecast, self.context = self.stages[0], self.contexts[0]
+        self.forecast = self.stages[0]
+        self._fresh_contexts()
         self.report = PipelineReport()
         self._report_lock = threading.Lock()
         kinds: set[str] = set()
@@ -147,6 +152,20 @@ class Pipeline:
         self.workers = [] if self.schedule == "serial" else \
             [StageWorker(r, cfg.forecast.also_nice, cfg.forecast.also_idle) for r in self.runners[1:]]
         self.stop_event = threading.Event()
+
+    def _fresh_contexts(self) -> None:
+        """Every stage's context buffer, empty (`self.context` is the first stage's)."""
+        n = self.preprocess.n_neurons
+        self.contexts = [ContextBuffer(s.context, s.row_size(n)) for s in self.stages]
+        self.context = self.contexts[0]
+
+    def _new_session(self, frame: Frame) -> None:
+        """The source started a new session at this frame: preprocessing and contexts start over."""
+        self.preprocess.reset()
+        self._fresh_contexts()
+        self.report.session_changes += 1
+        log.info("session %s from seq %d: preprocessing and %d stage context(s) reset",
+                 frame.header.session, frame.header.seq, len(self.contexts))
 
     def warm_up(self) -> dict[str, float]:
         """Run every stage's compiled and lazily initialised paths once, on synthetic input of the real
@@ -193,11 +212,12 @@ class Pipeline:
                                     self.cfg.source.max_batch)
         received = [r for r in (self._ingest(m) for m in msgs) if r is not None]
         frames, timing, ready = [], [], [False] * len(self.stages)
-        for frame, t_in in received:
-            pre = self.preprocess.process(frame)
+        for frame, t_in, new_session in received:
+            if new_session:
+                self._new_session(frame)
+            pre = self._preprocess(frame)
             t_pre = time.time_ns()
             if pre is None:
-                self._record_rejected(frame.t_recv_ns, "shm_overrun", frame.header.seq, frame.header.t_src_ns)
                 continue
             frames.append(frame)
             timing.append((t_in, t_pre))
@@ -211,11 +231,26 @@ class Pipeline:
             self._record_frames(frames, timing, ready[0], first)
         return len(frames)
 
-    def _ingest(self, msg: Sequence[Any]) -> tuple[Frame, int] | None:
+    def _preprocess(self, frame: Frame) -> Preprocessed | None:
+        """Preprocess one frame; None (counted and recorded) if its shm file no longer covers it (checked
+        just before the volume is read: a read would fault) or its slot was reused while it was read."""
+        h = frame.header
+        if not frame.mapped():
+            self.metrics.frames_invalid.labels(reason="bad_shm").inc()
+            self.ingest.throttle.warning("bad_shm", "dropped frame %d: its shm ring %s shrank under the reader",
+                                         h.seq, h.shm.path if h.shm else "?")
+            self._record_rejected(frame.t_recv_ns, "bad_shm", h.seq, h.t_src_ns)
+            return None
+        pre = self.preprocess.process(frame)
+        if pre is None:
+            self._record_rejected(frame.t_recv_ns, "shm_overrun", h.seq, h.t_src_ns)
+        return pre
+
+    def _ingest(self, msg: Sequence[Any]) -> tuple[Frame, int, bool] | None:
         frame = self.ingest.process(msg)
         t = time.time_ns()
         if frame is not None:
-            return frame, t
+            return frame, t, self.ingest.new_session
         r = self.ingest.rejected
         if r is not None:
             self._record_rejected(t, r.reason, r.seq, r.t_src_ns)

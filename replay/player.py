@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from loopcast.realtime.wire.codec import FrameHeader, encode_frame, volume_order
+from loopcast.realtime.wire.codec import FrameHeader, encode_frame, new_session_id, volume_order
 from loopcast.realtime.wire.transport import Publisher, TransportConfig, VolumeSender
 from loopcast.replay.layout import Recording
 
@@ -65,6 +65,7 @@ class Player:
         self.stimuli = recording.stimuli()
         self.offsets = np.asarray(recording.condition_offsets)
         self.stop_event = threading.Event()
+        self.session = new_session_id()   # the frames' `session`: a new one at every `run`
 
     def frame_range(self) -> range:
         end = self.cfg.stop or self.rec.n_frames
@@ -93,6 +94,8 @@ class Player:
                 self.cfg.wait_subscribers, self.cfg.wait_timeout_s):
             raise TimeoutError(f"no subscriber on {self.endpoint} after {self.cfg.wait_timeout_s} s")
         period = self.rec.frame_period_s / self.cfg.speed if self.cfg.speed > 0 else 0.0
+        self.session = new_session_id()
+        log.info("replay session %s: frames %d..%d", self.session, frames.start, frames.stop - 1)
         report = ReplayReport()
         t0 = time.monotonic()
         # frame k is sent while frames k+1 .. k+read_ahead are being read (TensorStore futures)
@@ -124,7 +127,7 @@ class Player:
         return slot
 
     def _send(self, t: int, volume: np.ndarray) -> None:
-        self.sender.send(frame_header(t, volume, self.stimuli, self.offsets, self.rig), volume)
+        self.sender.send(frame_header(t, volume, self.stimuli, self.offsets, self.rig, self.session), volume)
         self.metrics.frames_sent.inc()
 
     def stop(self) -> None:
@@ -135,17 +138,19 @@ class Player:
         self.publisher.close()
 
 
-def frame_header(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str) -> FrameHeader:
-    """The header of frame t of a recording, stamped now (seq = t)."""
+def frame_header(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str,
+                 session: str = "") -> FrameHeader:
+    """The header of frame t of a recording, stamped now (seq = t), in `session` ("" = none)."""
     condition = int(np.searchsorted(offsets, t, side="right") - 1)
     return FrameHeader(seq=t, t_src_ns=time.time_ns(), shape=tuple(volume.shape), dtype=str(volume.dtype),
                        order=volume_order(volume), rig=rig, stimulus=tuple(float(x) for x in stimuli[t]),
-                       condition=condition)
+                       condition=condition, session=session)
 
 
-def frame_message(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str) -> list[Any]:
+def frame_message(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str,
+                  session: str = "") -> list[Any]:
     """The wire message for frame t of a recording (payload in the message)."""
-    return encode_frame(frame_header(t, volume, stimuli, offsets, rig), volume)
+    return encode_frame(frame_header(t, volume, stimuli, offsets, rig, session), volume)
 
 
 class RecordingSource:
@@ -160,6 +165,7 @@ class RecordingSource:
         self.offsets = np.asarray(recording.condition_offsets)
         self._next = start
         self._stop = stop or recording.n_frames
+        self.session = new_session_id()
 
     @property
     def finished(self) -> bool:
@@ -170,7 +176,7 @@ class RecordingSource:
             return []
         t = self._next
         self._next += 1
-        return [frame_message(t, self.rec.read_volume(t), self.stimuli, self.offsets, self.rig)]
+        return [frame_message(t, self.rec.read_volume(t), self.stimuli, self.offsets, self.rig, self.session)]
 
     def close(self) -> None:
         pass

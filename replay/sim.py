@@ -18,7 +18,15 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from loopcast.realtime.wire.codec import FrameHeader, TriggerCommand, WireError, encode_frame, mqtt_topic, volume_order
+from loopcast.realtime.wire.codec import (
+    FrameHeader,
+    TriggerCommand,
+    WireError,
+    encode_frame,
+    mqtt_topic,
+    new_session_id,
+    volume_order,
+)
 from loopcast.realtime.wire.transport import Publisher, TransportConfig, VolumeSender
 from loopcast.replay.fish import FishFrame, FishModel, stimulus_schedule
 
@@ -101,6 +109,7 @@ class LiveSim:
         self.tracker = ResponseTracker(fish.cfg.n_neurons)
         self.report = SimReport()
         self.render_s: list[float] = []      # seconds per fish.step, for benchmarks
+        self.session = new_session_id()      # the frames' `session`: a new one at every start of _stream
         self.mqtt_ready = asyncio.Event()
 
     def warm_up(self) -> dict[str, float]:
@@ -142,6 +151,8 @@ class LiveSim:
             if not ok:
                 raise TimeoutError(f"no subscriber on {self.endpoint} after {cfg.wait_timeout_s} s")
         period = self.fish.cfg.frame_period_s / cfg.speed if cfg.speed > 0 else 0.0
+        self.session = new_session_id()
+        log.info("sim session %s: frames from seq 0", self.session)
         t0 = time.monotonic()
         seq = 0
         while not stop.is_set() and not (cfg.n_frames and seq >= cfg.n_frames):
@@ -161,7 +172,8 @@ class LiveSim:
         self.render_s.append(time.perf_counter() - t0)
         header = FrameHeader(seq=seq, t_src_ns=time.time_ns(), shape=tuple(frame.volume.shape),
                              dtype=str(frame.volume.dtype), order=volume_order(frame.volume), rig=self.rig,
-                             stimulus=tuple(float(x) for x in cov), condition=int(self.schedule.condition[i]))
+                             stimulus=tuple(float(x) for x in cov), condition=int(self.schedule.condition[i]),
+                             session=self.session)
         self.sender.send(header, frame.volume)
         self._last = (header, frame.volume)
         self.tracker.update(frame)

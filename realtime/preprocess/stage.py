@@ -18,7 +18,7 @@ from loopcast.realtime.preprocess.dff import CausalDff, DffConfig, DffStats
 from loopcast.realtime.preprocess.traces import METHODS as TRACE_METHODS
 from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
-from loopcast.realtime.spikes.stage import SpikeConfig, SpikeEstimate, make_spike_estimator
+from loopcast.realtime.spikes.stage import EngineSpikes, SpikeConfig, SpikeEstimate, make_spike_estimator
 from loopcast.realtime.wire.codec import Frame
 
 BACKENDS = ("numpy", "torch")
@@ -137,12 +137,28 @@ class Preprocess:
         self.path.reset(self.cfg)
         device = self.cfg.device if self.cfg.backend == "torch" else None
         self.spikes = make_spike_estimator(self.n_neurons, self.cfg.spikes, self.frame_period_s, device)
+        self._fresh_voxels()
+
+    def _fresh_voxels(self) -> None:
         self.voxels: VoxelDff | None = None
         if self.cfg.voxels.enabled:
             x, y, z = self.volume_shape
             f = self.cfg.voxels.factor
             self.voxels = VoxelDff((x // f, y // f, z), self.cfg.voxels.dff)
             self._ds = np.empty(self.voxels.shape, np.float32)
+
+    def reset(self) -> None:
+        """A new session of the source: the online state starts over exactly as `setup` makes it (dF/F windows
+        and warm-up, spike estimator, voxel baselines), except that a spike engine stays loaded and warm: only
+        its window and frame count start over."""
+        spikes = self.spikes
+        if not isinstance(spikes, EngineSpikes):
+            self.setup()
+            return
+        spikes.frames = 0
+        spikes._ring.fill(0)
+        self.path.reset(self.cfg)
+        self._fresh_voxels()
 
     def warm_up(self, dtype: str) -> dict[str, float]:
         """Run every compiled or lazily initialised path of `process` once, before frames flow: trace

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,7 +32,12 @@ Order = Literal["C", "F"]   # memory order of a volume on the wire
 MAX_STIMULUS = 1024   # stimulus covariates a header may carry
 MAX_HEADER_ITEMS = 4096        # entries of any list or map in a header: bounded while unpacking, before conversion
 MAX_HEADER_BYTES = 64 * 1024   # any string or binary value in a header
+MAX_HEADER_PART = 1024 * 1024  # bytes of a whole header part: refused before it is unpacked or copied
+MAX_TOPIC_BYTES = 256          # bytes of a topic part
 ALLOWED_DTYPES = frozenset({"uint8", "uint16", "int16", "float16", "float32", "float64"})
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1   # header integers (msgpack also carries uint64: refused)
+MAX_SESSION = 64               # characters of a frame header's `session`
+SESSION_RE = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_SESSION}}}")
 
 Part = bytes | memoryview | Any  # zmq.Frame has .buffer; bytes/memoryview pass through
 
@@ -69,6 +76,7 @@ class FrameHeader:
     v: int = SCHEMA_VERSION
     kind: str = "volume"
     shm: ShmRef | None = None
+    session: str = ""   # the source's acquisition id; "" = none (not sent)
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -76,6 +84,8 @@ class FrameHeader:
         d["stimulus"] = list(self.stimulus)
         if self.shm is None:
             del d["shm"]
+        if not self.session:
+            del d["session"]
         return d
 
 
@@ -89,8 +99,12 @@ class Frame:
     lease: Any = None   # shm transport: realtime.wire.shm.ShmLease; check .intact() after using `data`
 
     def intact(self) -> bool:
-        """False if the shared-memory slot behind `data` was reused while the frame was in use."""
+        """False if the shared-memory slot behind `data` was reused (or its file shrank) while the frame was in use."""
         return self.lease is None or self.lease.intact()
+
+    def mapped(self) -> bool:
+        """False if the shared-memory file behind `data` no longer covers it (reading it would fault)."""
+        return self.lease is None or self.lease.mapped()
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,11 @@ class Forecast:
     header: ForecastHeader
     data: np.ndarray
     t_recv_ns: int
+
+
+def new_session_id() -> str:
+    """A fresh `session` for a source's start: 12 hex digits (uuid4)."""
+    return uuid.uuid4().hex[:12]
 
 
 def volume_order(array: np.ndarray) -> Order:
@@ -173,9 +192,11 @@ def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None =
         seq=_get(h, "seq", int), t_src_ns=_get(h, "t_src_ns", int),
         shape=_shape(h), dtype=_dtype(h), order=_get(h, "order", str),
         rig=_get(h, "rig", str, ""), stimulus=_floats(h.get("stimulus", [])),
-        condition=_get(h, "condition", int, -1), v=h["v"], kind=kind, shm=_shm_ref(h))
+        condition=_get(h, "condition", int, -1), v=h["v"], kind=kind, shm=_shm_ref(h), session=_session(h))
+    if header.seq < 0:
+        raise WireError("missing_field", f"'seq' must be >= 0, got {header.seq}")
     if header.order not in ("C", "F"):
-        raise WireError("bad_order", f"payload order must be 'C' or 'F', got {header.order!r}")
+        raise WireError("bad_order", f"payload order must be 'C' or 'F', got {header.order[:32]!r}")
     if expected_shape is not None and tuple(header.shape) != tuple(expected_shape):
         raise WireError("bad_shape", f"shape {list(header.shape)} != rig shape {list(expected_shape)}")
     if expected_dtype is not None and header.dtype != expected_dtype:
@@ -191,6 +212,18 @@ def decode_frame(parts: Sequence[Part], expected_shape: tuple[int, ...] | None =
         raise WireError("bad_shm", f"shm slot holds seq {header.shm.seq}, header says {header.seq}")
     data, lease = shm.view(header.shm, header.shape, header.dtype, header.order)
     return Frame(header=header, data=data, t_recv_ns=t_recv, lease=lease)
+
+
+def _session(h: dict[str, Any]) -> str:
+    """The optional `session`: 1 to MAX_SESSION characters of [A-Za-z0-9_.:-]; "" when absent."""
+    if "session" not in h:
+        return ""
+    s = h["session"]
+    if not isinstance(s, str) or not SESSION_RE.fullmatch(s):
+        shown = repr(s[:MAX_SESSION + 1]) if isinstance(s, str) else type(s).__name__
+        raise WireError("bad_session", f"'session' must be 1-{MAX_SESSION} characters of A-Z a-z 0-9 _ . : -, "
+                        f"got {shown}")
+    return s
 
 
 def _shm_ref(h: dict[str, Any]) -> ShmRef | None:
@@ -225,27 +258,37 @@ def decode_forecast(parts: Sequence[Part]) -> Forecast:
         engine_version=_get(h, "engine_version", str), lead_times=tuple(lead), shape=_shape(h),
         dtype=_dtype(h), order=_get(h, "order", str, "C"), kind=_get(h, "kind", str, "forecast"),
         t_pub_ns=_get(h, "t_pub_ns", int, 0), frame=frame if isinstance(frame, dict) else {}, v=h["v"])
+    if header.order not in ("C", "F"):
+        raise WireError("bad_order", f"payload order must be 'C' or 'F', got {header.order[:32]!r}")
     if len(header.shape) != 2 or header.shape[0] != len(header.lead_times):
         raise WireError("bad_shape", f"forecast shape {list(header.shape)} must be [len(lead_times), N]")
-    return Forecast(header=header, data=_array(payload, header.shape, header.dtype), t_recv_ns=t_recv)
+    order: Order = "F" if header.order == "F" else "C"
+    return Forecast(header=header, data=_array(payload, header.shape, header.dtype, order), t_recv_ns=t_recv)
 
 
-def _split(parts: Sequence[Part]) -> tuple[bytes, bytes, memoryview]:
+def _split(parts: Sequence[Part]) -> tuple[bytes, memoryview, memoryview]:
+    """(topic, header, payload) without copying the header or payload; an oversized topic or header is
+    refused here, before anything reads it."""
     if len(parts) != 3:
         raise WireError("bad_parts", f"expected 3 message parts [topic, header, payload], got {len(parts)}")
-    topic = bytes(_buffer(parts[0]))
-    return topic, bytes(_buffer(parts[1])), _buffer(parts[2])
+    topic, header = _buffer(parts[0]), _buffer(parts[1])
+    if topic.nbytes > MAX_TOPIC_BYTES:
+        raise WireError("bad_topic", f"topic of {topic.nbytes} B (max {MAX_TOPIC_BYTES})")
+    if header.nbytes > MAX_HEADER_PART:
+        raise WireError("malformed_header", f"header of {header.nbytes} B (max {MAX_HEADER_PART})")
+    return bytes(topic), header, _buffer(parts[2])
 
 
 def _buffer(part: Part) -> memoryview:
-    if isinstance(part, memoryview):
-        return part
-    if isinstance(part, (bytes, bytearray)):
-        return memoryview(part)
-    return memoryview(part.buffer)  # zmq.Frame received with copy=False
+    """A flat byte view of one message part (bytes, memoryview or a zmq.Frame received with copy=False)."""
+    try:
+        view = part if isinstance(part, memoryview) else memoryview(getattr(part, "buffer", part))
+        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    except (TypeError, ValueError) as exc:
+        raise WireError("bad_parts", f"a message part is not a byte buffer ({type(part).__name__})") from exc
 
 
-def _unpack_header(raw: bytes) -> dict[str, Any]:
+def _unpack_header(raw: memoryview) -> dict[str, Any]:
     try:
         h = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=MAX_HEADER_ITEMS,
                             max_map_len=MAX_HEADER_ITEMS, max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES)
@@ -268,10 +311,10 @@ def _get(h: dict[str, Any], key: str, tp: type, default: Any = _MISSING) -> Any:
             raise WireError("missing_field", f"header has no '{key}'")
         return default
     value = h[key]
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise WireError("missing_field", f"'{key}' must be an integer, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX):
+        raise WireError("missing_field", f"'{key}' must be a 64-bit integer, got {str(value)[:40]}")
     if tp is str and not isinstance(value, str):
-        raise WireError("missing_field", f"'{key}' must be a string, got {value!r}")
+        raise WireError("missing_field", f"'{key}' must be a string, got {str(value)[:40]}")
     return value
 
 
@@ -285,7 +328,7 @@ def _shape(h: dict[str, Any]) -> tuple[int, ...]:
 
 def _dtype(h: dict[str, Any]) -> str:
     dtype = h.get("dtype")
-    if dtype not in ALLOWED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:   # a list or map is not hashable
         raise WireError("bad_dtype", f"'dtype' must be one of {sorted(ALLOWED_DTYPES)}, got {dtype!r}")
     return str(dtype)
 
@@ -302,7 +345,7 @@ def _floats(values: Any) -> tuple[float, ...]:
 
 def _array(payload: memoryview, shape: tuple[int, ...], dtype: str, order: Order = "C") -> np.ndarray:
     dt = np.dtype(dtype)
-    expected = int(np.prod(shape)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize   # exact: np.prod wraps around at 2**63
     if payload.nbytes < expected:
         raise WireError("truncated_payload", f"payload {payload.nbytes} B < {expected} B for {list(shape)} {dtype}")
     if payload.nbytes > expected:
@@ -312,6 +355,8 @@ def _array(payload: memoryview, shape: tuple[int, ...], dtype: str, order: Order
 
 # --- MQTT payloads (JSON) -------------------------------------------------------------------------
 CONTROL_COMMANDS = ("arm", "disarm", "stop", "reset")
+MAX_CONTROL_BYTES = 4096       # a control message: refused unread above this
+MAX_TRIGGER_BYTES = 1 << 20    # a trigger command (targets: a few thousand neuron indices at most)
 
 
 def mqtt_topic(rig: str, kind: str) -> str:
@@ -349,21 +394,52 @@ class TriggerCommand:
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> TriggerCommand:
-        try:
-            d = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise WireError("malformed_trigger", f"trigger is not JSON ({exc})") from None
-        if not isinstance(d, dict) or d.get("v") != SCHEMA_VERSION:
+        d = _json_object(payload, MAX_TRIGGER_BYTES, "malformed_trigger")
+        if type(d.get("v")) is not int or d["v"] != SCHEMA_VERSION:
             raise WireError("malformed_trigger", f"trigger must be a JSON object with v={SCHEMA_VERSION}")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(names - set(d) - {"policy", "value", "lead"})
         if missing:
             raise WireError("malformed_trigger", f"trigger lacks {missing}")
         targets = d["targets"]
-        if not isinstance(targets, list) or not all(isinstance(x, int) and x >= 0 for x in targets):
+        if not isinstance(targets, list) or not all(type(x) is int and x >= 0 for x in targets):
             raise WireError("malformed_trigger", "'targets' must be a list of neuron indices >= 0")
         d["targets"] = tuple(targets)
+        _check_types(d, _TRIGGER_TYPES, "malformed_trigger")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_NUMBER = (int, float)
+_TRIGGER_TYPES: dict[str, tuple[type, ...]] = {
+    "trigger_id": (str,), "rig": (str,), "pattern": (str,), "power_mw": _NUMBER, "duration_ms": _NUMBER,
+    "seq": (int,), "model": (str,), "engine_version": (str,), "decision_time_ns": (int,), "policy": (str,),
+    "value": _NUMBER, "lead": (int,)}
+_FINITE = ("power_mw", "duration_ms")   # what a stimulator computes with
+
+
+def _check_types(d: dict[str, Any], types: dict[str, tuple[type, ...]], reason: str) -> None:
+    """Each present key of `types` holds one of its types (bools are not numbers); _FINITE ones are finite."""
+    for key, tps in types.items():
+        if key not in d:
+            continue
+        value = d[key]
+        if isinstance(value, bool) or not isinstance(value, tps) \
+                or (key in _FINITE and not math.isfinite(d[key])):
+            raise WireError(reason, f"'{key}' must be {' or '.join(t.__name__ for t in tps)}, got {str(value)[:40]!r}")
+
+
+def _json_object(payload: bytes | str, limit: int, reason: str) -> dict[str, Any]:
+    """A JSON object of at most `limit` bytes (characters of a str); any other payload (too long, not UTF-8,
+    not JSON, nested past the parser's recursion limit, not an object) is WireError(reason)."""
+    if len(payload) > limit:
+        raise WireError(reason, f"payload of {len(payload)} B (max {limit})")
+    try:
+        d = json.loads(payload)
+    except (ValueError, RecursionError) as exc:   # UnicodeDecodeError is a ValueError
+        raise WireError(reason, f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(d, dict):
+        raise WireError(reason, f"must be a JSON object, got {type(d).__name__}")
+    return d
 
 
 MAX_SENDER = 200   # characters of a control message's sender that are kept
@@ -378,16 +454,17 @@ class ControlMessage:
 
 
 def parse_control_message(payload: bytes | str) -> ControlMessage:
-    """A control message: plain `arm|disarm|stop|reset` or JSON {"command": ..., "sender": ...}."""
+    """A control message: plain `arm|disarm|stop|reset` or JSON {"command": ..., "sender": ...}, at most
+    MAX_CONTROL_BYTES long."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise WireError("malformed_control", f"control message of {len(payload)} B (max {MAX_CONTROL_BYTES})")
     text = payload.decode(errors="replace") if isinstance(payload, (bytes, bytearray)) else payload
     text = text.strip()
     sender = None
     if text.startswith("{"):
-        try:
-            doc = json.loads(text)
-            text = str(doc.get("command", ""))
-        except (ValueError, AttributeError):
-            raise WireError("malformed_control", "control JSON must be an object with 'command'") from None
+        doc = _json_object(text, MAX_CONTROL_BYTES, "malformed_control")
+        command = doc.get("command", "")
+        text = command if isinstance(command, str) else ""
         sender = _sender(doc)
     cmd = text.lower()
     if cmd not in CONTROL_COMMANDS:
@@ -402,12 +479,14 @@ def parse_control(payload: bytes | str) -> str:
 
 def control_sender(payload: bytes | str) -> str | None:
     """The `sender` of a JSON control message, whether or not its command is valid; None if it has none."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        return None
     text = payload.decode(errors="replace") if isinstance(payload, (bytes, bytearray)) else payload
     try:
-        doc = json.loads(text)
-    except ValueError:
+        doc = _json_object(text, MAX_CONTROL_BYTES, "malformed_control")
+    except WireError:
         return None
-    return _sender(doc) if isinstance(doc, dict) else None
+    return _sender(doc)
 
 
 def _sender(doc: dict[str, Any]) -> str | None:
