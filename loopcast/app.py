@@ -8,7 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from loopcast import cpu
 from loopcast.realtime.control.controller import Controller
 from loopcast.realtime.control.policy import resolve_neuron_set
 from loopcast.realtime.engines.base import Engine
+from loopcast.realtime.engines.drill import DelayedEngine
 from loopcast.realtime.engines.manifest import EngineError
 from loopcast.realtime.engines.watch import Loader
 from loopcast.realtime.forecast.activation import ActivationStage
@@ -31,6 +32,7 @@ from loopcast.realtime.jit import set_cache_dir as set_kernel_cache
 from loopcast.realtime.metrics import Metrics, MetricsConfig
 from loopcast.realtime.pipeline import Pipeline
 from loopcast.realtime.record.session import SessionRecorder, select_neurons
+from loopcast.realtime.wire.mqtt_security import MqttSecurity, MqttSecurityError, client_options
 from loopcast.realtime.wire.transport import Publisher, Subscriber
 from loopcast.replay.fish import FishModel
 from loopcast.replay.layout import Recording, RecordingError
@@ -116,6 +118,10 @@ def build_pipeline(cfg: LoopcastConfig, metrics: Metrics, segmentation: np.ndarr
     paths = [engine_path(cfg), *(Path(p) for p in fc.also)]
     loaders = [engine_loader(fc), *[also_loader(fc)] * len(fc.also)]
     engines = load_engines(paths, loaders)
+    if fc.drill_delay_ms:
+        log.warning("DRILL: every forecast of %s waits %.0f ms first (pipeline.forecast.drill_delay_ms)",
+                    engines[0].version, fc.drill_delay_ms)
+        engines[0] = cast(Engine, DelayedEngine(engines[0], fc.drill_delay_ms))
     publisher = Publisher(cfg.endpoints.forecasts, sndhwm=fc.sndhwm)
     stages: list[ForecastStage] = []
     try:
@@ -207,6 +213,7 @@ def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | Non
     directory, its audit log is <run_dir>/<controller.audit.file> (unless controller.audit.enabled is false)."""
     n = rec.n_neurons if rec is not None else None
     groups = neuron_groups(rec) if rec is not None else {}
+    mqtt_security(cfg)
     if n is None:
         raise UserError("the controller needs the neuron count: set paths.recording to the rig's recording")
     pol = cfg.controller.policy
@@ -225,7 +232,18 @@ def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | Non
 def build_sim(cfg: LoopcastConfig, metrics: Metrics, mqtt: bool = True) -> LiveSim:
     fish = FishModel(cfg.synth.fish)
     broker = (cfg.mqtt.host, cfg.mqtt.port) if mqtt else None
-    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker, cfg.transport)
+    security = mqtt_security(cfg) if mqtt else None
+    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker, cfg.transport, security)
+
+
+def mqtt_security(cfg: LoopcastConfig) -> MqttSecurity:
+    """[mqtt]'s login and TLS, checked before a process starts (password file, certificates, keys): a
+    UserError names the key and the file. Each connect reads the files again."""
+    try:
+        client_options(cfg.mqtt.security)
+    except MqttSecurityError as exc:
+        raise UserError(str(exc)) from None
+    return cfg.mqtt.security
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:

@@ -12,19 +12,22 @@ import aiomqtt
 
 from loopcast.app import UserError
 from loopcast.realtime.wire.codec import mqtt_topic
+from loopcast.realtime.wire.mqtt_security import MqttSecurityError, client_options, explain
 from loopcast.settings import LoopcastConfig
 
 
 async def send_control(cfg: LoopcastConfig, command: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """Publish `command` (QoS 1) on loopcast/<rig>/control; return the first status sent after it."""
-    rig = cfg.rig.name
+    """Publish `command` (QoS 1) on loopcast/<rig>/control; return the first status sent after it. A refused
+    or lost connection is a UserError naming the broker and the cause (a refused login, an untrusted certificate)."""
+    rig, m = cfg.rig.name, cfg.mqtt
     try:
-        async with aiomqtt.Client(cfg.mqtt.host, cfg.mqtt.port, identifier=f"loopcast-cli-{time.time_ns()}") as c:
+        async with aiomqtt.Client(m.host, m.port, identifier=f"loopcast-cli-{time.time_ns()}",
+                                  **client_options(m.security)) as c:
             await c.subscribe(mqtt_topic(rig, "status"), qos=1)
             await c.publish(mqtt_topic(rig, "control"), control_payload(command), qos=1)
             return await asyncio.wait_for(_next_status(c, command, time.time_ns()), timeout_s)
-    except aiomqtt.MqttError as exc:
-        raise UserError(f"MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}") from exc
+    except (aiomqtt.MqttError, MqttSecurityError) as exc:
+        raise UserError(explain(exc, m.host, m.port, m.security)) from exc
     except TimeoutError:
         raise UserError(f"no status from rig {rig!r} within {timeout_s} s: is `loopcast controller` "
                         f"running against this broker?") from None

@@ -26,10 +26,12 @@ import aiomqtt
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from loopcast.app import UserError
 from loopcast.broker import Broker, EmbeddedBroker, MosquittoBroker
 from loopcast.control import control_payload
 from loopcast.realtime.metrics import STAGES
 from loopcast.realtime.wire.codec import mqtt_topic
+from loopcast.realtime.wire.mqtt_security import client_options
 from loopcast.settings import LoopcastConfig, new_run_dir, with_overrides
 from loopcast.workflows import ensure_engine, ensure_recording, export_checkpoint, synth_recording, train_on_recording
 
@@ -83,8 +85,12 @@ def _prepare_offline(cfg: LoopcastConfig, run_dir: Path, fresh: bool) -> Path:
 
 def _start_broker(cfg: LoopcastConfig) -> Broker | None:
     if cfg.mqtt.broker == "external":
-        log.info("using the external MQTT broker at %s:%d", cfg.mqtt.host, cfg.mqtt.port)
+        log.info("using the external MQTT broker at %s:%d (%s)", cfg.mqtt.host, cfg.mqtt.port,
+                 cfg.mqtt.security.describe())
         return None
+    if cfg.mqtt.security.use_tls or cfg.mqtt.username:
+        raise UserError(f"the demo's own {cfg.mqtt.broker} broker takes anonymous plain TCP: with mqtt.username "
+                        f"or TLS set, run your broker and set mqtt.broker = \"external\" (docs/mqtt-security.md)")
     broker = (EmbeddedBroker(port=0) if cfg.mqtt.broker == "embedded" else MosquittoBroker(port=0)).start()
     log.info("started %s MQTT broker on 127.0.0.1:%d", cfg.mqtt.broker, broker.port)
     return broker
@@ -121,8 +127,9 @@ async def _arm(cfg: LoopcastConfig, timeout_s: float, proc: subprocess.Popen[byt
 
 
 async def _arm_when_online(cfg: LoopcastConfig, proc: subprocess.Popen[bytes]) -> None:
-    rig = cfg.rig.name
-    async with aiomqtt.Client(cfg.mqtt.host, cfg.mqtt.port, identifier=f"loopcast-demo-{time.time_ns()}") as c:
+    rig, m = cfg.rig.name, cfg.mqtt
+    async with aiomqtt.Client(m.host, m.port, identifier=f"loopcast-demo-{time.time_ns()}",
+                              **client_options(m.security)) as c:
         await c.subscribe(mqtt_topic(rig, "status"), qos=1)
         armed_sent = False
         async for msg in c.messages:

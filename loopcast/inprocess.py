@@ -20,6 +20,7 @@ from loopcast.realtime.control.controller import Controller
 from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.pipeline import PipelineReport
 from loopcast.realtime.wire.codec import Forecast, decode_forecast, mqtt_topic
+from loopcast.realtime.wire.mqtt_security import client_options
 from loopcast.realtime.wire.transport import Subscriber
 from loopcast.replay.layout import Recording
 from loopcast.replay.sim import SimReport
@@ -49,7 +50,8 @@ class TriggerListener:
 
     async def run(self) -> None:
         rig = self.cfg.rig.name
-        async with aiomqtt.Client(self.cfg.mqtt.host, self.cfg.mqtt.port, identifier=f"hw-{rig}") as c:
+        m = self.cfg.mqtt
+        async with aiomqtt.Client(m.host, m.port, identifier=f"hw-{rig}", **client_options(m.security)) as c:
             await c.subscribe(mqtt_topic(rig, "trigger"), qos=1)
             await c.publish(mqtt_topic(rig, "control"), b"arm", qos=1)
             self.ready.set()

@@ -26,6 +26,7 @@ from loopcast.config import ConfigError, apply_overrides, dump_toml, from_dict, 
 from loopcast.realtime.control.controller import ControllerConfig
 from loopcast.realtime.ingest import RigConfig
 from loopcast.realtime.pipeline import PipelineConfig
+from loopcast.realtime.wire.mqtt_security import MqttSecurity
 from loopcast.realtime.wire.transport import TransportConfig
 from loopcast.replay.player import ReplayConfig
 from loopcast.replay.sim import SimConfig
@@ -103,6 +104,22 @@ class MqttSettings:
     host: str = "127.0.0.1"
     port: int = 1883
     broker: Literal["embedded", "mosquitto", "external"] = "embedded"
+    # security of every MQTT client (MqttSecurity, docs/mqtt-security.md); secrets only in the files named
+    username: str = ""          # "" = anonymous
+    password_file: str = ""     # the password, read at each connect (never stored in a config)
+    tls: bool = False           # TLS against the system's CAs; ca_file implies TLS
+    ca_file: str = ""
+    cert_file: str = ""         # client certificate (optional), with key_file
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        _ = self.security   # validates the combination
+
+    @property
+    def security(self) -> MqttSecurity:
+        """The security keys, as every MQTT client takes them."""
+        return MqttSecurity(self.username, self.password_file, self.tls, self.ca_file, self.cert_file,
+                            self.key_file)
 
 
 @dataclass(frozen=True)
@@ -253,6 +270,7 @@ for _section in TRAINING_SECTIONS:   # after @dataclass, which removes the class
 # Keys derived from the shared tables; setting them by hand is an error (they would be overwritten).
 _DERIVED = {("synth", "fish", "shape"), ("synth", "fish", "frame_period_s"), ("controller", "forecasts"),
             ("controller", "mqtt", "host"), ("controller", "mqtt", "port"), ("controller", "mqtt", "rig"),
+            ("controller", "mqtt", "security"),
             ("train_spikes", "fish", "frame_period_s"), ("train_spikes", "dff")}
 # Thread counts that moved to [runtime]: derived from it, like the keys above.
 _FROM_RUNTIME = {("pipeline", "forecast", "threads"): "runtime.onnxruntime_threads (runtime.torch_threads for "
@@ -307,6 +325,7 @@ def resolve(data: dict[str, Any]) -> LoopcastConfig:
     _put(data, ("controller", "mqtt", "host"), mqtt.host)
     _put(data, ("controller", "mqtt", "port"), mqtt.port)
     _put(data, ("controller", "mqtt", "rig"), rig.name)
+    _put(data, ("controller", "mqtt", "security"), to_dict(mqtt.security))
     # the spike net learns the pipeline's own dF/F at the rig's frame rate
     _put(data, ("train_spikes", "fish", "frame_period_s"), rig.frame_period_s)
     _put(data, ("train_spikes", "dff"), _table(data, ("pipeline", "preprocess", "dff")))

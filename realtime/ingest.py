@@ -23,7 +23,7 @@ from loopcast.realtime.wire.shm import ShmReader
 
 log = logging.getLogger(__name__)
 LOG_INTERVAL_S = 5.0   # per kind of problem: log the first at once, then at most one line per interval
-MAX_SEQ_JUMP = 100_000  # frames (~25 h at the rig's rate): a longer jump must be confirmed by the next frame
+MAX_SEQ_JUMP = 8  # frames: a longer jump must be confirmed by the next frame (docs/architecture.md, "seq")
 # Every label of loopcast_frames_invalid_total{reason} a frame can get (docs/architecture.md lists them).
 REASONS = frozenset({
     "bad_parts", "bad_topic", "malformed_header", "bad_version", "bad_kind", "missing_field", "bad_shape",
@@ -162,8 +162,9 @@ class Ingest:
 
     def _check_seq(self, seq: int) -> None:
         """Duplicates and older seqs are rejected; a gap counts the frames lost. A jump of more than
-        `MAX_SEQ_JUMP` is rejected too, unless the next frame follows it (seq + 1): one bad header cannot lock
-        out the frames after it, and a source that really jumped is followed from its second frame."""
+        `MAX_SEQ_JUMP` is rejected too, unless the next frame follows it (seq + 1): a bad header locks out at
+        most MAX_SEQ_JUMP - 1 frames after it, and a source that really jumped is followed from its second
+        frame (a real gap of more than MAX_SEQ_JUMP frames costs the frame after it)."""
         last = self.last_seq
         if last is not None and seq > last + MAX_SEQ_JUMP:
             confirmed, self._jumped_to = self._jumped_to == seq - 1, seq

@@ -8,6 +8,7 @@ a response tracker measures how much stimulated neurons fire compared with thems
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,11 +28,14 @@ from loopcast.realtime.wire.codec import (
     new_session_id,
     volume_order,
 )
+from loopcast.realtime.wire.mqtt_security import MqttSecurity, MqttSecurityError, client_options, explain
 from loopcast.realtime.wire.transport import Publisher, TransportConfig, VolumeSender
 from loopcast.replay.fish import FishFrame, FishModel, stimulus_schedule
 
 log = logging.getLogger(__name__)
 FAULT_KINDS = ("duplicate_seq", "malformed_header", "truncated_payload", "bad_dtype")
+RECONNECT_S = 0.2       # the trigger listener's first wait after losing the broker; doubles up to
+RECONNECT_MAX_S = 5.0   # this
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,18 @@ class SimReport:
 
 
 class LiveSim:
-    """Streams the fish at `speed` x frame rate on `endpoint`; applies MQTT triggers if `mqtt` is given."""
+    """Streams the fish at `speed` x frame rate on `endpoint`; applies MQTT triggers if `mqtt` is given
+    (the broker's host and port; `security`: the login and TLS of [mqtt])."""
 
     def __init__(self, fish: FishModel, cfg: SimConfig, rig: str, endpoint: str, metrics: Any,
-                 mqtt: tuple[str, int] | None = None, transport: TransportConfig = TransportConfig()) -> None:
+                 mqtt: tuple[str, int] | None = None, transport: TransportConfig = TransportConfig(),
+                 security: MqttSecurity | None = None) -> None:
         self.fish = fish
         self.cfg = cfg
         self.rig = rig
         self.metrics = metrics
         self.mqtt = mqtt
+        self.security = security or MqttSecurity()
         self.publisher = Publisher(endpoint, sndhwm=cfg.sndhwm)
         self.sender = VolumeSender(self.publisher, transport)
         self.endpoint = self.publisher.endpoint
@@ -131,17 +138,50 @@ class LiveSim:
         if self.mqtt is None:
             await self._stream(stop)
         else:
-            host, port = self.mqtt
-            async with aiomqtt.Client(host, port, identifier=f"loopcast-sim-{self.rig}-{time.time_ns()}") as c:
-                await c.subscribe(mqtt_topic(self.rig, "trigger"), qos=1)
-                listener = asyncio.create_task(self._listen(c))
-                self.mqtt_ready.set()
-                try:
-                    await self._stream(stop)
-                finally:
-                    listener.cancel()
+            await self._stream_listening(self.mqtt, stop)
         self.report.response = self.tracker.summary()
         return self.report
+
+    async def _stream_listening(self, broker: tuple[str, int], stop: asyncio.Event) -> None:
+        """Stream while applying the triggers from MQTT. A refused first connection raises MqttError with one
+        line naming the broker and the cause, before any frame; a connection lost later is retried with
+        backoff while the fish streams on (triggers published meanwhile are lost: the controller, which
+        loses the broker too, disarms)."""
+        listener = asyncio.create_task(self._listen_forever(*broker))
+        ready = asyncio.create_task(self.mqtt_ready.wait())
+        await asyncio.wait({listener, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if listener.done():
+            listener.result()   # the first connection was refused: raise it
+        try:
+            await self._stream(stop)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen_forever(self, host: str, port: int) -> None:
+        """Subscribe to the trigger topic and apply what comes; reconnect after a loss (RECONNECT_S, doubling
+        to RECONNECT_MAX_S), counted in loopcast_errors_total{kind="mqtt_connection"}."""
+        delay, connected = RECONNECT_S, False
+        while True:
+            try:
+                async with aiomqtt.Client(host, port, identifier=f"loopcast-sim-{self.rig}-{time.time_ns()}",
+                                          **client_options(self.security)) as c:
+                    await c.subscribe(mqtt_topic(self.rig, "trigger"), qos=1)
+                    if connected:
+                        log.warning("trigger listener: reconnected to the broker %s:%d", host, port)
+                    connected, delay = True, RECONNECT_S
+                    self.mqtt_ready.set()
+                    await self._listen(c)
+            except (aiomqtt.MqttError, MqttSecurityError) as exc:
+                line = explain(exc, host, port, self.security)
+                if not connected:
+                    raise aiomqtt.MqttError(line) from exc
+                self.metrics.errors.labels(kind="mqtt_connection").inc()
+                log.error("trigger listener: lost the broker (%s); reconnecting in %.1f s", line, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_MAX_S)
 
     async def _stream(self, stop: asyncio.Event) -> None:
         cfg = self.cfg

@@ -38,10 +38,6 @@ WARMUP_S = 6.0               # from the first frame: OASIS and dF/F warm-up, the
 # a descriptor open for a moment (the /metrics connection the sampler itself makes, the engine registry poll);
 # 2 more allow for what opens once, late, and stays (the session writer's chunk files are per write, not kept).
 FD_SLACK = 2
-SOCKET_FILES_LEAK = ("libzmq >= 4.2 leaves an ipc:// endpoint's file when the socket closes (libzmq issue 3204); "
-                     "realtime/wire/transport.py's Publisher.close() does not remove it")
-
-
 @pytest.fixture(scope="module")
 def soak() -> Iterator[ModuleType]:
     """bench/soak.py, imported as bench scripts import each other (bench/ first on sys.path)."""
@@ -81,9 +77,9 @@ def test_no_process_of_the_run_is_left(loop_run: Any) -> None:
     assert loop_run.leftovers["processes"] == []
 
 
-@pytest.mark.xfail(strict=True, reason=SOCKET_FILES_LEAK)
 @pytest.mark.timeout(10)
 def test_no_ipc_socket_file_is_left(loop_run: Any) -> None:
+    """libzmq >= 4.2 leaves an ipc:// endpoint's file when the socket closes: Publisher.close() removes it."""
     assert loop_run.leftovers["socket_files"] == []
 
 

@@ -29,6 +29,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from loopcast.realtime.wire.codec import (
     mqtt_topic,
     parse_control_message,
 )
+from loopcast.realtime.wire.mqtt_security import MqttSecurity, MqttSecurityError, client_options, explain
 
 log = logging.getLogger(__name__)
 SENT_KEPT = 1000   # triggers kept in memory (Controller.sent); the audit log has every one
@@ -71,7 +73,9 @@ class MqttConfig:
     client_id: str = "loopcast-controller"
     keepalive_s: int = 30
     publish_timeout_s: float = 2.0   # no PUBACK within this -> publish failed
-    reconnect_s: float = 1.0         # wait before reconnecting after the broker connection is lost
+    reconnect_s: float = 1.0         # first wait before reconnecting after the broker connection is lost;
+    reconnect_max_s: float = 10.0    # doubling after each failed attempt up to this
+    security: MqttSecurity = field(default_factory=MqttSecurity)   # login and TLS (from [mqtt])
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class ControllerConfig:
             raise ValueError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
         if not self.watchdog_s >= 0:
             raise ValueError(f"watchdog_s must be >= 0 (0 = off), got {self.watchdog_s}")
+        self.interlocks.check_duration(self.policy.duration_ms / 1000)
 
 
 class Controller:
@@ -110,6 +115,7 @@ class Controller:
         self.last_control: dict[str, Any] | None = None  # {"command": ..., "accepted": ...}
         self.last_disarm: str | None = None   # why the controller last disarmed itself (watchdog, error)
         self.watchdog = Watchdog(cfg.watchdog_s)
+        self.clock: Callable[[], int] = time.time_ns   # decision and PUBACK times (the forecasts' clock)
         if self.interlocks.armed:   # armed_at_start
             self.watchdog.armed(time.monotonic())
         self.ready = asyncio.Event()   # set once subscribed to control and the first status is out
@@ -118,6 +124,7 @@ class Controller:
         self._trigger_latency = metrics.latency("trigger")
         metrics.armed.set(int(self.interlocks.armed))
         self._connected = False
+        self._backoff = cfg.mqtt.reconnect_s   # the next reconnect's wait (reset once connected)
         self.audit = records.AuditTrail(audit_path, cfg.audit, metrics, self._on_audit_failed)
         self.audit.start(records.start_fields(cfg.mqtt.rig, cfg.policy, cfg.interlocks, monitor, targets,
                                               self.interlocks.armed, self.interlocks.estop), self._snapshot())
@@ -157,10 +164,11 @@ class Controller:
             while not stop.is_set():
                 try:
                     await self._session(sub, stop)
-                except aiomqtt.MqttError as exc:
+                except (aiomqtt.MqttError, MqttSecurityError) as exc:   # refused logins and certificates too
                     self._on_connection_lost(exc)
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.cfg.mqtt.reconnect_s)
+                        await asyncio.wait_for(stop.wait(), self._backoff)
+                    self._backoff = min(2 * self._backoff, self.cfg.mqtt.reconnect_max_s)
         finally:
             sub.close(linger=0)
             ctx.term()
@@ -173,6 +181,8 @@ class Controller:
                      self.interlocks.sent, dict(self.interlocks.suppressed))
 
     def _on_connection_lost(self, exc: BaseException) -> None:
+        m = self.cfg.mqtt
+        cause = explain(exc, m.host, m.port, m.security)   # one line: the broker, the cause, the key to check
         self._client = None
         self._connected = False
         self.ready.clear()
@@ -180,24 +190,25 @@ class Controller:
         if self.interlocks.armed:
             self.interlocks.disarm()
             self.metrics.armed.set(0)
-            log.error("broker connection lost (%s): DISARMED; re-arm over MQTT after reconnect", exc)
+            log.error("broker connection lost (%s): DISARMED; re-arm over MQTT after reconnect", cause)
         else:
-            log.error("broker connection lost (%s); retrying in %.1f s", exc, self.cfg.mqtt.reconnect_s)
-        self._note_state(f"broker connection lost: {exc}")
+            log.error("broker connection lost (%s); retrying in %.1f s", cause, self._backoff)
+        self._note_state(f"broker connection lost: {cause}")
 
     async def _session(self, sub: zmq.asyncio.Socket, stop: asyncio.Event) -> None:
         m = self.cfg.mqtt
         will = aiomqtt.Will(self._topics["status"], self._status_payload(online=False), qos=1, retain=True)
         async with aiomqtt.Client(m.host, m.port, identifier=m.client_id, keepalive=m.keepalive_s,
-                                  will=will, timeout=m.publish_timeout_s) as client:
+                                  will=will, timeout=m.publish_timeout_s, **client_options(m.security)) as client:
             client.pending_calls_threshold = 1000  # default 10 logs a warning under bursts
             self._client = client
             self._connected = True
+            self._backoff = m.reconnect_s
             self._note_state(f"connected to broker {m.host}:{m.port} as {m.client_id}")
             await client.subscribe(self._topics["control"], qos=1)
             await self._publish_status()
             self.ready.set()
-            log.info("connected to broker %s:%d as %s", m.host, m.port, m.client_id)
+            log.info("connected to broker %s:%d as %s (%s)", m.host, m.port, m.client_id, m.security.describe())
             try:
                 await self._run_tasks(client, sub, stop)
             finally:
@@ -258,13 +269,13 @@ class Controller:
             self.metrics.errors.labels(kind=f"policy_{exc.reason}").inc()
             log.warning("forecast seq=%d not usable by policy %s: %s",
                         forecast.header.seq, self.cfg.policy.name, exc)
-            self._audit_forecast(forecast, topic, "unusable", time.time_ns(), error=str(exc))
+            self._audit_forecast(forecast, topic, "unusable", self.clock(), error=str(exc))
             return None
         if decision is None:
-            self._audit_forecast(forecast, topic, "below_level", time.time_ns(), value=self.policy.last_value)
+            self._audit_forecast(forecast, topic, "below_level", self.clock(), value=self.policy.last_value)
             return None
-        now = time.time_ns()
-        reason = self.interlocks.check(now, forecast.header.t_src_ns)
+        now = self.clock()
+        reason = self.interlocks.check(now, forecast.header.t_src_ns, decision.duration_ms / 1000, decision.targets)
         if reason is not None:
             self.metrics.triggers_suppressed.labels(interlock=reason).inc()
             log.info("trigger suppressed by %s: seq=%d value=%.3f", reason, decision.seq, decision.value)
@@ -283,8 +294,8 @@ class Controller:
             self._audit_forecast(forecast, topic, "publish_failed", now_ns, value=decision.value, trigger=cmd)
             await self._on_publish_failed(cmd, exc)
             return None
-        t_ack = time.time_ns()
-        self.interlocks.record(t_ack)
+        t_ack = self.clock()
+        self.interlocks.record(t_ack, decision.duration_ms / 1000, decision.targets)
         self.metrics.triggers_sent.inc()
         self._trigger_latency.observe_since_ns(forecast.t_recv_ns, t_ack)
         self.sent.append(cmd)

@@ -66,8 +66,11 @@ class ForecastConfig:
     sndhwm: int = 16
     wait_subscribers: int = 0                # wait for this many forecast subscribers at start
     wait_timeout_s: float = 10.0
+    drill_delay_ms: float = 0.0              # drills only: each forecast of `engine` waits this long first
 
     def __post_init__(self) -> None:
+        if not self.drill_delay_ms >= 0:
+            raise ValueError(f"drill_delay_ms must be >= 0, got {self.drill_delay_ms}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.also_schedule not in SCHEDULES:

@@ -7,8 +7,10 @@ everything queued at once, oldest first, so the caller can keep the newest frame
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -68,8 +70,13 @@ class Publisher:
             return self.sock.send_multipart(parts, copy=False, track=track)
 
     def close(self) -> None:
+        """Close the socket; an ipc:// endpoint's socket file goes too (libzmq >= 4.2 leaves it behind)."""
         with self._lock:
             self.sock.close(linger=0)
+        path = self.endpoint.removeprefix("ipc://")
+        if path != self.endpoint and not path.startswith("@"):   # "@": Linux's abstract namespace, no file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 class Subscriber:

@@ -133,7 +133,8 @@ def test_recorder_failure_is_raised_in_the_callers_thread(tmp_path: Path) -> Non
 def test_a_dead_writer_process_is_raised_in_the_callers_thread(tmp_path: Path) -> None:
     rec = _recorder(tmp_path / "session.zarr", Metrics("t"))
     rec._proc.kill()
-    rec._proc.join(10)
+    rec._proc.join(60)
+    assert rec._proc.exitcode is not None, "the killed writer was not reaped within 60 s"
     with pytest.raises(RuntimeError, match="session record"):
         rec.check()
     rec.close()
