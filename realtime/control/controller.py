@@ -166,6 +166,10 @@ class Controller:
                     await self._session(sub, stop)
                 except (aiomqtt.MqttError, MqttSecurityError) as exc:   # refused logins and certificates too
                     self._on_connection_lost(exc)
+                except Exception as exc:   # a bug on the connection (status, heartbeat, watchdog): a new one
+                    await self.fail_safe("broker_handling", exc, "the broker connection's tasks")
+                    self._on_connection_lost(exc)
+                if not stop.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), self._backoff)
                     self._backoff = min(2 * self._backoff, self.cfg.mqtt.reconnect_max_s)
@@ -327,8 +331,10 @@ class Controller:
         self.last_disarm = f"unexpected error in {where}: {type(exc).__name__}: {exc}"
         self.audit.write("error", where=where, what=what, error=f"{type(exc).__name__}: {exc}", armed_before=was_armed)
         self._note_state(f"unexpected error in {where}: {type(exc).__name__}: {exc}")
-        with contextlib.suppress(aiomqtt.MqttError):
+        try:
             await self._publish_status()
+        except Exception as failed:   # disarmed and recorded already; the next status (heartbeat) says so
+            log.error("status not published after the error in %s: %s: %s", where, type(failed).__name__, failed)
 
     async def _control_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

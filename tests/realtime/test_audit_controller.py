@@ -529,3 +529,41 @@ async def arm_when_online(broker: Broker, rig: str) -> None:
                 if status.get("online") and not sent:
                     await c.publish(f"loopcast/{rig}/control", control_payload("arm"), qos=1)
                     sent = True
+
+
+def test_an_unexpected_error_on_the_broker_connection_disarms_and_reconnects(
+        mqtt_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the connection's own tasks (here publishing the status, as the heartbeat does): the controller
+    disarms, counts it as broker_handling, records it, drops the connection and makes a new one, and stays
+    disarmed until an operator arms it."""
+    log_path = tmp_path / "controller.audit.jsonl"
+
+    async def bug(*a: Any, **kw: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    async def main() -> None:
+        async with Rig(mqtt_broker, log_path) as r:
+            await r.control("arm")
+            await r.status_where(lambda s: s["armed"])
+            ctl = r.controller
+            monkeypatch.setattr(ctl, "_publish_status", bug)
+            await until(lambda: r.metrics.count("loopcast_errors_total", kind="broker_handling") >= 1)
+            assert not ctl.interlocks.armed
+            monkeypatch.undo()
+            status = await r.status_where(lambda s: s["online"])
+            assert not status["armed"] and "broker_handling" in status["last_disarm"]
+            await r.forecast(0.9)
+            await r.wait_records("forecast", 1)
+            assert not r.triggers
+            await r.control("arm")
+            await r.status_where(lambda s: s["armed"])
+            await r.forecast(0.9)
+            await until(lambda: len(r.triggers) == 1)
+
+    asyncio.run(main())
+    recs = read_audit(log_path).records
+    error = next(x for x in recs if x["kind"] == "error")
+    assert (error["where"], error["error"], error["armed_before"]) == ("broker_handling", "RuntimeError: injected bug",
+                                                                      True)
+    events = [x["event"] for x in recs if x["kind"] == "state"]
+    assert events.index("disarmed") < events.index("broker_lost") < len(events) - events[::-1].index("broker_connected")
