@@ -80,16 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         drills = {
             "broker_killed": (lambda r: broker_drill(r, outage_s=args.outage_s, after_s=5.0),
                               ["outage_s", "reconnect_s", "reconnect_after_restart_s", "disarmed_on_loss",
-                               "sent_before_rearm", "stale_sent", "triggers_lost", "first_trigger_after_arm_s",
+                               "sent_before_rearm", "stale_sent", "forecasts_over_level_unsent", "triggers_lost_est",
+                               "first_trigger_after_arm_s",
                                "frames_lost", "records_lost"]),
             "pipeline_killed": (lambda r: run_killed_drill(r, down_s=args.outage_s),
                                 ["watchdog_disarm_s", "restart_to_first_forecast_s", "sent_while_down_or_unarmed",
                                  "stale_sent", "first_trigger_after_arm_s", "frames_lost", "records_lost"]),
             "source_restarted": (source_restart_drill,
-                                 ["session_changes", "frames_accepted_since", "frames_refused_since",
-                                  "kill_to_first_forecast_s"]),
+                                 ["session_changes", "frames_sent_new_session", "frames_accepted_since",
+                                  "frames_refused_since", "kill_to_first_forecast_s"]),
             "slow_stage": (lambda r: slow_stage_drill(r, slowdown=3.0, frames=args.slow_frames),
-                           ["frames", "frames_lost", "forecasts", "skipped", "dff_max_abs_error"]),
+                           ["frames", "frames_lost", "forecasts", "skipped", "latency_p50_ms", "latency_p99_ms",
+                            "latency_max_ms", "latency_bound_ms", "dff_max_abs_error"]),
         }
         results: dict[str, dict[str, Any]] = {}
         for name, (drill, keys) in drills.items():

@@ -224,15 +224,16 @@ def _broker_report(rig: DrillRig, t_kill: int, t_up: int, back: int, t_arm: int,
                    sent_unarmed: int, frames_before: float) -> dict[str, Any]:
     records = rig.audit()
     outage = [r for r in records if r["kind"] == "forecast" and t_kill < r["t_ns"] < t_arm]
-    wanted = [r for r in outage if r["decision"] in ("suppressed", "publish_failed")]
-    sim, run = rig.counters("sim"), rig.counters("run")
+    unsent = [r for r in outage if r["decision"] in ("suppressed", "publish_failed")]   # over the level, not sent
+    sim, run, limits = rig.counters("sim"), rig.counters("run"), rig.cfg.controller.interlocks
     return {"drill": "broker_killed", "injected": "SIGKILL to Mosquitto; restarted on its port",
             "outage_s": (t_up - t_kill) / 1e9, "reconnect_s": (back - t_kill) / 1e9,
             "reconnect_after_restart_s": (back - t_up) / 1e9,
             "disarmed_on_loss": not armed_after and any(e == "broker_lost" for e, _, _ in states(records, t_kill)),
-            "sent_before_rearm": sent_unarmed, "stale_sent": len(stale_sent(records, rig.cfg.controller.interlocks
-                                                                          .max_forecast_age_s)),
-            "triggers_lost": len(wanted), "first_trigger_after_arm_s": (rig.sent(t_arm)[0]["t_ns"] - t_arm) / 1e9,
+            "sent_before_rearm": sent_unarmed, "stale_sent": len(stale_sent(records, limits.max_forecast_age_s)),
+            "forecasts_over_level_unsent": len(unsent),
+            "triggers_lost_est": _interval_bound(unsent, limits.min_interval_s),
+            "first_trigger_after_arm_s": (rig.sent(t_arm)[0]["t_ns"] - t_arm) / 1e9,
             "frames_sent": sim.get("loopcast_frames_sent_total", 0.0) - frames_before,
             "frames_lost": _frames_lost(sim, run), "records_lost": _audit_gaps(records),
             "processes_alive": {n: rig.alive(n) for n in rig.procs}}
@@ -272,26 +273,39 @@ def run_killed_drill(rig: DrillRig, down_s: float = 2.0, timeout_s: float = 90.0
             "records_lost": _audit_gaps(records), "processes_alive": {n: rig.alive(n) for n in rig.procs}}
 
 
-def source_restart_drill(rig: DrillRig, timeout_s: float = 90.0) -> dict[str, Any]:
+def source_restart_drill(rig: DrillRig, after_s: float = 3.0, timeout_s: float = 90.0) -> dict[str, Any]:
     """The fish (the acquisition) SIGKILLed and started again: its seq restarts at 0 under a new `session`;
     the pipeline starts a new session (seq order and dF/F warm-up over) instead of refusing every frame."""
     start_loop(rig)
     before = rig.counters("run")
     t_kill = rig.kill("sim")
     rig.start("sim", "sim2")
-    wait_until("frames of the new session", lambda: rig.counters("run").get("loopcast_frames_received_total", 0)
-               > before.get("loopcast_frames_received_total", 0) + 20, timeout_s)
+    wait_until("frames of the new session", lambda: _delta(rig.counters("run"), before,
+                                                           "loopcast_frames_received_total") > 0, timeout_s)
+    time.sleep(after_s)
     run, sim2 = rig.counters("run"), rig.counters("sim2")
-    t_first = next((r["t_ns"] for r in rig.audit() if r["kind"] == "forecast" and r["t_ns"] > t_kill * 1e9), None)
-    invalid = {k: run.get(k, 0.0) - before.get(k, 0.0) for k in run if k.startswith("loopcast_frames_invalid")}
+    firsts = [r["t_ns"] for r in rig.audit() if r["kind"] == "forecast" and r["t_src_ns"] > t_kill * 1e9]
+    invalid = sum(_delta(run, before, k) for k in run if k.startswith("loopcast_frames_invalid"))
     return {"drill": "source_restarted", "injected": "SIGKILL to `loopcast sim`; a new one (seq from 0)",
             "session_changes": run.get("loopcast_session_changes_total", 0.0),
             "frames_sent_new_session": sim2.get("loopcast_frames_sent_total", 0.0),
-            "frames_accepted_since": run.get("loopcast_frames_received_total", 0.0)
-            - before.get("loopcast_frames_received_total", 0.0),
-            "frames_refused_since": sum(invalid.values()),
-            "kill_to_first_forecast_s": None if t_first is None else t_first / 1e9 - t_kill,
+            "frames_accepted_since": _delta(run, before, "loopcast_frames_received_total"),
+            "frames_refused_since": invalid,
+            "kill_to_first_forecast_s": min(firsts) / 1e9 - t_kill if firsts else None,
             "pipeline_alive": rig.alive("run")}
+
+
+def _interval_bound(records: list[dict[str, Any]], min_interval_s: float) -> int:
+    """How many of these refused wishes the interval interlock alone would have let through: the triggers lost."""
+    sent, last = 0, -float("inf")
+    for r in records:
+        if r["t_decision_ns"] / 1e9 - last >= min_interval_s:
+            sent, last = sent + 1, r["t_decision_ns"] / 1e9
+    return sent
+
+
+def _delta(now: dict[str, float], before: dict[str, float], key: str) -> float:
+    return now.get(key, 0.0) - before.get(key, 0.0)
 
 
 def _frames_lost(sim: dict[str, float], run: dict[str, float]) -> float:
@@ -346,7 +360,7 @@ def _slow_report(rig: DrillRig, data: SessionData, table: FrameTable, dff: Trace
     return {"drill": "slow_stage", "injected": f"every forecast {delay_ms:.0f} ms late ({slow})",
             "frames": len(codes), "frames_lost": frames - int(table.valid.sum()),
             "forecasts": int(made.size), "skipped": int(np.sum(codes == FORECAST_CODES.index("skipped"))),
-            "latency_ms": _quantiles(series.latency_ms),
+            **{f"latency_{k}_ms": v for k, v in _quantiles(series.latency_ms).items()},
             # the newest frame waits for the forecast in flight, then its own: a queue would grow without end
             "latency_bound_ms": 2 * (delay_ms + period_s * 1000),
             "latency_first_last_third_p50_ms": _thirds(series.latency_ms),

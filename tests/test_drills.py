@@ -55,7 +55,7 @@ def test_a_stage_three_times_slower_than_the_frame_period(rig: DrillRig) -> None
     assert out["frames_lost"] == 0 and out["frames"] == 60, out
     assert out["skipped"] > 0 and out["forecasts"] > 0, out
     assert out["skipped"] + out["forecasts"] <= 60, out
-    assert out["latency_ms"]["max"] < out["latency_bound_ms"], out
+    assert out["latency_max_ms"] < out["latency_bound_ms"], out
     first, last = out["latency_first_last_third_p50_ms"]
     assert last < first + 200, out   # no drift: a queue of 3x-slow forecasts would add ~180 ms per frame
     assert out["dff_frames_compared"] == 60 and out["dff_max_abs_error"] < 1e-5, out
@@ -65,4 +65,5 @@ def test_the_source_restarts_with_a_new_session(rig: DrillRig) -> None:
     out = source_restart_drill(rig)
     assert out["session_changes"] == 1 and out["pipeline_alive"], out
     assert out["frames_refused_since"] == 0, out
-    assert out["frames_accepted_since"] >= 20 and out["kill_to_first_forecast_s"] is not None, out
+    assert out["frames_accepted_since"] >= out["frames_sent_new_session"] - 2 > 0, out   # in flight: 1-2
+    assert out["kill_to_first_forecast_s"] is not None, out
