@@ -225,7 +225,7 @@ def _broker_report(rig: DrillRig, t_kill: int, t_up: int, back: int, t_arm: int,
     records = rig.audit()
     outage = [r for r in records if r["kind"] == "forecast" and t_kill < r["t_ns"] < t_arm]
     unsent = [r for r in outage if r["decision"] in ("suppressed", "publish_failed")]   # over the level, not sent
-    sim, run, limits = rig.counters("sim"), rig.counters("run"), rig.cfg.controller.interlocks
+    sim, limits = rig.counters("sim"), rig.cfg.controller.interlocks
     return {"drill": "broker_killed", "injected": "SIGKILL to Mosquitto; restarted on its port",
             "outage_s": (t_up - t_kill) / 1e9, "reconnect_s": (back - t_kill) / 1e9,
             "reconnect_after_restart_s": (back - t_up) / 1e9,
@@ -235,7 +235,7 @@ def _broker_report(rig: DrillRig, t_kill: int, t_up: int, back: int, t_arm: int,
             "triggers_lost_est": _interval_bound(unsent, limits.min_interval_s),
             "first_trigger_after_arm_s": (rig.sent(t_arm)[0]["t_ns"] - t_arm) / 1e9,
             "frames_sent": sim.get("loopcast_frames_sent_total", 0.0) - frames_before,
-            "frames_lost": _frames_lost(sim, run), "records_lost": _audit_gaps(records),
+            "frames_lost": _seq_gaps(rig.dirs["run"]), "records_lost": _audit_gaps(records),
             "processes_alive": {n: rig.alive(n) for n in rig.procs}}
 
 
@@ -296,11 +296,13 @@ def source_restart_drill(rig: DrillRig, after_s: float = 3.0, timeout_s: float =
 
 
 def _interval_bound(records: list[dict[str, Any]], min_interval_s: float) -> int:
-    """How many of these refused wishes the interval interlock alone would have let through: the triggers lost."""
+    """How many of these refused wishes the interval interlock alone would have let through, spaced by their
+    frames' source times (while the broker is down the controller reads no forecast: they queue and are
+    decided in a burst on reconnect, disarmed): the triggers lost."""
     sent, last = 0, -float("inf")
-    for r in records:
-        if r["t_decision_ns"] / 1e9 - last >= min_interval_s:
-            sent, last = sent + 1, r["t_decision_ns"] / 1e9
+    for t in sorted(r["t_src_ns"] / 1e9 for r in records):
+        if t - last >= min_interval_s:
+            sent, last = sent + 1, t
     return sent
 
 
@@ -308,9 +310,13 @@ def _delta(now: dict[str, float], before: dict[str, float], key: str) -> float:
     return now.get(key, 0.0) - before.get(key, 0.0)
 
 
-def _frames_lost(sim: dict[str, float], run: dict[str, float]) -> float:
-    """Frames the fish sent that the pipeline neither accepted nor rejected (in flight at the end aside)."""
-    return sim.get("loopcast_frames_sent_total", 0.0) - run.get("loopcast_frames_received_total", 0.0)
+def _seq_gaps(run_dir: Path) -> int:
+    """Frames missing between the first and the last one the pipeline recorded (up to its last flush)."""
+    frames = read_session(run_dir).frames
+    if frames is None or not frames.valid.any():
+        raise DrillError(f"no frames recorded in {run_dir}")
+    seqs = np.unique(frames.seq[frames.valid])
+    return int(seqs[-1] - seqs[0] + 1 - seqs.size)
 
 
 def _frames_between(killed: Path, restarted: Path) -> int:
