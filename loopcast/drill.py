@@ -100,17 +100,16 @@ class DrillRig:
         return codes
 
     def log_tail(self, name: str, n: int = 3000) -> str:
-        path = self.dirs[name] / f"{name.rstrip('0123456789')}.log"
-        logs = sorted(self.dirs[name].glob("*.log"))
-        text = (path if path.exists() else logs[0]).read_text(errors="replace") if logs else ""
-        return text[-n:]
+        """The end of a process's log (for errors that name what went wrong)."""
+        path = self.dirs[name] / f"{self.command(name)}.log"
+        return path.read_text(errors="replace")[-n:] if path.exists() else f"(no log at {path})"
 
     # --- what the processes say ---------------------------------------------------------------
     def counters(self, name: str) -> dict[str, float]:
-        process = self.procs_command(name)
-        return scrape_counters(self.dirs[name], process)
+        return scrape_counters(self.dirs[name], self.command(name))
 
-    def procs_command(self, name: str) -> str:
+    def command(self, name: str) -> str:
+        """The command a process runs: its name without the number of a restart ("run2" -> "run")."""
         return next(c for c in ("controller", "run", "sim", "replay") if name.startswith(c))
 
     def audit(self) -> list[dict[str, Any]]:
@@ -172,14 +171,6 @@ def stale_sent(records: list[dict[str, Any]], max_age_s: float) -> list[dict[str
 def states(records: list[dict[str, Any]], after_ns: int = 0) -> list[tuple[str, str, int]]:
     """(event, cause, t_ns) of the state records after `after_ns`."""
     return [(r["event"], r["cause"], r["t_ns"]) for r in records if r["kind"] == "state" and r["t_ns"] > after_ns]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 # --- the drills ---------------------------------------------------------------------------------------
