@@ -56,7 +56,7 @@ import numpy as np
 from loop_fullscale import FIRE_ON_EVERY_FORECAST
 
 from loopcast.broker import start_broker
-from loopcast.demo import RUN_CLOSE_S, _demo_config, scrape_counters, spawn, wait_or_stop
+from loopcast.demo import RUN_CLOSE_S, demo_config, scrape_counters, spawn, wait_or_stop
 from loopcast.settings import LoopcastConfig, load_settings, new_run_dir, with_overrides
 
 from common import write_result
@@ -204,7 +204,7 @@ def loop_config(cfg: LoopcastConfig, mqtt_port: int, sockets: Path, frames: int,
     """The demo's loop (loopcast.demo's own overrides: ipc:// endpoints in `sockets`, free metrics ports,
     its pacing) for `frames` frames at `speed`, with `extra` overrides on top."""
     cfg = with_overrides(cfg, [f"demo.frames={frames}", f"demo.speed={speed}", *extra])
-    return _demo_config(cfg, mqtt_port, sockets)
+    return demo_config(cfg, mqtt_port, sockets)
 
 
 def run_loop(cfg: LoopcastConfig, run_dir: Path, sockets: Path, period_s: float,

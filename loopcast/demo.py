@@ -43,11 +43,11 @@ RUN_CLOSE_S = 90.0   # the pipeline's stop, at most: the session record's writer
 def run_demo(cfg: LoopcastConfig, run_dir: Path, args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     engine = _prepare_offline(cfg, run_dir, fresh=getattr(args, "fresh", False))
-    broker = _start_broker(cfg)
+    broker = start_demo_broker(cfg)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     sockets = tempfile.TemporaryDirectory(prefix="loopcast-demo-")   # short ipc:// paths
     try:
-        cfg = _demo_config(cfg, broker.port if broker else cfg.mqtt.port, Path(sockets.name))
+        cfg = demo_config(cfg, broker.port if broker else cfg.mqtt.port, Path(sockets.name))
         new_run_dir(cfg, "demo", str(run_dir))  # the resolved config every process reads
         procs["controller"] = spawn("controller", run_dir)
         asyncio.run(_arm(cfg, cfg.demo.startup_timeout_s, procs["controller"]))
@@ -83,7 +83,8 @@ def _prepare_offline(cfg: LoopcastConfig, run_dir: Path, fresh: bool) -> Path:
     return ensure_engine(cfg, run_dir)
 
 
-def _start_broker(cfg: LoopcastConfig) -> Broker | None:
+def start_demo_broker(cfg: LoopcastConfig) -> Broker | None:
+    """The broker `mqtt.broker` names, started on a free port; None for an external one."""
     if cfg.mqtt.broker == "external":
         log.info("using the external MQTT broker at %s:%d (%s)", cfg.mqtt.host, cfg.mqtt.port,
                  cfg.mqtt.security.describe())
@@ -96,7 +97,7 @@ def _start_broker(cfg: LoopcastConfig) -> Broker | None:
     return broker
 
 
-def _demo_config(cfg: LoopcastConfig, mqtt_port: int, sockets: Path) -> LoopcastConfig:
+def demo_config(cfg: LoopcastConfig, mqtt_port: int, sockets: Path) -> LoopcastConfig:
     """Private ipc:// endpoints and any free metrics ports (no port can be taken between choosing and
     binding it), the demo's pacing, and the pipeline waiting for its controller."""
     d = cfg.demo

@@ -218,14 +218,14 @@ def test_a_missing_password_file_stops_the_commands_before_they_connect(tmp_path
     """`loopcast controller` and `sim` check the files before they start (app.mqtt_security), `loopcast control`
     when it connects; the demo refuses a login with its own anonymous broker."""
     from loopcast import app
-    from loopcast.demo import _start_broker
+    from loopcast.demo import start_demo_broker
     cfg = load_settings(overrides=[f'mqtt.username="{USER}"', f'mqtt.password_file="{tmp_path / "none"}"'])
     with pytest.raises(UserError, match=r"^mqtt\.password_file .*/none: no such file$"):
         app.mqtt_security(cfg)
     with pytest.raises(UserError, match=r"^MQTT broker 127\.0\.0\.1:1883: mqtt\.password_file .*: no such file$"):
         asyncio.run(send_control(cfg, "arm"))
     with pytest.raises(UserError, match='set mqtt.broker = "external"'):
-        _start_broker(cfg)
+        start_demo_broker(cfg)
 
 
 @pytest.mark.parametrize("content, expected", [
