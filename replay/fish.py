@@ -10,6 +10,8 @@ Generative model (per frame t, dt = frame_period_s; E ensembles, N neurons):
               smoothed over behaviour_tau_frames, rest: their expected value at the base rates
   volume = camera offset + neuropil (x bleach x (1 + neuropil_coupling * mean dF/F)) or F_i * nuclear profile,
            + shot + read noise -> uint16, Fortran (x, y, z) order (replay/render.py, its approximations there)
+  motion: with cfg.motion on, the expected image moves rigidly by shift_t (x, y, z voxels, sub-voxel) before the
+          camera noise (replay/motion.py); frame.shift is that true shift (zeros when off)
 SNR: with snr > 0 the shot-noise gain is solved so that the median over neurons of
   (one isolated spike's peak change of the segment-mean trace) / (std of that trace's noise at rest) = snr
 (formula in replay.render.trace_snr); snr = 0 uses shot_noise_gain and read_noise as given.
@@ -17,7 +19,7 @@ Everything is drawn from `seed`: equal configs and equal inputs give equal frame
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from loopcast.replay.dynamics import (
     latent_dynamics,
     stimulus_input,
 )
+from loopcast.replay.motion import MotionConfig, RigidMotion
 from loopcast.replay.protocol import (  # noqa: F401  (the constants and condition_offsets are re-exported)
     CONDITION_COVARIATES,
     CONDITION_NAMES,
@@ -95,6 +98,8 @@ class FishConfig:
     opto_gain: float = 20.0                   # rate multiplier - 1 at gain 1
     opto_latency_frames: int = 1              # frames between stimulate() and the first driven frame
     opto_network_coupling: float = 0.3        # latent kick per fraction of an ensemble stimulated
+    # rigid motion of the fish (off by default; replay/motion.py, configs/motion.toml)
+    motion: MotionConfig = field(default_factory=MotionConfig)
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 2:
@@ -154,6 +159,7 @@ class FishFrame:
     fluorescence: np.ndarray  # (N,) float32 noiseless per-neuron F above offset (nucleus-centre brightness)
     stimulated: np.ndarray    # (N,) bool: under optogenetic drive this frame
     behaviour: float          # swim vigor, >= 0
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float32))   # (3,) float32 true x, y, z
 
 
 def stimulus_schedule(cfg: FishConfig, n_frames: int) -> Schedule:
@@ -191,6 +197,7 @@ class FishModel:
         self._h = lam[self.behaviour_neurons].astype(np.float32)
         self._rest = float(np.dot(self.behaviour_weights, self._h)) or 1.0
         self._pulses: list[tuple[int, int, np.ndarray, float]] = []   # (start, stop, targets, gain)
+        self._motion = RigidMotion(cfg.motion) if cfg.motion.enabled else None
         self.t = 0
 
     def _init_network(self, rng: np.random.Generator) -> None:
@@ -259,9 +266,10 @@ class FishModel:
         drift = 1.0 + np.float32(cfg.drift_amplitude) * np.sin(self._drift_omega * t + self._drift_phase)
         dff = np.float32(cfg.dff_per_spike) * calcium
         fluor = (self._baseline * bleach) * drift * (1.0 + dff)                  # (N,) float32
-        self._renderer.render(fluor, bleach * (1.0 + cfg.neuropil_coupling * float(dff.mean())), volume)
+        shift = self._motion.next() if self._motion is not None else np.zeros(3, np.float32)
+        self._renderer.render(fluor, bleach * (1.0 + cfg.neuropil_coupling * float(dff.mean())), volume, shift)
         self.t += 1
-        return FishFrame(volume, spikes, calcium, fluor, stimulated, behaviour)
+        return FishFrame(volume, spikes, calcium, fluor, stimulated, behaviour, shift)
 
     def _spikes(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Latent, private noise, rates and Poisson spikes for covariates u -> ((N,) spikes, (N,) stimulated)."""

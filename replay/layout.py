@@ -11,6 +11,8 @@
     root/stimuli_features         zarr2 float32 (t, 26)
     root/positions                zarr3 float32 (f, 3) x, y, z voxel centroids
     root/ground_truth/{spikes,calcium,stimulated}  (t, f);  ground_truth/ensemble (f,);  behaviour (t,)
+    root/ground_truth/shifts      float32 (t, 3) the fish's true rigid shift x, y, z in voxels per frame
+                                  (only in recordings synthesized with motion on: replay/motion.py)
     root/loopcast.json, root/synth.toml            metadata and the resolved synthesis config
 The root is a local path, a file:// URL or a gs:// URL. A real ZAPBench copy has no loopcast.json: the
 ZAPBench constants fill in offsets, names and period, and the arrays it lacks are simply absent.
@@ -50,9 +52,9 @@ META_FILE = "loopcast.json"
 CONFIG_FILE = "synth.toml"
 INCOMPLETE_MARKER = ".loopcast-incomplete"
 GROUND_TRUTH = {"spikes": ("t", "f"), "calcium": ("t", "f"), "stimulated": ("t", "f"), "ensemble": ("f",),
-                "behaviour": ("t",)}
+                "behaviour": ("t",), "shifts": ("t", "xyz")}
 GT_DTYPES = {"spikes": "float32", "calcium": "float32", "stimulated": "bool", "ensemble": "int32",
-             "behaviour": "float32"}
+             "behaviour": "float32", "shifts": "float32"}
 VOLUME_DTYPES = {"raw": "uint16", "aligned": "uint16", "df_over_f": "float32"}
 XYZT: tuple[str, ...] = ("x", "y", "z", "t")
 MAX_LEVELS = 8
@@ -209,7 +211,8 @@ class Recording:
         return self.volume(name, level).read(t)
 
     def ground_truth(self, name: str) -> np.ndarray:
-        """Simulation ground truth: spikes/calcium/stimulated (T, N), ensemble (N,), behaviour (T,)."""
+        """Simulation ground truth: spikes/calcium/stimulated (T, N), ensemble (N,), behaviour (T,), shifts (T, 3)
+        (the rigid motion, when synthesized with it; RecordingError when absent)."""
         if name not in GROUND_TRUTH:
             raise RecordingError(f"unknown ground truth {name!r}; expected one of {sorted(GROUND_TRUTH)}")
         return self._read(f"ground_truth/{name}")
@@ -257,7 +260,8 @@ def _check_optional(root: str, arrays: dict[str, ts.TensorStore], t: int, n: int
               "segmentation": Expect(vshape, ("integer",), XYZT[:3]),
               "positions": Expect((n, 3), ("float32",))}
     for g, dims in GROUND_TRUTH.items():
-        expect[f"ground_truth/{g}"] = Expect(tuple(t if d == "t" else n for d in dims), (GT_DTYPES[g],), dims)
+        sizes = {"t": t, "f": n, "xyz": 3}
+        expect[f"ground_truth/{g}"] = Expect(tuple(sizes[d] for d in dims), (GT_DTYPES[g],), dims)
     for name, exp in expect.items():
         if name in arrays:
             check(arrays[name], join(root, name), exp)

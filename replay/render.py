@@ -14,9 +14,13 @@ Speed (a full ZAPBench-sized volume is 196 M voxels) comes from two documented a
 The noise sigma itself is exact every frame, for nuclei and for the (bleaching, activity-modulated) neuropil.
 The work runs in fixed chunks of 2^18 voxels on a few threads (numpy releases the GIL); chunking does not
 change the result, so frames are bit-identical for any thread count.
+Rigid motion (replay/motion.py): with a non-zero shift s the whole expected image mu is built, moved to
+mu(v - s) by linear interpolation along each axis (zero beyond the edges: camera offset only), then the
+noise is added in one pass (single-threaded, two extra float32 volumes). A zero shift takes the path above.
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,9 +105,34 @@ class Renderer:
             raise ValueError("out must be Fortran-contiguous (x fastest) and writeable")
         return out
 
-    def render(self, fluor: np.ndarray, neuropil_gain: float | np.float32, out: np.ndarray) -> None:
-        """Write the frame for per-neuron F `fluor` (N,) float32 into `out` (checked by check_out)."""
-        self._render_at(int(self._rng.integers(0, NOISE_MARGIN + 1)), fluor, neuropil_gain, out)
+    def render(self, fluor: np.ndarray, neuropil_gain: float | np.float32, out: np.ndarray,
+               shift: np.ndarray | None = None) -> None:
+        """Write the frame for per-neuron F `fluor` (N,) float32 into `out` (checked by check_out), the
+        fish moved by `shift` (x, y, z) voxels when given and non-zero."""
+        o = int(self._rng.integers(0, NOISE_MARGIN + 1))
+        if shift is None or not np.any(shift):
+            self._render_at(o, fluor, neuropil_gain, out)
+        else:
+            self._render_moved(o, fluor, np.float32(neuropil_gain), out, shift)
+
+    def expected(self, fluor: np.ndarray, neuropil_gain: float | np.float32) -> np.ndarray:
+        """The noiseless expected counts above offset, mu: (x, y, z) float32, F order."""
+        mu = np.multiply(self._neuropil, np.float32(neuropil_gain))
+        mu[self._nuc.idx] = np.asarray(fluor, np.float32)[self._nuc.lab] * self._nuc.w
+        return mu.reshape(self.shape, order="F")
+
+    def _render_moved(self, o: int, fluor: np.ndarray, g: np.float32, out: np.ndarray, shift: np.ndarray) -> None:
+        """`render` of the fish moved by `shift`: mu moved, then the camera noise (see the module doc)."""
+        mu = shift_volume(self.expected(fluor, g), shift).reshape(-1, order="F")
+        np.maximum(mu, 0.0, out=mu)                                 # rounding of the interpolation
+        t = np.multiply(mu, self._shot)
+        t += self._r2
+        np.sqrt(t, out=t)
+        t *= self._bank[o:o + self.size]
+        t += mu
+        t += self._c
+        np.clip(t, 0.0, 65535.0, out=t)
+        out.reshape(-1, order="F")[:] = t
 
     def warm_up(self, n_neurons: int, out: np.ndarray) -> None:
         """Render a blank frame into `out` (checked by check_out) at noise offset 0, drawing nothing from
@@ -157,3 +186,33 @@ class Renderer:
             t[loc] = s
         np.clip(t, 0.0, 65535.0, out=t)
         flat[a:b] = t
+
+
+def shift_volume(vol: np.ndarray, shift: np.ndarray | tuple[float, ...]) -> np.ndarray:
+    """`vol` (x, y, z) moved by `shift` voxels per axis: out(v) = vol(v - shift), linear interpolation along
+    each axis (trilinear), zero where v - shift falls outside. A new float32 array in vol's memory order."""
+    out = np.asarray(vol, np.float32)
+    for axis, s in enumerate(float(x) for x in shift):
+        if s != 0.0:
+            out = _shift_axis(out, axis, s)
+    return out if out is not vol else out.copy()
+
+
+def _shift_axis(v: np.ndarray, axis: int, s: float) -> np.ndarray:
+    """`v` moved by s voxels along `axis`: (1 - f) v[i - n] + f v[i - n - 1], n = floor(s), f = s - n."""
+    n = math.floor(s)
+    f = np.float32(s - n)
+    out = np.zeros_like(v)
+    _add_moved(out, v, axis, n, np.float32(1.0) - f)
+    _add_moved(out, v, axis, n + 1, f)
+    return out
+
+
+def _add_moved(out: np.ndarray, v: np.ndarray, axis: int, k: int, w: np.float32) -> None:
+    """out[i] += w * v[i - k] along `axis`, where i - k is inside."""
+    size = v.shape[axis]
+    if w == 0 or abs(k) >= size:
+        return
+    dst, src = [slice(None)] * v.ndim, [slice(None)] * v.ndim
+    dst[axis], src[axis] = slice(max(k, 0), size + min(k, 0)), slice(max(-k, 0), size - max(k, 0))
+    out[tuple(dst)] += w * v[tuple(src)]

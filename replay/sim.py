@@ -4,6 +4,9 @@ Frames go out on ZeroMQ exactly as a microscope's would. Trigger commands arrivi
 (`loopcast/<rig>/trigger`) stimulate the commanded neurons of the fish (after its opto latency);
 a response tracker measures how much stimulated neurons fire compared with themselves unstimulated.
 `fault_every` injects malformed messages between good frames to exercise a pipeline's defences.
+With the fish's rigid motion on (replay/motion.py), the true shift of every frame sent is kept: in the report
+(`shifts`, hence sim.summary.json) and, when `shifts_path` is given, in an .npy file rewritten every
+SHIFTS_FLUSH_FRAMES frames and at close (a (frames, 3) float32 array, x, y, z voxels, row = frame seq).
 """
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 FAULT_KINDS = ("duplicate_seq", "malformed_header", "truncated_payload", "bad_dtype")
 RECONNECT_S = 0.2       # the trigger listener's first wait after losing the broker; doubles up to
 RECONNECT_MAX_S = 5.0   # this
+SHIFTS_FLUSH_FRAMES = 64  # the shifts file is rewritten this often (frames)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class SimReport:
     triggers_invalid: int = 0
     stimulations: list[dict[str, Any]] = field(default_factory=list)
     response: dict[str, float] = field(default_factory=dict)
+    shifts: list[list[float]] = field(default_factory=list)   # true (x, y, z) shift per frame (motion on only)
 
 
 class LiveSim:
@@ -102,8 +109,9 @@ class LiveSim:
 
     def __init__(self, fish: FishModel, cfg: SimConfig, rig: str, endpoint: str, metrics: Any,
                  mqtt: tuple[str, int] | None = None, transport: TransportConfig = TransportConfig(),
-                 security: MqttSecurity | None = None) -> None:
+                 security: MqttSecurity | None = None, shifts_path: str | Path | None = None) -> None:
         self.fish = fish
+        self.shifts_path = Path(shifts_path) if shifts_path is not None and fish.cfg.motion.enabled else None
         self.cfg = cfg
         self.rig = rig
         self.metrics = metrics
@@ -217,6 +225,7 @@ class LiveSim:
         self.sender.send(header, frame.volume)
         self._last = (header, frame.volume)
         self.tracker.update(frame)
+        self._record_shift(frame.shift)
         self.metrics.frames_sent.inc()
         self.report.frames += 1
 
@@ -261,6 +270,24 @@ class LiveSim:
         log.info("stimulating %d neurons for %d frame(s) (trigger %s from forecast seq %d)",
                  targets.size, frames, cmd.trigger_id[:8], cmd.seq)
 
+    def _record_shift(self, shift: np.ndarray) -> None:
+        """Keep the frame's true shift (motion on only); flush the shifts file every SHIFTS_FLUSH_FRAMES."""
+        if not self.fish.cfg.motion.enabled:
+            return
+        self.report.shifts.append([float(s) for s in shift])
+        if self.shifts_path is not None and len(self.report.shifts) % SHIFTS_FLUSH_FRAMES == 0:
+            self.write_shifts()
+
+    def write_shifts(self) -> None:
+        """Write the shifts so far to `shifts_path` ((frames, 3) float32 .npy), atomically (tmp + rename)."""
+        if self.shifts_path is None:
+            return
+        tmp = self.shifts_path.with_name(self.shifts_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(self.report.shifts, np.float32).reshape(-1, 3))
+        os.replace(tmp, self.shifts_path)
+
     def close(self) -> None:
+        self.write_shifts()
         self.sender.close()
         self.publisher.close()

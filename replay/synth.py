@@ -89,7 +89,7 @@ def _frame_loop(cfg: SynthConfig, fish: FishModel, covariates: np.ndarray, write
     f_raw = np.empty((n_t, fc.n_neurons), np.float32)                       # (T, N)
     gt = {k: np.empty((GT_BLOCK, *shape), dt) for k, shape, dt in
           (("spikes", (fc.n_neurons,), np.float32), ("calcium", (fc.n_neurons,), np.float32),
-           ("stimulated", (fc.n_neurons,), bool), ("behaviour", (), np.float32))}
+           ("stimulated", (fc.n_neurons,), bool), ("behaviour", (), np.float32), ("shifts", (3,), np.float32))}
     opto_rng = np.random.default_rng([fc.seed, 0x0970])
     bar = tqdm(total=n_t, desc=f"synth {name}", unit="vol", disable=not progress)
     t_loop = time.perf_counter()
@@ -102,10 +102,11 @@ def _frame_loop(cfg: SynthConfig, fish: FishModel, covariates: np.ndarray, write
         f_raw[t] = means.process(frame.volume)
         k = t % GT_BLOCK
         gt["spikes"][k], gt["calcium"][k], gt["stimulated"][k] = frame.spikes, frame.calcium, frame.stimulated
-        gt["behaviour"][k] = frame.behaviour
+        gt["behaviour"][k], gt["shifts"][k] = frame.behaviour, frame.shift
         if k == GT_BLOCK - 1 or t == n_t - 1:
-            writer.write_ground_truth_block(t - k, *(gt[g][:k + 1] for g in ("spikes", "calcium", "stimulated",
-                                                                             "behaviour")))
+            b = {g: a[:k + 1] for g, a in gt.items()}
+            writer.write_ground_truth_block(t - k, b["spikes"], b["calcium"], b["stimulated"], b["behaviour"],
+                                            b["shifts"] if fc.motion.enabled else None)
         bar.update(1)
         if t % 10 == 9 or t == n_t - 1:
             bar.set_postfix(vol_per_s=f"{(t + 1) / (time.perf_counter() - t_loop):.2f}")

@@ -106,8 +106,9 @@ class RecordingWriter:
         self._queue.submit(arr[:, :, :, t], data, f"{join(self.root, name)} frame {t}", on_done=done)
 
     def write_ground_truth_block(self, t0: int, spikes: np.ndarray, calcium: np.ndarray, stimulated: np.ndarray,
-                                 behaviour: np.ndarray | None = None) -> None:
-        """Frames t0 .. t0+B of ground truth, each (B, N); behaviour (B,) swim vigor, when given."""
+                                 behaviour: np.ndarray | None = None, shifts: np.ndarray | None = None) -> None:
+        """Frames t0 .. t0+B of ground truth, each (B, N); behaviour (B,) swim vigor and shifts (B, 3) the
+        fish's true rigid shift (x, y, z voxels), when given."""
         for name, arr in (("spikes", spikes), ("calcium", calcium), ("stimulated", stimulated)):
             self._submit(self._gt[name][t0:t0 + len(arr)], arr, GT_DTYPES[name], f"ground_truth/{name}")
         if behaviour is not None:
@@ -116,6 +117,12 @@ class RecordingWriter:
                                                      (self.n_frames,), ("t",))
             self._submit(self._gt["behaviour"][t0:t0 + len(behaviour)], behaviour, "float32",
                          "ground_truth/behaviour")
+        if shifts is not None:
+            if "shifts" not in self._gt:
+                self._gt["shifts"] = self._create("ground_truth/shifts", (self.n_frames, 3), GT_DTYPES["shifts"],
+                                                  (GT_CHUNKS[0], 3), ("t", "xyz"))
+            self._submit(self._gt["shifts"][t0:t0 + len(shifts)], shifts, GT_DTYPES["shifts"],
+                         "ground_truth/shifts")
 
     def _submit(self, target: ts.TensorStore, data: np.ndarray, dtype: str, name: str) -> None:
         if tuple(target.shape) != tuple(np.shape(data)):
