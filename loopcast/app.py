@@ -229,11 +229,14 @@ def build_controller(cfg: LoopcastConfig, metrics: Metrics, rec: Recording | Non
         raise UserError(f"controller audit log {audit_path}: {exc}") from exc
 
 
-def build_sim(cfg: LoopcastConfig, metrics: Metrics, mqtt: bool = True) -> LiveSim:
+def build_sim(cfg: LoopcastConfig, metrics: Metrics, mqtt: bool = True, run_dir: Path | None = None) -> LiveSim:
+    """The live simulated rig; with a run directory, a moving fish's true shifts go to <run_dir>/sim.shifts.npy."""
     fish = FishModel(cfg.synth.fish)
     broker = (cfg.mqtt.host, cfg.mqtt.port) if mqtt else None
     security = mqtt_security(cfg) if mqtt else None
-    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker, cfg.transport, security)
+    shifts = run_dir / "sim.shifts.npy" if run_dir is not None else None
+    return LiveSim(fish, cfg.sim, cfg.rig.name, cfg.endpoints.frames, metrics, broker, cfg.transport, security,
+                   shifts_path=shifts)
 
 
 def mqtt_security(cfg: LoopcastConfig) -> MqttSecurity:

@@ -50,11 +50,14 @@ def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
              player.endpoint, cfg.replay.speed)
     try:
         report = player.run(progress=True)
+    except TimeoutError as exc:   # nobody subscribed to the frames
+        raise app.UserError(f"{exc} (is `loopcast run` listening there? replay.wait_subscribers = 0 sends "
+                            "anyway)") from exc
     finally:
         player.close()
-        metrics.write_summary(run_dir / "replay.summary.json", {"volumes_per_s": report.volumes_per_s},
-                              samples=cfg.metrics.samples)
         metrics.close()
+    metrics.write_summary(run_dir / "replay.summary.json", {"volumes_per_s": report.volumes_per_s},
+                          samples=cfg.metrics.samples)
     log.info("sent %d volumes in %.1f s (%.2f volumes/s)", report.frames, report.seconds, report.volumes_per_s)
     return 0
 
@@ -72,11 +75,14 @@ def _check_rig(cfg: LoopcastConfig, shape: tuple[int, ...], dtype: str) -> None:
 
 def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
     metrics = app.process_metrics(cfg, "sim", run_dir)
-    sim = app.build_sim(cfg, metrics, mqtt=not args.no_mqtt)
+    sim = app.build_sim(cfg, metrics, mqtt=not args.no_mqtt, run_dir=run_dir)
     log.info("live simulated fish on %s: %d neurons, %s voxels, speed %sx", sim.endpoint,
              cfg.synth.fish.n_neurons, "x".join(map(str, cfg.rig.shape)), cfg.sim.speed)
     try:
         report = app.run_until_signalled(sim.run)
+    except TimeoutError as exc:   # nobody subscribed to the frames
+        raise app.UserError(f"{exc} (is `loopcast run` listening there? sim.wait_subscribers = 0 sends anyway)") \
+            from exc
     finally:
         sim.close()
     metrics.write_summary(run_dir / "sim.summary.json", {"sim": report.__dict__}, samples=cfg.metrics.samples)
