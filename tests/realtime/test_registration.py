@@ -54,7 +54,7 @@ def estimator_for(ref: np.ndarray, rng: np.random.Generator, snr: float, n: int 
 
 @pytest.mark.parametrize("snr", [2, 4, 8])
 def test_recovers_sub_voxel_shifts(snr: float) -> None:
-    blobs, rng = make_blobs(0), np.random.default_rng(snr)
+    blobs, rng = make_blobs(0), np.random.default_rng(int(snr))
     est = estimator_for(render(blobs), rng, snr)
     errors, confidences = [], []
     for _ in range(15):
