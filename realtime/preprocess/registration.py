@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 
 from loopcast.realtime.jit import njit, read_only
 from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.wire.codec import Order, volume_order
 
 Plane = tuple[int, int]
 PLANES: tuple[Plane, ...] = ((0, 1), (0, 2), (1, 2))       # XY, XZ, YZ: the axes each projection keeps
@@ -104,27 +105,41 @@ def _project(vol: NDArray[np.generic], sx: int, sy: int, pxy: NDArray[np.float64
 
 
 @njit(parallel=True, nogil=True)
-def _shifted_means(vol: NDArray[np.generic], coords: NDArray[np.int32], offsets: NDArray[np.int64],
-                   inv_counts: NDArray[np.float64], base: NDArray[np.int64], frac: NDArray[np.float64],
-                   out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
-    nx, ny, nz = vol.shape
-    wx1, wy1, wz1 = frac[0], frac[1], frac[2]
-    wx0, wy0, wz0 = 1.0 - wx1, 1.0 - wy1, 1.0 - wz1
+def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDArray[np.integer],
+                   coords: NDArray[np.int32], offsets: NDArray[np.int64], inv_counts: NDArray[np.float64],
+                   box: NDArray[np.int32], base: NDArray[np.int64], corner: NDArray[np.int64],
+                   weight: NDArray[np.float64], out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
+    """Fast path (the neuron's shifted box + 1 inside the volume): 8 reads at flat offsets, no clamping."""
+    n = vol.shape
     for i in numba.prange(out.shape[0]):
+        inside = True
+        for a in range(3):
+            inside &= box[i, a] + base[a] >= 0 and box[i, 3 + a] + base[a] + 1 < n[a]
         s = 0.0
-        for j in range(offsets[i], offsets[i + 1]):
-            x0 = min(max(coords[j, 0] + base[0], 0), nx - 1)
-            y0 = min(max(coords[j, 1] + base[1], 0), ny - 1)
-            z0 = min(max(coords[j, 2] + base[2], 0), nz - 1)
-            x1 = min(max(coords[j, 0] + base[0] + 1, 0), nx - 1)
-            y1 = min(max(coords[j, 1] + base[1] + 1, 0), ny - 1)
-            z1 = min(max(coords[j, 2] + base[2] + 1, 0), nz - 1)
-            a = wy0 * (wz0 * vol[x0, y0, z0] + wz1 * vol[x0, y0, z1]) + wy1 * (wz0 * vol[x0, y1, z0]
-                                                                              + wz1 * vol[x0, y1, z1])
-            b = wy0 * (wz0 * vol[x1, y0, z0] + wz1 * vol[x1, y0, z1]) + wy1 * (wz0 * vol[x1, y1, z0]
-                                                                              + wz1 * vol[x1, y1, z1])
-            s += wx0 * a + wx1 * b
+        if inside:
+            for j in range(offsets[i], offsets[i + 1]):
+                p = idx[j] + corner[0]
+                v = 0.0
+                for c in range(8):
+                    v += weight[c] * flat[p + corner[c + 1]]
+                s += v
+        else:
+            for j in range(offsets[i], offsets[i + 1]):
+                s += _clamped_sample(vol, coords[j], base, weight)
         out[i] = s * inv_counts[i]
+
+
+@njit(nogil=True, inline="always")
+def _clamped_sample(vol: NDArray[np.generic], at: NDArray[np.int32], base: NDArray[np.int64],
+                    weight: NDArray[np.float64]) -> float:  # pragma: no cover (compiled)
+    """Trilinear sample at `at` + base (+ the fractions in `weight`), coordinates clamped to the volume."""
+    v = 0.0
+    for c in range(8):
+        x = min(max(at[0] + base[0] + (c >> 2), 0), vol.shape[0] - 1)
+        y = min(max(at[1] + base[1] + ((c >> 1) & 1), 0), vol.shape[1] - 1)
+        z = min(max(at[2] + base[2] + (c & 1), 0), vol.shape[2] - 1)
+        v += weight[c] * vol[x, y, z]
+    return v
 
 
 @njit(nogil=True)
@@ -313,18 +328,47 @@ class ShiftedTraces:
     def __init__(self, extractor: TraceExtractor) -> None:
         self.shape = extractor.shape
         self.n_neurons = extractor.n_neurons
+        self._extractor = extractor
         idx = extractor.indices("C").astype(np.int64)
         self._coords = np.stack(np.unravel_index(idx, self.shape), axis=1).astype(np.int32)
         self._offsets = extractor.offsets
         self._inv_counts = 1.0 / np.diff(self._offsets).astype(np.float64)
+        starts = self._offsets[:-1]
+        self._box = np.concatenate([np.minimum.reduceat(self._coords, starts, axis=0),
+                                    np.maximum.reduceat(self._coords, starts, axis=0)], axis=1).astype(np.int32)
 
     def process(self, volume: NDArray[np.generic], shift: Shift | NDArray[np.float64]) -> NDArray[np.float32]:
-        """volume (x, y, z), any memory order, and its shift -> (N,) float32 neuron means."""
+        """volume (x, y, z), C- or F-contiguous, and its shift -> (N,) float32 neuron means."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} != segmentation shape {self.shape}")
         d = shift.as_array() if isinstance(shift, Shift) else np.asarray(shift, np.float64)
-        base = np.floor(d)
+        base = np.floor(d).astype(np.int64)
+        order = volume_order(volume)
         out = np.empty(self.n_neurons, np.float32)
-        _shifted_means(read_only(volume), self._coords, self._offsets, self._inv_counts, base.astype(np.int64),
-                       d - base, out)
+        vol = read_only(volume)
+        _shifted_means(vol, vol.reshape(-1, order=order), self._extractor.indices(order), self._coords,
+                       self._offsets, self._inv_counts, self._box, base, self._corners(base, order),
+                       _weights(d - base), out)
         return out
+
+    def _corners(self, base: NDArray[np.int64], order: Order) -> NDArray[np.int64]:
+        """(9,) flat offsets: the base shift's, then the 8 corners' (x, y, z bits of c = 0..7)."""
+        strides = np.array(_elem_strides(self.shape, order))
+        bits = np.array([[c >> 2, (c >> 1) & 1, c & 1] for c in range(8)])
+        return np.concatenate([[int(base @ strides)], bits @ strides]).astype(np.int64)
+
+
+def _elem_strides(shape: tuple[int, ...], order: Order) -> list[int]:
+    """Element strides of an array of `shape` in memory `order`."""
+    dims = shape if order == "F" else shape[::-1]
+    acc, out = 1, []
+    for n in dims:
+        out.append(acc)
+        acc *= n
+    return out if order == "F" else out[::-1]
+
+
+def _weights(frac: NDArray[np.float64]) -> NDArray[np.float64]:
+    """(8,) trilinear weights of the corners c = 0..7 (x, y, z bits) for fractions `frac`."""
+    return np.array([(frac[0] if c >> 2 else 1 - frac[0]) * (frac[1] if (c >> 1) & 1 else 1 - frac[1])
+                     * (frac[2] if c & 1 else 1 - frac[2]) for c in range(8)])

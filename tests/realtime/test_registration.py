@@ -125,3 +125,18 @@ def test_sub_voxel_shift_is_much_closer_to_the_truth_than_no_correction() -> Non
     err_none = 1 - np.corrcoef(extractor.process(moved), truth)[0, 1]   # narrow blobs (a gain: see the report)
     assert err_corrected < 0.1 * err_none, (err_corrected, err_none)
     assert np.abs(corrected - truth).mean() < 0.6 * np.abs(extractor.process(moved) - truth).mean()
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_shifted_traces_match_trilinear_map_coordinates_at_the_edges(order: str) -> None:
+    from scipy.ndimage import map_coordinates
+    rng = np.random.default_rng(8)
+    seg = rng.integers(0, 30, (12, 10, 6)).astype(np.int32)      # labels touch every edge
+    seg.reshape(-1)[:30] = np.arange(30)
+    vol = np.asarray(rng.uniform(0, 100, seg.shape), order=order)  # type: ignore[call-overload]
+    d = np.array([1.3, -0.6, 0.45])
+    out = ShiftedTraces(TraceExtractor(seg)).process(vol, d)
+    coords = np.argwhere(seg > 0)
+    samples = map_coordinates(vol, (coords + d).T, order=1, mode="nearest")
+    expected = np.bincount(seg[tuple(coords.T)] - 1, samples) / np.bincount(seg[tuple(coords.T)] - 1)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
