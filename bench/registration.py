@@ -3,9 +3,10 @@
 Cost: synthetic volumes (smoothed sparse points + noise, uint16) and a synthetic segmentation (N neurons,
 each the inner 3x3x2 voxels of a random 4x4x2 cell), shifted by random sub-voxel amounts; the reference is
 built from `warmup_frames` volumes first. Scales: demo 128 x 96 x 16 with 3000 neurons, and ZAPBench at the
-4x-downsampled level 512 x 288 x 72 with 70k neurons (`--zap-raw` adds raw 2048 x 1152 x 72 with x/y
-stride 4 for the estimate). Accuracy: analytic Gaussian blobs moved by random sub-voxel shifts (|dx|, |dy|
-<= 3, |dz| <= 1.5) plus Gaussian noise of std peak / SNR, median abs error per axis.
+4x-downsampled level 512 x 288 x 72 with 70k neurons, with the estimate's x/y stride 1 and 2 (`--zap-raw`
+adds raw 2048 x 1152 x 72 with stride 4). Accuracy: analytic Gaussian blobs moved by random sub-voxel
+shifts (|dx|, |dy| <= 3, |dz| <= 1.5) plus Gaussian noise of std peak / SNR: median abs error per axis,
+at 128 x 96 x 16 with stride 1 and 2.
 
     python bench/registration.py [--frames 60] [--zap-raw]
 """
@@ -87,7 +88,7 @@ def time_scale(shape: Shape, n_neurons: int, frames: int, cfg: RegistrationConfi
             "plain_traces": quantiles(np.array(t_plain))}
 
 
-def accuracy(snrs: tuple[float, ...], trials: int, seed: int) -> dict[str, Any]:
+def accuracy(snrs: tuple[float, ...], trials: int, seed: int, stride: int = 1) -> dict[str, Any]:
     """Median abs shift error per axis at each SNR (analytic blobs, 20-frame reference, no refresh)."""
     shape: Shape = (128, 96, 16)
     rng = np.random.default_rng(seed)
@@ -101,7 +102,7 @@ def accuracy(snrs: tuple[float, ...], trials: int, seed: int) -> dict[str, Any]:
 
     ref, out = render(np.zeros(3)), dict[str, Any]()
     for snr in snrs:
-        est = ShiftEstimator(shape, RegistrationConfig(refresh_rate=0.0))
+        est = ShiftEstimator(shape, RegistrationConfig(refresh_rate=0.0, stride=(stride, stride)))
         for _ in range(est.cfg.warmup_frames):
             est.add_reference_frame(ref + rng.normal(0, 1 / snr, shape))
         errs, confs = [], []
@@ -127,19 +128,22 @@ def main() -> None:
     args = ap.parse_args()
     cfg = RegistrationConfig(warmup_frames=10)
     scales = {"demo": time_scale((128, 96, 16), 3000, args.frames, cfg),
-              "zapbench_ds4": time_scale((512, 288, 72), 70_000, args.frames, cfg)}
+              "zapbench_ds4": time_scale((512, 288, 72), 70_000, args.frames, cfg),
+              "zapbench_ds4_s2": time_scale((512, 288, 72), 70_000, args.frames,
+                                            RegistrationConfig(warmup_frames=10, stride=(2, 2)))}
     if args.zap_raw:
         scales["zapbench_raw_s4"] = time_scale((2048, 1152, 72), 70_000, args.frames,
                                                RegistrationConfig(warmup_frames=10, stride=(4, 4)))
     for name, res in scales.items():
         print_table(f"{name}: {res['shape']} {res['neurons']} neurons, stride {res['stride']}",
                     {k: res[k] for k in ("estimate", "shifted_traces", "total", "plain_traces")})
-    acc = accuracy((2.0, 4.0, 8.0), args.trials, 7)
-    print(f"\naccuracy (median abs error, voxels)\n{'SNR':<6}{'x':>8}{'y':>8}{'z':>8}{'conf':>8}")
-    for snr in ("2.0", "4.0", "8.0"):
-        m = acc[snr]["median_abs_error"]
-        print(f"{snr:<6}{m['x']:>8.3f}{m['y']:>8.3f}{m['z']:>8.3f}{acc[snr]['median_confidence']:>8.1f}")
-    print(f"pure-noise confidence: {acc['noise_confidence']:.1f}")
+    acc = {f"stride{k}": accuracy((2.0, 4.0, 8.0), args.trials, 7, k) for k in (1, 2)}
+    print(f"\naccuracy (median abs error, voxels)\n{'stride':<8}{'SNR':<6}{'x':>8}{'y':>8}{'z':>8}{'conf':>8}")
+    for name, res in acc.items():
+        for snr in ("2.0", "4.0", "8.0"):
+            m = res[snr]["median_abs_error"]
+            print(f"{name:<8}{snr:<6}{m['x']:>8.3f}{m['y']:>8.3f}{m['z']:>8.3f}{res[snr]['median_confidence']:>8.1f}")
+        print(f"{name}: pure-noise confidence {res['noise_confidence']:.1f}")
     path = write_result(args.name, {"frames": args.frames, "config": cfg.__dict__, "scales": scales,
                                     "accuracy": acc})
     print(f"\nwrote {path}")

@@ -59,7 +59,7 @@ class RegistrationConfig:
     warmup_frames: int = 20                  # the reference: mean of this many first volumes
     warmup_align_min: float = 0.5            # a warm-up volume shifted more (any axis) is aligned first
     refresh_rate: float = 0.02               # EMA weight of an accepted frame (0: no refresh)
-    refresh_min_confidence: float = 10.0
+    refresh_min_confidence: float = 8.0       # pure noise: ~2-5; a true match at SNR 2: ~10-15
     refresh_max_shift: float = 2.0           # voxels, every axis
     upsample: int = 10                       # sub-voxel grid: 1 / upsample voxel, then a parabolic fit
     whiten: float = 0.5                      # cross-power spectrum / |.|^whiten (1: phase correlation)

@@ -84,6 +84,10 @@ def test_warm_up_aligns_a_moved_volume_and_refresh_follows_the_rule() -> None:
     ref = [r.copy() for r in est._ref or []]
     est.estimate(rng.normal(0, 1, SHAPE))                         # not confident: the reference is kept
     assert all(np.array_equal(a, b) for a, b in zip(ref, est._ref or [], strict=True))
+    est.estimate(render(blobs, np.array([4.0, 0.0, 0.0])))       # confident but too far: kept
+    assert all(np.array_equal(a, b) for a, b in zip(ref, est._ref or [], strict=True))
+    est.estimate(render(blobs, np.array([0.3, 0.0, 0.0])))       # confident and small: blended in
+    assert not all(np.array_equal(a, b) for a, b in zip(ref, est._ref or [], strict=True))
 
 
 def test_estimate_needs_a_reference_and_the_right_shape() -> None:
