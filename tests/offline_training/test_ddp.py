@@ -90,6 +90,12 @@ def test_ddp_gradients_are_the_whole_batch_gradients(ranks: list[dict[str, Any]]
                 torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-5)
 
 
+# gloo's all-reduce sums the ranks' float32 gradients in another order than one process's batch mean: over the
+# run's epochs the MAE histories drift apart by up to ~1.2e-5 relative (seen once in CI at 1.15e-5; usually less).
+# A real DDP fault (gradients summed instead of averaged, a shard lost) moves them by percent.
+MAE_REL = 1e-4
+
+
 def test_ddp_run_equals_single_process_run(ranks: list[dict[str, Any]], single: dict[str, Any]) -> None:
     """Interrupted and resumed on 2 ranks: the weights, val-MAE history and early stopping of one
     uninterrupted process, on every rank."""
@@ -97,13 +103,13 @@ def test_ddp_run_equals_single_process_run(ranks: list[dict[str, Any]], single: 
     for rank in ranks:
         assert rank["best_epoch"] == single["best_epoch"]
         assert [h["epoch"] for h in rank["history"]] == [h["epoch"] for h in single["history"]]
-        for got, want in zip(rank["history"], single["history"]):
-            assert got["val_mae"] == pytest.approx(want["val_mae"], rel=1e-5)
-            assert got["train_mae"] == pytest.approx(want["train_mae"], rel=1e-5)
+        for got, want in zip(rank["history"], single["history"]):   # MAE_REL: float32 sums in another order
+            assert got["val_mae"] == pytest.approx(want["val_mae"], rel=MAE_REL)
+            assert got["train_mae"] == pytest.approx(want["train_mae"], rel=MAE_REL)
         for k, v in single["state"].items():
             torch.testing.assert_close(rank["state"][k], v, atol=1e-5, rtol=1e-5)
         assert rank["metrics"]["val"]["model"]["mae"] == pytest.approx(single["metrics"]["val"]["model"]["mae"],
-                                                                      rel=1e-5)
+                                                                      rel=MAE_REL)
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), k  # DDP keeps the ranks in lockstep
 
