@@ -110,6 +110,11 @@ class Metrics:
                                   "neurons; window pipeline.record.skill_window)", ["model", "lead"], registry=r)
         self.forecast_baseline_mae = Gauge("loopcast_forecast_baseline_mae", "The same for the mean-of-context "
                                            "baseline", ["model", "lead"], registry=r)
+        self.registration_shift = Gauge("loopcast_registration_shift_voxels", "The newest volume's rigid shift "
+                                        "from the registration reference (voxels)", ["axis"], registry=r)
+        self.registration_confidence = Gauge("loopcast_registration_confidence", "The newest volume's "
+                                             "registration confidence (correlation peak over its surroundings "
+                                             "in standard deviations; noise ~4-6)", registry=r)
         self.record_dropped = Counter("loopcast_record_dropped_total", "Items the session record's writer "
                                       "could not keep up with", ["item"], registry=r)
         self._latency = {s: LatencyRecorder(self.stage_latency.labels(stage=s), self.config.keep_samples)

@@ -35,6 +35,7 @@ from loopcast.realtime.forecast.worker import StageRunner, StageWorker
 from loopcast.realtime.ingest import Ingest, RigConfig
 from loopcast.realtime.jit import cache_dir as kernel_cache_dir
 from loopcast.realtime.metrics import Metrics
+from loopcast.realtime.preprocess.motion import registration_tuple
 from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig, Preprocessed
 from loopcast.realtime.record.config import RecordConfig, StageInfo
 from loopcast.realtime.record.session import SessionRecorder
@@ -220,14 +221,14 @@ class Pipeline:
             if pre is None:
                 continue
             frames.append(frame)
-            timing.append((t_in, t_pre))
+            timing.append((t_in, t_pre, registration_tuple(pre.shift)))
             self._record_rows(frame, pre)
             for i, (stage, buf) in enumerate(zip(self.stages, self.contexts)):
                 if stage.takes_row(pre):
                     buf.push(stage.frame_row(pre, frame.header))
                 ready[i] = stage.ready(pre) and buf.full
         if frames:
-            first = self._account(frames, ready)
+            first = self._account(frames, ready, timing[-1][2])
             self._record_frames(frames, timing, ready[0], first)
         return len(frames)
 
@@ -265,7 +266,7 @@ class Pipeline:
             self.recorder.rows(frame.header.seq, frame.header.t_src_ns, pre.dff,
                                pre.spikes.prob if pre.spikes_ready else None)
 
-    def _record_frames(self, frames: list[Frame], timing: list[tuple[int, int]], ready: bool,
+    def _record_frames(self, frames: list[Frame], timing: list[tuple[int, int, tuple[float, ...]]], ready: bool,
                        first: tuple[bool, int] | None) -> None:
         """The frames table's rows: stage latencies from the source time, and what the first stage did
         (only the newest of a batch is forecast; the others were skipped if it was ready)."""
@@ -273,7 +274,7 @@ class Pipeline:
         if rec is None:
             return
         rec.check()
-        for i, (frame, (t_in, t_pre)) in enumerate(zip(frames, timing)):
+        for i, (frame, (t_in, t_pre, registration)) in enumerate(zip(frames, timing)):
             h, last = frame.header, i == len(frames) - 1
             t_fc = first[1] if (last and first is not None and first[0]) else None
             if not ready:
@@ -284,16 +285,18 @@ class Pipeline:
                 code = "forecast" if t_fc is not None else "failed"
             lat = ((t_in - h.t_src_ns) / 1e6, (t_pre - h.t_src_ns) / 1e6,
                    (t_fc - h.t_src_ns) / 1e6 if t_fc is not None else float("nan"))
-            rec.frame(h.seq, h.t_src_ns, frame.t_recv_ns, code, lat)
+            rec.frame(h.seq, h.t_src_ns, frame.t_recv_ns, code, lat, registration)
 
-    def _account(self, frames: list[Frame], ready: list[bool]) -> tuple[bool, int] | None:
-        """Run the stages on the newest frame; returns (the first stage published, when) if it ran."""
+    def _account(self, frames: list[Frame], ready: list[bool],
+                 registration: tuple[float, ...]) -> tuple[bool, int] | None:
+        """Run the stages on the newest frame (of registration (dx, dy, dz, confidence), or ());
+        returns (the first stage published, when) if it ran."""
         self.report.frames += len(frames)
         self.report.last_seq = frames[-1].header.seq
         header = frames[-1].header
         first = None
         if ready[0]:   # first: its latency comes first
-            ok = self.runners[0].run(self.context.window(), header)
+            ok = self.runners[0].run(self.context.window(), header, registration)
             first = (ok, time.time_ns())
             if ok:
                 self._first_stage_done(header.seq)
@@ -301,9 +304,9 @@ class Pipeline:
             if not ready[i]:
                 continue
             if self.workers:
-                self.workers[i - 1].offer(self.contexts[i].window(), header)
+                self.workers[i - 1].offer(self.contexts[i].window(), header, registration)
             else:
-                self.runners[i].run(self.contexts[i].window(), header)
+                self.runners[i].run(self.contexts[i].window(), header, registration)
         if self.schedule == "every":
             for worker in self.workers:
                 worker.wait_idle()

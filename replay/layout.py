@@ -7,7 +7,8 @@
     root/segmentation             zarr3 integer (x, y, z), 0 = background, label i+1 = neuron i
     root/traces                   zarr3 float32 (t, f) dF/F clipped to [-0.25, 1.5], chunks (512, 512)
     root/traces_raw               zarr3 float32 (t, f) segment means before dF/F (synthetic recordings only:
-                                  what the online pipeline sees, so causal dF/F can be recomputed)
+                                  what the online pipeline sees, so causal dF/F can be recomputed); with
+                                  motion, registered: read at voxel + the true shift (raw is unregistered)
     root/stimuli_features         zarr2 float32 (t, 26)
     root/positions                zarr3 float32 (f, 3) x, y, z voxel centroids
     root/ground_truth/{spikes,calcium,stimulated}  (t, f);  ground_truth/ensemble (f,);  behaviour (t,)

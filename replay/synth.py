@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from loopcast.config import dump_toml
 from loopcast.realtime.preprocess.dff import DffConfig, centered_dff
+from loopcast.realtime.preprocess.registration import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor
 from loopcast.replay.fish import CONDITION_NAMES, FishConfig, FishModel, stimulus_schedule
 from loopcast.replay.layout import CONFIG_FILE, Recording
@@ -82,9 +83,11 @@ def synthesize(cfg: SynthConfig, out: str | Path, progress: bool = True, overwri
 
 def _frame_loop(cfg: SynthConfig, fish: FishModel, covariates: np.ndarray, writer: RecordingWriter,
                 progress: bool, name: str) -> np.ndarray:
-    """Render every frame, write it and its ground truth; returns (T, N) float32 segment means."""
+    """Render every frame, write it and its ground truth; returns (T, N) float32 segment means, registered:
+    with motion on, read through the frame's true shift (as ZAPBench's traces come from its `aligned` volumes)."""
     fc, n_t = cfg.fish, cfg.n_frames
     means = TraceExtractor(fish.anatomy.segmentation)
+    registered = ShiftedTraces(means) if fc.motion.enabled else None
     buf = np.empty(fc.shape, np.uint16, order="F")                          # rendered into, then copied
     f_raw = np.empty((n_t, fc.n_neurons), np.float32)                       # (T, N)
     gt = {k: np.empty((GT_BLOCK, *shape), dt) for k, shape, dt in
@@ -99,7 +102,7 @@ def _frame_loop(cfg: SynthConfig, fish: FishModel, covariates: np.ndarray, write
         frame = fish.step(covariates[t], out=buf)
         if cfg.write_raw:
             writer.write_volume(t, frame.volume)
-        f_raw[t] = means.process(frame.volume)
+        f_raw[t] = means.process(frame.volume) if registered is None else registered.process(frame.volume, frame.shift)
         k = t % GT_BLOCK
         gt["spikes"][k], gt["calcium"][k], gt["stimulated"][k] = frame.spikes, frame.calcium, frame.stimulated
         gt["behaviour"][k], gt["shifts"][k] = frame.behaviour, frame.shift

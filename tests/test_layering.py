@@ -161,7 +161,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     INGEST: (CONFIG, WIRE, METRICS),
     PIPELINE: (CONFIG, RT),
     RT: (),   # realtime/__init__.py; a new module in realtime/ must get its own row too
-    REPLAY: (CONFIG, REPLAY, WIRE, f"{PREPROCESS}.dff", f"{PREPROCESS}.traces", METRICS),
+    REPLAY: (CONFIG, REPLAY, WIRE, f"{PREPROCESS}.dff", f"{PREPROCESS}.traces", f"{PREPROCESS}.registration",
+             METRICS),
     MODELS: (CONFIG, MODELS),
     OFFLINE: (CONFIG, RT, REPLAY, MODELS, OFFLINE),
     "loopcast.configs": (),

@@ -15,6 +15,7 @@ import numpy as np
 
 FORECAST_CODES = ("not_ready", "forecast", "skipped", "failed", "invalid")  # frames/forecast values 0..4
 LATENCY_COLUMNS = ("ingest", "preprocess", "forecast")
+REGISTRATION_COLUMNS = ("dx", "dy", "dz", "confidence")
 
 
 class RecordError(ValueError):
@@ -32,6 +33,7 @@ class FrameTable:
     reasons: tuple[str, ...]
     forecast: np.ndarray     # (T,) int8: index into FORECAST_CODES
     latency_ms: np.ndarray   # (T, 3) float32: LATENCY_COLUMNS, NaN where the stage did not run
+    registration: np.ndarray | None = None   # (T, 4) float32: REGISTRATION_COLUMNS, NaN when not registered
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
@@ -219,7 +221,8 @@ def _store_parts(root: Any, attrs: dict[str, Any]) -> _StoreParts:
     t, ta = _table(root, "frames")
     f = _columns(t, ta)
     frames = FrameTable(f["seq"], f["t_src_ns"], f["t_recv_ns"], f["status"].astype(np.int8),
-                        tuple(ta.get("reasons", ())), f["forecast"].astype(np.int8), f["latency_ms"])
+                        tuple(ta.get("reasons", ())), f["forecast"].astype(np.int8), f["latency_ms"],
+                        f.get("registration"))
     t, ta = _table(root, "dff")
     d = _columns(t, ta)
     parts = _StoreParts(attrs, np.asarray(root["neurons"][:], dtype=np.int64), frames,

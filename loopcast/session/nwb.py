@@ -61,7 +61,7 @@ from pynwb import NWBHDF5IO, NWBFile, TimeSeries  # type: ignore[import-untyped]
 from pynwb.file import Subject  # type: ignore[import-untyped]
 from tqdm import tqdm
 
-from loopcast.session.data import FORECAST_CODES, LATENCY_COLUMNS, SessionData, SkillTable
+from loopcast.session.data import FORECAST_CODES, LATENCY_COLUMNS, REGISTRATION_COLUMNS, SessionData, SkillTable
 from loopcast.session.nwb_audit import add_audit
 from loopcast.session.nwb_ophys import add_ophys
 from loopcast.session.nwb_tables import Col, metadata_table, vector_columns
@@ -186,6 +186,11 @@ def _frames_table(data: SessionData) -> DynamicTable:
             Col("forecast", f"what the first forecast stage did: one of {', '.join(FORECAST_CODES)}", codes),
             *[Col(f"{name}_latency_ms", f"{name} latency from t_src (ms; NaN: stage did not run)", lat[:, i])
               for i, name in enumerate(LATENCY_COLUMNS)]]
+    if f.registration is not None:
+        reg = np.asarray(f.registration, dtype=np.float32).reshape(len(f), len(REGISTRATION_COLUMNS))
+        cols += [Col(f"registration_{name}", f"registration {name} of the volume against the reference ("
+                     f"{'voxels' if name != 'confidence' else 'peak over its surroundings, in std'}; NaN: not "
+                     "registered)", reg[:, i]) for i, name in enumerate(REGISTRATION_COLUMNS)]
     return DynamicTable(name="frames", description="Every message the pipeline handled, in arrival order.",
                         columns=vector_columns(cols))
 

@@ -55,7 +55,21 @@ def _frame_lines(data: SessionData) -> list[str]:
             _line("handled", len(f)),
             _line("valid", int(f.valid.sum())),
             _line("invalid", f"{sum(rejected.values())} ({_counts(rejected)})"),
-            _line("drops (seq gaps)", f"{gaps} gaps, {missing} frames missing")]
+            _line("drops (seq gaps)", f"{gaps} gaps, {missing} frames missing"),
+            *_registration_lines(f.registration)]
+
+
+def _registration_lines(reg: np.ndarray | None) -> list[str]:
+    """Registered frames, the largest shift per axis and the lowest confidence (none without registration)."""
+    if reg is None:
+        return []
+    reg = np.asarray(reg, dtype=np.float64).reshape(-1, 4)
+    done = reg[np.isfinite(reg[:, 3])]
+    if not len(done):
+        return [_line("registered", "0 frames")]
+    worst = np.abs(done[:, :3]).max(axis=0)
+    return [_line("registered", f"{len(done)} frames; max |shift| x {worst[0]:.2f}, y {worst[1]:.2f}, "
+                  f"z {worst[2]:.2f} voxels; lowest confidence {done[:, 3].min():.1f}")]
 
 
 def _control_lines(data: SessionData) -> list[str]:

@@ -40,6 +40,7 @@ import zmq
 import zmq.asyncio
 
 from loopcast.realtime.control import records
+from loopcast.realtime.control.drift import DriftConfig, drift_cause
 from loopcast.realtime.control.interlocks import InterlockConfig, Interlocks
 from loopcast.realtime.control.policy import Decision, PolicyConfig, PolicyError, make_policy
 from loopcast.realtime.control.watchdog import Watchdog
@@ -89,6 +90,7 @@ class ControllerConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     heartbeat_s: float = 1.0
     watchdog_s: float = 5.0   # armed, forecasts came, then none for this long -> disarm (0 = off)
+    drift: DriftConfig = field(default_factory=DriftConfig)   # the fish moved from the reference -> disarm
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -113,7 +115,8 @@ class Controller:
         self.forecasts_seen = 0
         self.invalid = 0
         self.last_control: dict[str, Any] | None = None  # {"command": ..., "accepted": ...}
-        self.last_disarm: str | None = None   # why the controller last disarmed itself (watchdog, error)
+        self.last_disarm: str | None = None   # why the controller last disarmed itself (watchdog, drift, error)
+        self.last_registration: dict[str, Any] | None = None   # the newest forecast's frame registration
         self.watchdog = Watchdog(cfg.watchdog_s)
         self.clock: Callable[[], int] = time.time_ns   # decision and PUBACK times (the forecasts' clock)
         if self.interlocks.armed:   # armed_at_start
@@ -267,6 +270,7 @@ class Controller:
         each message the policy reads, whatever the outcome."""
         if not self.policy.accepts(forecast):
             return None
+        await self._check_drift(forecast)
         try:
             decision = self.policy.evaluate(forecast)
         except PolicyError as exc:
@@ -414,14 +418,31 @@ class Controller:
             if silent is None or not self.interlocks.armed:
                 continue
             cause = f"watchdog: no forecast for {silent:.1f} s (controller.watchdog_s = {self.cfg.watchdog_s:g})"
-            log.error("%s: DISARMED; arm again when forecasts resume", cause)
-            self.metrics.errors.labels(kind="watchdog").inc()
-            self.interlocks.disarm()
-            self.metrics.armed.set(0)
-            self.watchdog.disarmed()
-            self.last_disarm = cause
-            self._note_state(cause)
-            await self._publish_status()
+            await self._disarm_for(cause, "watchdog", "arm again when forecasts resume")
+
+    async def _check_drift(self, forecast: Forecast) -> None:
+        """The drift interlock (realtime/control/drift.py): keep the frame's registration for the status and
+        disarm when the fish moved too far from the reference or its registration is unsure."""
+        h = forecast.header
+        reg = h.registration
+        self.last_registration = None if not reg else {"seq": h.seq, "shift": list(reg[:3]), "confidence": reg[3]}
+        cause = drift_cause(self.cfg.drift, reg)
+        if cause is not None and self.interlocks.armed:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._disarm_for(f"{cause} at seq {h.seq}", "drift", "re-reference or re-place the fish, "
+                                       "then arm again")
+
+    async def _disarm_for(self, cause: str, kind: str, remedy: str) -> None:
+        """Disarm on a safety cause (watchdog, drift): counted in loopcast_errors_total{kind}, recorded
+        (audit `state`, status `last_disarm`), published; an operator must arm again."""
+        log.error("%s: DISARMED; %s", cause, remedy)
+        self.metrics.errors.labels(kind=kind).inc()
+        self.interlocks.disarm()
+        self.metrics.armed.set(0)
+        self.watchdog.disarmed()
+        self.last_disarm = cause
+        self._note_state(cause)
+        await self._publish_status()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -434,7 +455,7 @@ class Controller:
                 "policy": self.cfg.policy.name, "forecasts": self.forecasts_seen,
                 "invalid_forecasts": self.invalid, "last_control": self.last_control,
                 "audit_log": None if self.audit.path is None else str(self.audit.path),
-                "last_disarm": self.last_disarm,
+                "last_disarm": self.last_disarm, "registration": self.last_registration,
                 "heartbeat_ns": time.time_ns()}
 
     def _status_payload(self, online: bool = True) -> bytes:

@@ -56,7 +56,8 @@ def forecast_fields(forecast: Forecast, topic: str | None, policy: PolicyConfig,
             "policy": policy.name, "value": value, "level": policy.level, "lead": policy.lead,
             "decision": decision, "interlock": interlock, "error": error,
             "trigger": None if trigger is None else trigger_fields(trigger),
-            "t_decision_ns": t_decision_ns, "t_puback_ns": t_puback_ns}
+            "t_decision_ns": t_decision_ns, "t_puback_ns": t_puback_ns,
+            "registration": list(h.registration) if h.registration else None}
 
 
 def trigger_fields(cmd: TriggerCommand) -> dict[str, Any]:

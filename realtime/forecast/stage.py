@@ -280,17 +280,18 @@ class ForecastStage:
         log.info("engine swap at frame seq %d: %s -> %s", seq, old.version, new.version)
         close_engine(old)
 
-    def process(self, window: np.ndarray, frame: FrameHeader) -> tuple[ForecastHeader, np.ndarray]:
-        """window (C, N [+ K]) float32 -> output (H, N) float32 ((1, N) for activation), published;
-        returns both. A validated newer engine takes over here, before the forecast, so the header names
-        the engine that made it."""
+    def process(self, window: np.ndarray, frame: FrameHeader,
+                registration: tuple[float, ...] = ()) -> tuple[ForecastHeader, np.ndarray]:
+        """window (C, N [+ K]) float32 -> output (H, N) float32 ((1, N) for activation), published with the
+        frame's registration (dx, dy, dz, confidence; () without); returns both. A validated newer engine
+        takes over here, before the forecast, so the header names the engine that made it."""
         self._swap_if_ready(frame.seq)
         engine = self.engine
         pred = self._predict(engine, window)
         header = ForecastHeader(seq=frame.seq, t_src_ns=frame.t_src_ns, model=self.model,
                                 engine_version=engine.version, lead_times=self.lead_times,
                                 shape=tuple(pred.shape), kind=self.kind, t_pub_ns=time.time_ns(),
-                                frame=frame.to_wire())
+                                frame=frame.to_wire(), registration=registration)
         self.publisher.send(encode_forecast(header, pred))
         self._latency.observe_since_ns(frame.t_src_ns, time.time_ns())
         self._count.inc()

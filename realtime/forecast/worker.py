@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 10  # a broken engine stops the pipeline loudly instead of limping on
 Tally = Callable[[str, str], None]   # (stage name, "published" | "failures" | "skipped") -> count it
 Published = Callable[[ForecastStage, ForecastHeader, np.ndarray], None]   # a stage published (header, data)
+Item = tuple[np.ndarray, FrameHeader, tuple[float, ...]]   # a window, its frame, the frame's registration
 
 
 class StageRunner:
@@ -57,11 +58,11 @@ class StageRunner:
     def name(self) -> str:
         return self.stage.name
 
-    def run(self, window: np.ndarray, header: FrameHeader) -> bool:
-        """Run the stage on its window; True if it published. A failure is counted and logged; the
-        MAX_CONSECUTIVE_FAILURES-th in a row is raised."""
+    def run(self, window: np.ndarray, header: FrameHeader, registration: tuple[float, ...] = ()) -> bool:
+        """Run the stage on its window (the frame's registration goes into the header); True if it
+        published. A failure is counted and logged; the MAX_CONSECUTIVE_FAILURES-th in a row is raised."""
         try:
-            out = self.stage.process(window, header)
+            out = self.stage.process(window, header, registration)
         except Exception:
             self.in_a_row += 1
             self.failures += 1
@@ -104,7 +105,7 @@ class StageWorker:
         self.idle = idle
         self.error: BaseException | None = None
         self._cond = threading.Condition()
-        self._pending: tuple[np.ndarray, FrameHeader] | None = None
+        self._pending: Item | None = None
         self._busy = False
         self._stopping = False
         self._drain = False
@@ -119,11 +120,11 @@ class StageWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def offer(self, window: np.ndarray, header: FrameHeader) -> None:
+    def offer(self, window: np.ndarray, header: FrameHeader, registration: tuple[float, ...] = ()) -> None:
         """Hand over the frame's window (copied here: the context buffer moves on). A pending frame the
         worker has not started is replaced and counted as skipped. Nothing is taken once the worker
         ended on an error (`check` raises it)."""
-        item = (np.array(window, copy=True), header)
+        item = (np.array(window, copy=True), header, registration)
         with self._cond:
             if self.error is not None or self._stopping:
                 return
@@ -162,7 +163,7 @@ class StageWorker:
         if left is not None:
             self.runner.skip()
 
-    def _take(self) -> tuple[np.ndarray, FrameHeader] | None:
+    def _take(self) -> Item | None:
         with self._cond:
             self._cond.wait_for(lambda: self._pending is not None or self._stopping)
             if self._pending is None or (self._stopping and not self._drain):

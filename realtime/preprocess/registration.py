@@ -30,8 +30,12 @@ ref <- (1 - refresh_rate) * ref + refresh_rate * aligned(frame). It follows slow
 Application (`ShiftedTraces`): no warp of the volume. Each neuron's mean is taken over the volume sampled at
 (voxel + shift) of its voxels, trilinear in the sub-voxel part, from the segmentation's precomputed voxel
 coordinates (the CSR order of `TraceExtractor`); coordinates outside the volume are clamped to its edge.
+A whole-voxel shift reads one voxel per labelled voxel (the plain trace pass at an offset): with
+`interpolation = "nearest"` the stage rounds the shift so (at ZAPBench's 0.4 um x/y voxels, a rounding of
+<= 0.2 um; in z, <= half a 4 um plane: the price of the speed, docs/preprocessing.md).
 With a zero (or integer) shift the traces are those of `TraceExtractor` on the (shifted) volume exactly,
-for finite volumes (a non-finite voxel next to a neuron reaches it through a zero weight: 0 * inf = nan).
+for finite volumes (at a fractional shift a non-finite voxel next to a neuron reaches it through a zero
+weight: 0 * inf = nan; a whole-voxel shift reads only the neuron's own, shifted voxels).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from loopcast.realtime.preprocess.traces import TraceExtractor
 from loopcast.realtime.wire.codec import Order, volume_order
 
 Plane = tuple[int, int]
+INTERPOLATIONS = ("trilinear", "nearest")
 PLANES: tuple[Plane, ...] = ((0, 1), (0, 2), (1, 2))       # XY, XZ, YZ: the axes each projection keeps
 
 
@@ -66,6 +71,13 @@ class RegistrationConfig:
     window: float = 0.25                     # Tukey window's tapered fraction
     max_shift: tuple[float, float, float] = (20.0, 20.0, 4.0)   # voxels searched per axis
     workers: int = 2                         # scipy.fft threads
+    interpolation: str = "trilinear"         # how traces read the sub-voxel shift; "nearest": whole voxels,
+    #                                          one read per voxel (the plain trace pass's cost)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"registration.interpolation {self.interpolation!r}: expected one of "
+                             f"{list(INTERPOLATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,8 @@ def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDA
                    coords: NDArray[np.int32], offsets: NDArray[np.int64], inv_counts: NDArray[np.float64],
                    box: NDArray[np.int32], base: NDArray[np.int64], corner: NDArray[np.int64],
                    weight: NDArray[np.float64], out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
-    """Fast path (the neuron's shifted box + 1 inside the volume): 8 reads at flat offsets, no clamping."""
+    """Fast path (the neuron's shifted box + 1 inside the volume): 8 reads at flat offsets, no clamping (one
+    read for a whole-voxel shift: `weight` (1,), the plain trace pass moved by an offset)."""
     n = vol.shape
     for i in numba.prange(out.shape[0]):
         inside = True
@@ -120,7 +133,7 @@ def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDA
             for j in range(offsets[i], offsets[i + 1]):
                 p = idx[j] + corner[0]
                 v = 0.0
-                for c in range(8):
+                for c in range(weight.shape[0]):
                     v += weight[c] * flat[p + corner[c + 1]]
                 s += v
         else:
@@ -134,7 +147,7 @@ def _clamped_sample(vol: NDArray[np.generic], at: NDArray[np.int32], base: NDArr
                     weight: NDArray[np.float64]) -> float:  # pragma: no cover (compiled)
     """Trilinear sample at `at` + base (+ the fractions in `weight`), coordinates clamped to the volume."""
     v = 0.0
-    for c in range(8):
+    for c in range(weight.shape[0]):
         x = min(max(at[0] + base[0] + (c >> 2), 0), vol.shape[0] - 1)
         y = min(max(at[1] + base[1] + ((c >> 1) & 1), 0), vol.shape[1] - 1)
         z = min(max(at[2] + base[2] + (c & 1), 0), vol.shape[2] - 1)
@@ -258,6 +271,7 @@ class ShiftEstimator:
                         for a, b in PLANES]
         self._n_chunks = max(2 * numba.get_num_threads(), 1)
         self._ref: list[NDArray[np.complex64]] | None = None
+        self._pending: tuple[list[NDArray[np.complex64]], Shift | None] | None = None
         self.n_reference = 0
 
     @property
@@ -278,30 +292,47 @@ class ShiftEstimator:
     def _spectra(self, volume: NDArray[np.generic]) -> list[NDArray[np.complex64]]:
         return [p.spectrum(proj) for p, proj in zip(self._planes, self.projections(volume), strict=True)]
 
-    def add_reference_frame(self, volume: NDArray[np.generic]) -> None:
-        """Add a warm-up volume to the reference (aligned to the reference so far); ignored once ready."""
-        if self.ready:
-            return
+    def measure(self, volume: NDArray[np.generic]) -> Shift | None:
+        """The volume's shift against the reference so far (None for the very first volume), without
+        touching the reference: `commit` then lets the volume in (warm-up) or applies the refresh rule."""
         spectra = self._spectra(volume)
-        if self._ref is None:
+        shift = None if self._ref is None else self._combine(spectra, self._ref)
+        self._pending = (spectra, shift)
+        return shift
+
+    def commit(self) -> None:
+        """The last measured volume joins the reference: averaged in during warm-up (aligned first when it
+        moved), blended in by the refresh rule after. Once per `measure`; a second call does nothing."""
+        if self._pending is None:
+            return
+        (spectra, shift), self._pending = self._pending, None
+        if self._ref is None or shift is None:
             self._ref = spectra
-        else:
-            shift = self._combine(spectra, self._ref)
+            self.n_reference = 1
+        elif not self.ready:
             moved = np.any(np.abs(shift.as_array()) > self.cfg.warmup_align_min)
             aligned = self._align(spectra, shift) if moved else spectra
             n = self.n_reference
             self._ref = [(r * n + a) / (n + 1) for r, a in zip(self._ref, aligned, strict=True)]
-        self.n_reference += 1
-
-    def estimate(self, volume: NDArray[np.generic]) -> Shift:
-        """The volume's shift against the reference (refreshing it per the refresh rule)."""
-        if self._ref is None:
-            raise RuntimeError("no reference yet: add_reference_frame() first")
-        spectra = self._spectra(volume)
-        shift = self._combine(spectra, self._ref)
-        if self.ready and self._accept(shift):
+            self.n_reference += 1
+        elif self._accept(shift):
             r = self.cfg.refresh_rate
             self._ref = [(1 - r) * ref + r * a for ref, a in zip(self._ref, self._align(spectra, shift), strict=True)]
+
+    def add_reference_frame(self, volume: NDArray[np.generic]) -> None:
+        """Add a warm-up volume to the reference (aligned to the reference so far); ignored once ready."""
+        if not self.ready:
+            self.measure(volume)
+            self.commit()
+
+    def estimate(self, volume: NDArray[np.generic]) -> Shift:
+        """The volume's shift against the complete reference (refreshing it per the refresh rule)."""
+        if not self.ready:
+            raise RuntimeError(f"the reference is not complete ({self.n_reference} of "
+                               f"{self.cfg.warmup_frames} volumes): add_reference_frame() first")
+        shift = self.measure(volume)
+        assert shift is not None
+        self.commit()
         return shift
 
     def _accept(self, shift: Shift) -> bool:
@@ -346,9 +377,11 @@ class ShiftedTraces:
         order = volume_order(volume)
         out = np.empty(self.n_neurons, np.float32)
         vol = read_only(volume)
+        frac = d - base
+        weight = _weights(frac) if frac.any() else np.ones(1)      # a whole-voxel shift: one read per voxel
         _shifted_means(vol, vol.reshape(-1, order=order), self._extractor.indices(order), self._coords,
                        self._offsets, self._inv_counts, self._box, base, self._corners(base, order),
-                       _weights(d - base), out)
+                       weight, out)
         return out
 
     def _corners(self, base: NDArray[np.int64], order: Order) -> NDArray[np.int64]:

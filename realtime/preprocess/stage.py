@@ -15,6 +15,8 @@ import numpy as np
 
 from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.preprocess.dff import CausalDff, DffConfig, DffStats
+from loopcast.realtime.preprocess.motion import MotionCorrection
+from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift
 from loopcast.realtime.preprocess.traces import METHODS as TRACE_METHODS
 from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy
@@ -43,6 +45,7 @@ class PreprocessConfig:
     dff: DffConfig = field(default_factory=DffConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     voxels: VoxelStageConfig = field(default_factory=VoxelStageConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -56,8 +59,10 @@ class PreprocessConfig:
 @dataclass(frozen=True)
 class Preprocessed:
     """Per-neuron results for one frame (arrays (N,) float32); voxel_dff (X/f, Y/f, Z) when enabled.
-    `ready`: the dF/F baselines (and, with the voxel stage, the voxel baselines) are past warm-up;
-    `spikes_ready`: the spike estimator is past its warm-up (its estimates are zeros before)."""
+    `ready`: the dF/F baselines (and, with the voxel stage, the voxel baselines) are past warm-up, and with
+    registration this volume was registered (its reference complete); `spikes_ready`: the spike estimator
+    is past its warm-up (its estimates are zeros before); `shift`: the volume's registration shift (None
+    when registration is off or warming up)."""
 
     seq: int
     fluorescence: np.ndarray
@@ -66,6 +71,7 @@ class Preprocessed:
     ready: bool
     voxel_dff: np.ndarray | None = None
     spikes_ready: bool = True
+    shift: Shift | None = None
 
 
 class _NumpyPath:
@@ -81,6 +87,9 @@ class _NumpyPath:
 
     def process(self, volume: np.ndarray) -> tuple[np.ndarray, TraceStats]:
         return self.traces.process_with_stats(volume)
+
+    def device_volume(self, volume: np.ndarray) -> np.ndarray:
+        return volume
 
     def dff_step(self, f: np.ndarray) -> tuple[np.ndarray, DffStats, np.ndarray]:
         """f -> (dF/F, repair stats, the spike estimator's input: the same dF/F)."""
@@ -102,8 +111,12 @@ class _TorchPath:
         self.dff = TorchCausalDff(self.n_neurons, cfg.dff, cfg.device)
         self._spikes_on_device = cfg.spikes.method == "oasis"
 
-    def process(self, volume: np.ndarray) -> tuple[Any, TraceStats]:
+    def process(self, volume: Any) -> tuple[Any, TraceStats]:
         return self.traces.process_with_stats(volume)
+
+    def device_volume(self, volume: np.ndarray) -> Any:
+        """The volume copied to the device once, for the registration and the traces."""
+        return self.traces.to_device(volume)
 
     def dff_step(self, f: Any) -> tuple[np.ndarray, DffStats, Any]:
         """f -> (dF/F as numpy, repair stats, the spike estimator's input: the device tensor for the
@@ -111,6 +124,18 @@ class _TorchPath:
         on_device, stats = self.dff.process(f)
         dff = on_device.cpu().numpy()
         return dff, stats, on_device if self._spikes_on_device else dff
+
+
+def make_motion(extractor: Any, cfg: RegistrationConfig, metrics: Metrics, backend: str,
+                device: str) -> MotionCorrection | None:
+    """The stage's motion correction for its backend (the torch one on the torch trace path's extractor),
+    or None when registration is off."""
+    if not cfg.enabled:
+        return None
+    if backend == "torch":
+        from loopcast.realtime.preprocess.registration_torch import TorchMotionCorrection
+        return TorchMotionCorrection(extractor, cfg, metrics, device)
+    return MotionCorrection(extractor, cfg, metrics)
 
 
 class Preprocess:
@@ -124,6 +149,7 @@ class Preprocess:
         self.path = _TorchPath(segmentation, cfg) if cfg.backend == "torch" else _NumpyPath(segmentation, cfg)
         self.n_neurons = self.path.n_neurons
         self.volume_shape = tuple(segmentation.shape)
+        self.motion = make_motion(self.path.traces, cfg.registration, metrics, cfg.backend, cfg.device)
         self._latency = metrics.latency("preprocess")
         invalid = metrics.values_invalid
         self._count = {k: invalid.labels(kind=k) for k in
@@ -133,8 +159,10 @@ class Preprocess:
         self.setup()
 
     def setup(self) -> None:
-        """Fresh online state (dF/F windows, spike estimator, voxel baselines)."""
+        """Fresh online state (dF/F windows, spike estimator, voxel baselines, registration reference)."""
         self.path.reset(self.cfg)
+        if self.motion is not None:
+            self.motion.reset()
         device = self.cfg.device if self.cfg.backend == "torch" else None
         self.spikes = make_spike_estimator(self.n_neurons, self.cfg.spikes, self.frame_period_s, device)
         self._fresh_voxels()
@@ -146,6 +174,7 @@ class Preprocess:
             f = self.cfg.voxels.factor
             self.voxels = VoxelDff((x // f, y // f, z), self.cfg.voxels.dff)
             self._ds = np.empty(self.voxels.shape, np.float32)
+            self._ds_moved = np.empty(self.voxels.shape, np.float32) if self.motion is not None else None
 
     def reset(self) -> None:
         """A new session of the source: the online state starts over exactly as `setup` makes it (dF/F windows
@@ -159,13 +188,16 @@ class Preprocess:
         spikes._ring.fill(0)
         self.path.reset(self.cfg)
         self._fresh_voxels()
+        if self.motion is not None:
+            self.motion.reset()
 
     def warm_up(self, dtype: str) -> dict[str, float]:
         """Run every compiled or lazily initialised path of `process` once, before frames flow: trace
         extraction on synthetic volumes of the segmentation's shape in `dtype` (both memory orders), dF/F
         and the spike estimator on throwaway instances of the same N (and device), and with the voxel
-        stage the downsampling (both orders) and the voxel baselines (which start over after). This stage's
-        state and counters are left as they were. Returns seconds per part: traces, dff, spikes (, voxels)."""
+        stage the downsampling (both orders) and the voxel baselines (which start over after), with
+        registration its kernels on a throwaway estimator. This stage's state and counters are left as they
+        were. Returns seconds per part: traces, dff, spikes (, voxels) (, registration)."""
         times: dict[str, float] = {}
         t = time.perf_counter()
 
@@ -185,26 +217,49 @@ class Preprocess:
                 downsample_xy(np.zeros(self.volume_shape, dtype, order=order), self.cfg.voxels.factor, out=self._ds)
             self.voxels.warm_up()
             lap("voxels")
+        if self.motion is not None:
+            self.motion.warm_up(dtype)
+            lap("registration")
         return times
 
     def process(self, frame: Frame) -> Preprocessed | None:
         """One frame -> per-neuron results; None (counted) if its shared-memory slot was reused while
-        it was read, before any state was touched."""
-        f, tstats = self.path.process(frame.data)
+        it was read, before any state was touched. With registration, the volume's shift is measured first
+        and the traces (and voxels) are read through it (realtime/preprocess/motion.py)."""
+        shift, f, tstats = self._traces(frame.data)
         voxel_in = self._downsample(frame.data)
         if not frame.intact():
             self._overrun.inc()
             return None
+        if self.motion is not None:
+            self.motion.commit()
         self._inc("saturated_neuron", tstats.saturated_neurons)
         dff, stats, spike_in = self.path.dff_step(f)
         self._inc("nonfinite_fluorescence", stats.nonfinite)
         self._inc("floored_baseline", stats.floored)
         spikes = self.spikes.process(spike_in)
-        voxel_dff = self._voxel_dff(voxel_in)
+        voxel_dff = self._voxel_dff(self._moved_back(voxel_in, shift))
         self._latency.observe_since_ns(frame.header.t_src_ns, time.time_ns())
         f_np = f if isinstance(f, np.ndarray) else f.cpu().numpy()
-        ready = self.path.dff.ready and (self.voxels is None or self.voxels.ready)
-        return Preprocessed(frame.header.seq, f_np, dff, spikes, ready, voxel_dff, bool(self.spikes.ready))
+        ready = (self.path.dff.ready and (self.voxels is None or self.voxels.ready)
+                 and (self.motion is None or shift is not None))
+        return Preprocessed(frame.header.seq, f_np, dff, spikes, ready, voxel_dff, bool(self.spikes.ready), shift)
+
+    def _traces(self, volume: np.ndarray) -> tuple[Shift | None, Any, TraceStats]:
+        """(shift, traces, saturation): unregistered without registration or during its warm-up; through
+        the shift after (saturation is then not counted: the shifted read does not test voxels)."""
+        if self.motion is None:
+            return None, *self.path.process(volume)
+        on_device = self.path.device_volume(volume)
+        shift = self.motion.measure(on_device)
+        if shift is None:
+            return None, *self.path.process(on_device)
+        return shift, self.motion.traces(on_device, shift), TraceStats(0, 0)
+
+    def _moved_back(self, ds: np.ndarray | None, shift: Shift | None) -> np.ndarray | None:
+        if ds is None or shift is None or self.motion is None:
+            return ds
+        return self.motion.voxels(ds, shift, self.cfg.voxels.factor, out=self._ds_moved)
 
     def _downsample(self, volume: np.ndarray) -> np.ndarray | None:
         if self.voxels is None:

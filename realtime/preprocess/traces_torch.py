@@ -17,7 +17,7 @@ class TorchTraceExtractor:
     """Per-neuron means of each volume on `device`; built from (and validated by) a TraceExtractor."""
 
     def __init__(self, segmentation: np.ndarray, device: str = "cpu") -> None:
-        base = TraceExtractor(segmentation)
+        base = self.base = TraceExtractor(segmentation)   # its CSR index; the registered read's too
         self.shape, self.n_neurons, self.device = base.shape, base.n_neurons, torch.device(device)
         counts = np.diff(base.offsets)
         labels = np.repeat(np.arange(self.n_neurons), counts)            # neuron of each CSR entry
@@ -32,18 +32,26 @@ class TorchTraceExtractor:
         for order in ("F", "C"):
             self.process_with_stats(np.zeros(self.shape, dtype, order=order))
 
-    def process_with_stats(self, volume: np.ndarray) -> tuple[torch.Tensor, TraceStats]:
-        """volume (x, y, z) numpy (C or F order) -> ((N,) float32 on device, saturation counts)."""
+    def to_device(self, volume: np.ndarray) -> tuple[torch.Tensor, Order, np.dtype]:
+        """volume (x, y, z) numpy (C or F order) -> (its flat values on the device, order, dtype): uint16
+        travels as int16 bits and is widened to int32 there."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {tuple(volume.shape)} != segmentation shape {self.shape}")
         order = volume_order(volume)
         flat = volume.reshape(-1, order=order)
         unsigned16 = flat.dtype == np.uint16
         dev = torch.from_numpy(flat.view(np.int16) if unsigned16 else flat).to(self.device, non_blocking=True)
-        values = dev[self._idx[order]]                                       # (V_fg,) gathered
         if unsigned16:
-            values = values.to(torch.int32) & 0xFFFF                         # widen back to 0..65535
-        stats = self._saturation(values, flat.dtype)
+            dev = dev.to(torch.int32) & 0xFFFF                               # widen back to 0..65535
+        return dev, order, flat.dtype
+
+    def process_with_stats(self, volume: np.ndarray | tuple[torch.Tensor, Order, np.dtype]
+                           ) -> tuple[torch.Tensor, TraceStats]:
+        """volume (x, y, z) numpy (C or F order), or what `to_device` made of it -> ((N,) float32 on device,
+        saturation counts)."""
+        dev, order, dtype = self.to_device(volume) if isinstance(volume, np.ndarray) else volume
+        values = dev[self._idx[order]]                                       # (V_fg,) gathered
+        stats = self._saturation(values, dtype)
         sums = torch.zeros(self.n_neurons, dtype=torch.float32, device=self.device)
         sums.index_add_(0, self._labels, values.to(torch.float32))
         return sums * self._inv, stats

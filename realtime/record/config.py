@@ -11,6 +11,8 @@ LATENCY_COLUMNS = ("ingest", "preprocess", "forecast")
 # Each table keeps its integer columns side by side in one int64 array `index` (one zarr write per flush instead
 # of one per column: each costs ~1 ms of Python, GIL held); attrs `index_columns` names them.
 FRAME_INDEX = ("seq", "t_src_ns", "t_recv_ns", "status", "forecast")
+REGISTRATION_COLUMNS = ("dx", "dy", "dz", "confidence")   # voxels; NaN when the frame was not registered
+NO_REGISTRATION = (float("nan"),) * len(REGISTRATION_COLUMNS)
 DFF_INDEX = ("seq", "t_src_ns")
 FORECAST_INDEX = ("seq", "t_src_ns", "t_pub_ns", "engine")
 SKILL_INDEX = ("source_seq", "target_seq", "lead")

@@ -102,9 +102,11 @@ class SessionRecorder:
         spikes = spike_prob[self.neurons] if (self._needs_spikes and spike_prob is not None) else None
         self._put(("rows", seq, t_src_ns, dff[self.neurons], spikes))
 
-    def frame(self, seq: int, t_src_ns: int, t_recv_ns: int, code: str, latency_ms: tuple[float, ...]) -> None:
-        """A valid frame: what the first stage did with it (FORECAST_CODES) and its stage latencies (ms)."""
-        self._put(("frame", seq, t_src_ns, t_recv_ns, "", code, latency_ms))
+    def frame(self, seq: int, t_src_ns: int, t_recv_ns: int, code: str, latency_ms: tuple[float, ...],
+              registration: tuple[float, ...] = ()) -> None:
+        """A valid frame: what the first stage did with it (FORECAST_CODES), its stage latencies (ms) and its
+        registration (dx, dy, dz, confidence; () when not registered)."""
+        self._put(("frame", seq, t_src_ns, t_recv_ns, "", code, latency_ms, registration))
 
     def forecast(self, name: str, seq: int, t_src_ns: int, t_pub_ns: int, version: str, manifest: Path,
                  prediction: np.ndarray) -> None:

@@ -30,6 +30,8 @@ from loopcast.realtime.record.config import (
     FORECAST_INDEX,
     FRAME_INDEX,
     LATENCY_COLUMNS,
+    NO_REGISTRATION,
+    REGISTRATION_COLUMNS,
     SKILL_INDEX,
     SKILL_VALUES,
     RecordConfig,
@@ -101,9 +103,10 @@ class SessionWriter:
         chunk = int(cfg.chunk_mb * (1 << 20))
         self.reasons: list[str] = []
         self.frames = GrowingTable(self.root, "frames", {
-            "index": Column("int64", (len(FRAME_INDEX),)), "latency_ms": Column("float32", (3,))},
+            "index": Column("int64", (len(FRAME_INDEX),)), "latency_ms": Column("float32", (3,)),
+            "registration": Column("float32", (len(REGISTRATION_COLUMNS),))},
             {"index_columns": list(FRAME_INDEX), "codes": list(FORECAST_CODES), "reasons": [],
-             "latency_columns": list(LATENCY_COLUMNS)}, chunk)
+             "latency_columns": list(LATENCY_COLUMNS), "registration_columns": list(REGISTRATION_COLUMNS)}, chunk)
         self.dff = GrowingTable(self.root, "dff", {"index": Column("int64", (len(DFF_INDEX),)),
                                                    "data": Column("float32", (s,))},
                                 {"index_columns": list(DFF_INDEX)}, chunk)
@@ -150,12 +153,14 @@ class SessionWriter:
                 self.flush()
                 next_flush = time.monotonic() + self.cfg.flush_s
 
-    def _on_frame(self, seq: int, t_src: int, t_recv: int, reason: str, code: str, lat: tuple[float, ...]) -> None:
+    def _on_frame(self, seq: int, t_src: int, t_recv: int, reason: str, code: str, lat: tuple[float, ...],
+                  registration: tuple[float, ...] = ()) -> None:
         if reason and reason not in self.reasons:
             self.reasons.append(reason)
             self.frames.set_attrs(reasons=list(self.reasons))
         status = self.reasons.index(reason) + 1 if reason else 0
-        self.frames.append(index=(seq, t_src, t_recv, status, FORECAST_CODES.index(code)), latency_ms=lat)
+        self.frames.append(index=(seq, t_src, t_recv, status, FORECAST_CODES.index(code)), latency_ms=lat,
+                           registration=registration or NO_REGISTRATION)
 
     def _on_rows(self, seq: int, t_src: int, dff: np.ndarray, spikes: np.ndarray | None) -> None:
         if self.n_valid % self.cfg.frame_every == 0:

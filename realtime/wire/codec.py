@@ -122,12 +122,14 @@ class ForecastHeader:
     kind: str = "forecast"
     t_pub_ns: int = 0
     frame: dict[str, Any] = field(default_factory=dict)
+    registration: tuple[float, ...] = ()   # the frame's (dx, dy, dz, confidence); () without registration
     v: int = SCHEMA_VERSION
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
         d["lead_times"] = list(self.lead_times)
+        d["registration"] = list(self.registration)
         return d
 
 
@@ -257,13 +259,28 @@ def decode_forecast(parts: Sequence[Part]) -> Forecast:
         seq=_get(h, "seq", int), t_src_ns=_get(h, "t_src_ns", int), model=_get(h, "model", str),
         engine_version=_get(h, "engine_version", str), lead_times=tuple(lead), shape=_shape(h),
         dtype=_dtype(h), order=_get(h, "order", str, "C"), kind=_get(h, "kind", str, "forecast"),
-        t_pub_ns=_get(h, "t_pub_ns", int, 0), frame=frame if isinstance(frame, dict) else {}, v=h["v"])
+        t_pub_ns=_get(h, "t_pub_ns", int, 0), frame=frame if isinstance(frame, dict) else {},
+        registration=_registration(h), v=h["v"])
     if header.order not in ("C", "F"):
         raise WireError("bad_order", f"payload order must be 'C' or 'F', got {header.order[:32]!r}")
     if len(header.shape) != 2 or header.shape[0] != len(header.lead_times):
         raise WireError("bad_shape", f"forecast shape {list(header.shape)} must be [len(lead_times), N]")
     order: Order = "F" if header.order == "F" else "C"
     return Forecast(header=header, data=_array(payload, header.shape, header.dtype, order), t_recv_ns=t_recv)
+
+
+def _registration(h: dict[str, Any]) -> tuple[float, ...]:
+    """A forecast's `registration`: absent or [] (none), else exactly 4 finite numbers (dx, dy, dz, confidence)."""
+    reg = h.get("registration", [])
+    if reg == []:
+        return ()
+    if not (isinstance(reg, list) and len(reg) == 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in reg)):
+        raise WireError("bad_registration", "'registration' must be [dx, dy, dz, confidence] (numbers) or []")
+    out = tuple(float(x) for x in reg)
+    if not all(math.isfinite(x) for x in out):
+        raise WireError("bad_registration", "'registration' values must be finite numbers")
+    return out
 
 
 def _split(parts: Sequence[Part]) -> tuple[bytes, memoryview, memoryview]:
