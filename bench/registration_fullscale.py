@@ -6,8 +6,10 @@ Volumes: a few rendered by the simulated fish at ZAPBench scale (configs/zapbenc
 71,721 nuclei of 6 / 6 / 0.6 voxels radius) moving with jumps so the shifts differ, cycled. The registration
 config is [pipeline.preprocess.registration] with `stride` set by --stride (default [4, 4]: the projections
 read 1/16 of the volume). Rows (ms): plain_traces; estimate (measure + commit: projections, FFTs, refinement);
-shifted_traces; registered = estimate + shifted_traces of the same frame; added = registered - plain_traces of
-the same frame; voxel_shift (512 x 332 x 72 float32). With CUDA, the torch rows too (volume upload included).
+shifted_traces (trilinear at the estimate); shifted_nearest (at the rounded estimate: one read per voxel);
+registered(_nearest) = estimate + shifted_traces (shifted_nearest) of the same frame; added(_nearest) = that -
+plain_traces of the same frame; voxel_shift (512 x 332 x 72 float32). With CUDA, the torch rows too (volume
+upload included).
 
     .venv/bin/python bench/registration_fullscale.py [--frames 200] [--stride 4]
 """
@@ -61,7 +63,8 @@ def time_cpu(seg: np.ndarray, vols: list[np.ndarray], frames: int, cfg: Registra
     for v in vols[:2]:                                          # compile every kernel for this dtype and order
         plain.process(v)
         shifted.process(v, est.estimate(v))
-    rows: dict[str, list[float]] = {k: [] for k in ("plain_traces", "estimate", "shifted_traces", "voxel_shift")}
+    rows: dict[str, list[float]] = {k: [] for k in ("plain_traces", "estimate", "shifted_traces", "shifted_nearest",
+                                                     "voxel_shift")}
     for i in tqdm(range(frames), desc="frames"):
         v = vols[i % len(vols)]
         t0 = time.perf_counter()
@@ -71,13 +74,17 @@ def time_cpu(seg: np.ndarray, vols: list[np.ndarray], frames: int, cfg: Registra
         t2 = time.perf_counter()
         shifted.process(v, shift)
         t3 = time.perf_counter()
-        shift_back(ds, (shift.dx / 4, shift.dy / 4, shift.dz), out=moved)
+        shifted.process(v, np.round(shift.as_array()))
         t4 = time.perf_counter()
-        for k, dt in zip(rows, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        shift_back(ds, (shift.dx / 4, shift.dy / 4, shift.dz), out=moved)
+        t5 = time.perf_counter()
+        for k, dt in zip(rows, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             rows[k].append(dt)
     out = {k: np.array(v) for k, v in rows.items()}
     out["registered"] = out["estimate"] + out["shifted_traces"]
     out["added"] = out["registered"] - out["plain_traces"]
+    out["registered_nearest"] = out["estimate"] + out["shifted_nearest"]
+    out["added_nearest"] = out["registered_nearest"] - out["plain_traces"]
     return out
 
 
@@ -113,9 +120,10 @@ def main() -> None:
     rows = {k: quantiles(v) for k, v in {**time_cpu(seg, vols, args.frames, cfg),
                                          **time_cuda(seg, vols, args.frames, cfg)}.items()}
     print_table(f"registration at ZAPBench scale: {'x'.join(map(str, seg.shape))}, stride {args.stride}", rows)
-    added = rows["added"]["p99_ms"]
-    print(f"added to preprocess p99 {added:.1f} ms: target <= {TARGET_ADDED_P99_MS:g} ms "
-          f"{'MET' if added <= TARGET_ADDED_P99_MS else 'MISSED'}")
+    for row in ("added", "added_nearest"):
+        added = rows[row]["p99_ms"]
+        print(f"{row}: p99 {added:.1f} ms added to preprocess; target <= {TARGET_ADDED_P99_MS:g} ms "
+              f"{'MET' if added <= TARGET_ADDED_P99_MS else 'MISSED'}")
     result: dict[str, Any] = {"frames": args.frames, "volumes": args.volumes, "rows": rows,
                               "target_added_p99_ms": TARGET_ADDED_P99_MS, "registration": to_dict(cfg),
                               "motion": to_dict(MOTION), "true_shifts": [s.tolist() for s in shifts]}
