@@ -47,7 +47,7 @@ def render(n: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     fish = FishModel(fc)
     print(f"fish: {fc.n_neurons} neurons, {'x'.join(map(str, fc.shape))} voxels, built in "
           f"{time.monotonic() - t0:.0f} s")
-    cov = stimulus_schedule(fc, n).covariates
+    cov = stimulus_schedule(fc, max(n, 20)).covariates
     frames = [fish.step(cov[i], out=np.empty(fc.shape, np.uint16, order="F")) for i in tqdm(range(n), desc="render")]
     return fish.anatomy.segmentation, [f.volume for f in frames], [f.shift for f in frames]
 
