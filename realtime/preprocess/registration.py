@@ -1,7 +1,8 @@
 """Online rigid registration: each volume's 3-D shift against a reference, and traces read through it.
 
 Estimation (`ShiftEstimator`), per volume (x, y, z):
-1. one compiled pass makes three sum projections: over z (XY), over y (XZ) and over x (YZ). x and y can be
+1. one compiled pass (in the volume's memory order) makes three sum projections: over z (XY), over y (XZ) and
+   over x (YZ). x and y can be
    point-sampled with a stride (`RegistrationConfig.stride`) so that a raw ZAPBench volume is read at
    1/stride^2 of its bytes; z is never subsampled (short, coarse and anisotropic: 16 or 72 planes).
 2. each projection: mean removed, separable Tukey window, rfft2 (scipy.fft, `workers` threads).
@@ -114,6 +115,32 @@ def _project(vol: NDArray[np.generic], sx: int, sy: int, pxy: NDArray[np.float64
                     row[k] += v
                     part[j, k] += v
                 pxy[i, j] = s
+
+
+@njit(parallel=True, nogil=True)
+def _project_f(vt: NDArray[np.generic], sx: int, sy: int, parts: NDArray[np.float64], pzx: NDArray[np.float64],
+               pyz: NDArray[np.float64]) -> None:  # pragma: no cover (compiled)
+    """`_project` of an F-order volume, given as its (z, y, x) C-order transpose: x (contiguous) innermost and
+    every sum written contiguously (the XY sums as (y, x), the XZ ones as (z, x)), parallel over chunks of
+    planes (each chunk's XY sum in `parts`; a plane's XZ and YZ sums are its own)."""
+    nz = vt.shape[0]
+    n_chunks, nyp, nxp = parts.shape
+    for c in numba.prange(n_chunks):
+        part = parts[c]
+        part[:] = 0.0
+        for k in range(c * nz // n_chunks, (c + 1) * nz // n_chunks):
+            col = pzx[k]
+            col[:] = 0.0
+            for j in range(nyp):
+                row = vt[k, j * sy]
+                acc = part[j]
+                s = 0.0
+                for i in range(nxp):
+                    v = float(row[i * sx])
+                    s += v
+                    acc[i] += v
+                    col[i] += v
+                pyz[j, k] = s
 
 
 @njit(parallel=True, nogil=True)
@@ -284,9 +311,14 @@ class ShiftEstimator:
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} != registration shape {self.shape}")
         nx, ny, nz = self._dims
+        sx, sy = self.cfg.stride
+        if volume_order(volume) == "F":   # a camera's (and ZAPBench's) order: read x innermost
+            parts, pzx, pyz = np.empty((min(self._n_chunks, nz), ny, nx)), np.empty((nz, nx)), np.empty((ny, nz))
+            _project_f(read_only(volume).T, sx, sy, parts, pzx, pyz)
+            return [parts.sum(axis=0).T, pzx.T, pyz]
         pxy, pxz = np.empty((nx, ny)), np.empty((nx, nz))
         parts = np.empty((self._n_chunks, ny, nz))
-        _project(read_only(volume), self.cfg.stride[0], self.cfg.stride[1], pxy, pxz, parts)
+        _project(read_only(volume), sx, sy, pxy, pxz, parts)
         return [pxy, pxz, parts.sum(axis=0)]
 
     def _spectra(self, volume: NDArray[np.generic]) -> list[NDArray[np.complex64]]:

@@ -144,3 +144,13 @@ def test_shifted_traces_match_trilinear_map_coordinates_at_the_edges(order: str)
     samples = map_coordinates(vol, (coords + d).T, order=1, mode="nearest")
     expected = np.bincount(seg[tuple(coords.T)] - 1, samples) / np.bincount(seg[tuple(coords.T)] - 1)
     np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3), (4, 4)])
+def test_projections_are_the_same_in_either_memory_order(stride: tuple[int, int]) -> None:
+    vol = np.random.default_rng(3).integers(0, 4000, (37, 29, 11)).astype(np.uint16)
+    est = ShiftEstimator(vol.shape, RegistrationConfig(stride=stride))
+    want = [vol[::stride[0], ::stride[1]].astype(np.float64).sum(axis=a) for a in (2, 1, 0)]
+    for order in ("C", "F"):
+        for got, w in zip(est.projections(np.asarray(vol, order=order)), want, strict=True):
+            np.testing.assert_allclose(got, w)
