@@ -23,6 +23,7 @@ from loopcast.realtime.engines.manifest import EngineError
 from loopcast.settings import LoopcastConfig, load_settings, new_run_dir, training_sections
 
 log = logging.getLogger("loopcast")
+FLUSH_MS = 2000   # a source process's last frames may take this long to leave at its end
 
 
 def cmd_synth(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int:
@@ -54,7 +55,9 @@ def cmd_replay(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> 
         raise app.UserError(f"{exc} (is `loopcast run` listening there? replay.wait_subscribers = 0 sends "
                             "anyway)") from exc
     finally:
-        player.close()
+        from loopcast.realtime.wire.transport import flush_and_exit_context
+        player.close(linger_ms=FLUSH_MS)
+        flush_and_exit_context(FLUSH_MS)   # the last frames leave before the process does
         metrics.close()
     metrics.write_summary(run_dir / "replay.summary.json", {"volumes_per_s": report.volumes_per_s},
                           samples=cfg.metrics.samples)
@@ -84,7 +87,9 @@ def cmd_sim(cfg: LoopcastConfig, args: argparse.Namespace, run_dir: Path) -> int
         raise app.UserError(f"{exc} (is `loopcast run` listening there? sim.wait_subscribers = 0 sends anyway)") \
             from exc
     finally:
-        sim.close()
+        from loopcast.realtime.wire.transport import flush_and_exit_context
+        sim.close(linger_ms=FLUSH_MS)
+        flush_and_exit_context(FLUSH_MS)
     metrics.write_summary(run_dir / "sim.summary.json", {"sim": report.__dict__}, samples=cfg.metrics.samples)
     metrics.close()
     log.info("sent %d frames, applied %d triggers; fish response %s", report.frames,

@@ -133,9 +133,11 @@ class Player:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the sender and the publisher; `linger_ms`: how long queued frames may still leave (see
+        `realtime.wire.transport.flush_and_exit_context`)."""
+        self.publisher.close(linger_ms)
         self.sender.close()
-        self.publisher.close()
 
 
 def frame_header(t: int, volume: np.ndarray, stimuli: np.ndarray, offsets: np.ndarray, rig: str,

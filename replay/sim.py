@@ -287,7 +287,8 @@ class LiveSim:
             np.save(f, np.asarray(self.report.shifts, np.float32).reshape(-1, 3))
         os.replace(tmp, self.shifts_path)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Write the true shifts, close the publisher (queued frames may leave for `linger_ms`) and the sender."""
         self.write_shifts()
+        self.publisher.close(linger_ms)
         self.sender.close()
-        self.publisher.close()

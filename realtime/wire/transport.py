@@ -69,10 +69,12 @@ class Publisher:
         with self._lock:
             return self.sock.send_multipart(parts, copy=False, track=track)
 
-    def close(self) -> None:
-        """Close the socket; an ipc:// endpoint's socket file goes too (libzmq >= 4.2 leaves it behind)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; an ipc:// endpoint's socket file goes too (libzmq >= 4.2 leaves it behind).
+        `linger_ms` > 0: messages still queued may leave for that long, once the context is terminated
+        (`flush_and_exit_context`); 0 drops them."""
         with self._lock:
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger_ms)
         path = self.endpoint.removeprefix("ipc://")
         if path != self.endpoint and not path.startswith("@"):   # "@": Linux's abstract namespace, no file
             with contextlib.suppress(FileNotFoundError):
@@ -200,3 +202,12 @@ class VolumeSender:
             self.ring.close()
             self.ring = None
         self._pool.clear()
+
+
+def flush_and_exit_context(timeout_ms: int) -> None:
+    """A source process's last step (`loopcast replay`, `loopcast sim`): terminate its ZeroMQ context, giving the
+    messages its closed publishers still queue up to their linger, and any socket left open `timeout_ms`, to
+    leave. Without it the last frames of a run were lost when the process exited. Only where nothing else
+    in the process uses the shared context afterwards."""
+    zmq.Context.instance().destroy(linger=timeout_ms)
+

@@ -336,3 +336,43 @@ def test_a_ring_of_another_user_is_refused(tmp_path: Path) -> None:
     del data
     reader.close()
     ring.close()
+
+
+SOURCE = textwrap.dedent("""
+    import sys
+    from loopcast.realtime.wire.transport import Publisher, flush_and_exit_context
+    pub = Publisher(sys.argv[1], sndhwm=1000)
+    assert pub.wait_for_subscribers(1, 10.0)
+    for i in range(int(sys.argv[2])):
+        pub.send([b"frame", str(i).encode(), bytes(4 << 20)])
+    pub.close(linger_ms=int(sys.argv[3]))
+    if int(sys.argv[3]):
+        flush_and_exit_context(int(sys.argv[3]))
+""")
+
+
+def test_a_source_process_that_ends_flushes_its_last_frames(tmp_path: Path) -> None:
+    """A source that sends and exits at once (as `loopcast replay` does) still delivers its last frames: the
+    replay of a moving fish lost its last frame once in CI before sources flushed at exit."""
+    import zmq
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"frame")
+    sub.setsockopt(zmq.RCVHWM, 1000)
+    endpoint = f"ipc://{tmp_path}/frames"
+    n = 25
+    proc = subprocess.Popen([sys.executable, "-c", SOURCE, endpoint, str(n), "3000"])
+    for _ in range(100):                       # the source binds; connect once its socket file is there
+        if (tmp_path / "frames").exists():
+            break
+        time.sleep(0.05)
+    sub.connect(endpoint)
+    got = []
+    try:
+        while len(got) < n and sub.poll(5_000):
+            got.append(int(sub.recv_multipart()[1]))
+    finally:
+        assert proc.wait(30) == 0
+        sub.close(linger=0)
+        ctx.term()
+    assert got == list(range(n))
