@@ -367,7 +367,7 @@ def test_a_source_process_that_ends_flushes_its_last_frames(tmp_path: Path) -> N
             break
         time.sleep(0.05)
     sub.connect(endpoint)
-    got = []
+    got: list[int] = []
     try:
         while len(got) < n and sub.poll(5_000):
             got.append(int(sub.recv_multipart()[1]))
