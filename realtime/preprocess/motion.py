@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift, ShiftedTraces, ShiftEstimator
-from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 from loopcast.realtime.preprocess.voxel_shift import shift_back
 
 AXES = ("x", "y", "z")
@@ -92,9 +92,10 @@ class MotionCorrection:
             gauge.set(value)
         self._confidence.set(shift.confidence)
 
-    def traces(self, volume: Any, shift: Shift) -> Any:
-        """(N,) float32 neuron means of the volume read at voxel + shift (numpy; a tensor on the device)."""
-        return self._traces.process(volume, self.read_at(shift))
+    def traces(self, volume: Any, shift: Shift) -> tuple[Any, TraceStats]:
+        """((N,) float32 neuron means of the volume read at voxel + shift, saturation counts)."""
+        out: tuple[Any, TraceStats] = self._traces.process_with_stats(volume, self.read_at(shift))
+        return out
 
     def voxels(self, downsampled: NDArray[np.float32], shift: Shift, factor: int,
                out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:

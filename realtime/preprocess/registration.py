@@ -48,7 +48,7 @@ import scipy.fft
 from numpy.typing import NDArray
 
 from loopcast.realtime.jit import njit, read_only
-from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 from loopcast.realtime.wire.codec import Order, volume_order
 
 Plane = tuple[int, int]
@@ -147,39 +147,50 @@ def _project_f(vt: NDArray[np.generic], sx: int, sy: int, parts: NDArray[np.floa
 def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDArray[np.integer],
                    coords: NDArray[np.int32], offsets: NDArray[np.int64], inv_counts: NDArray[np.float64],
                    box: NDArray[np.int32], base: NDArray[np.int64], corner: NDArray[np.int64],
-                   weight: NDArray[np.float64], out: NDArray[np.float32]) -> None:  # pragma: no cover (compiled)
+                   weight: NDArray[np.float64], sat_value: float, out: NDArray[np.float32],
+                   sat: NDArray[np.int32]) -> None:  # pragma: no cover (compiled)
     """Fast path (the neuron's shifted box + 1 inside the volume): 8 reads at flat offsets, no clamping (one
-    read for a whole-voxel shift: `weight` (1,), the plain trace pass moved by an offset)."""
+    read for a whole-voxel shift: `weight` (1,), the plain trace pass moved by an offset). `sat[i]`: neuron
+    i's samples that read a voxel >= sat_value with a non-zero weight."""
     n = vol.shape
     for i in numba.prange(out.shape[0]):
         inside = True
         for a in range(3):
             inside &= box[i, a] + base[a] >= 0 and box[i, 3 + a] + base[a] + 1 < n[a]
         s = 0.0
-        if inside:
-            for j in range(offsets[i], offsets[i + 1]):
+        n_sat = 0
+        for j in range(offsets[i], offsets[i + 1]):
+            if inside:
                 p = idx[j] + corner[0]
                 v = 0.0
+                hit = False
                 for c in range(weight.shape[0]):
-                    v += weight[c] * flat[p + corner[c + 1]]
-                s += v
-        else:
-            for j in range(offsets[i], offsets[i + 1]):
-                s += _clamped_sample(vol, coords[j], base, weight)
+                    x = flat[p + corner[c + 1]]
+                    v += weight[c] * x
+                    hit |= weight[c] > 0 and x >= sat_value
+            else:
+                v, hit = _clamped_sample(vol, coords[j], base, weight, sat_value)
+            s += v
+            n_sat += hit
         out[i] = s * inv_counts[i]
+        sat[i] = n_sat
 
 
 @njit(nogil=True, inline="always")
 def _clamped_sample(vol: NDArray[np.generic], at: NDArray[np.int32], base: NDArray[np.int64],
-                    weight: NDArray[np.float64]) -> float:  # pragma: no cover (compiled)
-    """Trilinear sample at `at` + base (+ the fractions in `weight`), coordinates clamped to the volume."""
+                    weight: NDArray[np.float64], sat_value: float) -> tuple[float, bool]:  # pragma: no cover
+    """Trilinear sample at `at` + base (+ the fractions in `weight`), coordinates clamped to the volume; and
+    whether it read a saturated voxel."""
     v = 0.0
+    hit = False
     for c in range(weight.shape[0]):
         x = min(max(at[0] + base[0] + (c >> 2), 0), vol.shape[0] - 1)
         y = min(max(at[1] + base[1] + ((c >> 1) & 1), 0), vol.shape[1] - 1)
         z = min(max(at[2] + base[2] + (c & 1), 0), vol.shape[2] - 1)
-        v += weight[c] * vol[x, y, z]
-    return v
+        value = vol[x, y, z]
+        v += weight[c] * value
+        hit |= weight[c] > 0 and value >= sat_value
+    return v, hit
 
 
 @njit(nogil=True)
@@ -399,9 +410,16 @@ class ShiftedTraces:
         starts = self._offsets[:-1]
         self._box = np.concatenate([np.minimum.reduceat(self._coords, starts, axis=0),
                                     np.maximum.reduceat(self._coords, starts, axis=0)], axis=1).astype(np.int32)
+        self._sat = np.empty(self.n_neurons, np.int32)
 
     def process(self, volume: NDArray[np.generic], shift: Shift | NDArray[np.float64]) -> NDArray[np.float32]:
         """volume (x, y, z), C- or F-contiguous, and its shift -> (N,) float32 neuron means."""
+        return self.process_with_stats(volume, shift)[0]
+
+    def process_with_stats(self, volume: NDArray[np.generic],
+                           shift: Shift | NDArray[np.float64]) -> tuple[NDArray[np.float32], TraceStats]:
+        """(N,) float32 neuron means and the saturation counts of `TraceExtractor` (a sample that read a voxel
+        at the integer dtype's maximum with a non-zero weight counts as a saturated voxel)."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} != segmentation shape {self.shape}")
         d = shift.as_array() if isinstance(shift, Shift) else np.asarray(shift, np.float64)
@@ -411,10 +429,12 @@ class ShiftedTraces:
         vol = read_only(volume)
         frac = d - base
         weight = _weights(frac) if frac.any() else np.ones(1)      # a whole-voxel shift: one read per voxel
+        sat_value = float(np.iinfo(vol.dtype.str).max) if vol.dtype.kind in "ui" else np.inf
         _shifted_means(vol, vol.reshape(-1, order=order), self._extractor.indices(order), self._coords,
                        self._offsets, self._inv_counts, self._box, base, self._corners(base, order),
-                       weight, out)
-        return out
+                       weight, sat_value, out, self._sat)
+        n_sat = int(self._sat.sum())
+        return out, TraceStats(n_sat, int(np.count_nonzero(self._sat)) if n_sat else 0)
 
     def _corners(self, base: NDArray[np.int64], order: Order) -> NDArray[np.int64]:
         """(9,) flat offsets: the base shift's, then the 8 corners' (x, y, z bits of c = 0..7)."""

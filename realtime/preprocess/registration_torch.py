@@ -44,7 +44,7 @@ from loopcast.realtime.preprocess.registration import (
     _PlaneCorrelator,
     _weights,
 )
-from loopcast.realtime.preprocess.traces import TraceExtractor
+from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 
 if TYPE_CHECKING:
     import torch
@@ -258,6 +258,12 @@ class TorchShiftedTraces:
 
     def process(self, volume: torch.Tensor, shift: Shift | NDArray[np.float64]) -> torch.Tensor:
         """volume (x, y, z) on the device, any layout, and its shift -> (N,) float32 neuron means there."""
+        return self.process_with_stats(volume, shift)[0]
+
+    def process_with_stats(self, volume: torch.Tensor, shift: Shift | NDArray[np.float64],
+                           sat_value: float = math.inf) -> tuple[torch.Tensor, TraceStats]:
+        """The means and, as `ShiftedTraces`, the saturation counts: samples that read a voxel >= `sat_value`
+        (the source dtype's maximum; the tensor may be widened) with a non-zero weight."""
         import torch
 
         _check_volume(volume, self.shape)
@@ -266,12 +272,28 @@ class TorchShiftedTraces:
         flat, strides = _flat(volume)
         index = self._corner_index(base, strides)                                   # (8, V)
         if not (d - base).any():        # a whole-voxel shift: one read per voxel, as ShiftedTraces
-            per_voxel = flat[index[0]].to(torch.float32)
+            index = index[:1]
+            weight = torch.ones(1, device=self.device)
         else:
             weight = torch.as_tensor(_weights(d - base).astype(np.float32), device=self.device)
-            per_voxel = (flat[index].to(torch.float32) * weight[:, None]).sum(0)
+        values = flat[index].to(torch.float32)                                      # (corners, V)
+        per_voxel = (values * weight[:, None]).sum(0)
         sums = torch.zeros(self.n_neurons, dtype=torch.float32, device=self.device)
-        return sums.index_add_(0, self._labels, per_voxel) * self._inv
+        means = sums.index_add_(0, self._labels, per_voxel) * self._inv
+        return means, self._saturation(values, weight, sat_value)
+
+    def _saturation(self, values: torch.Tensor, weight: torch.Tensor, sat_value: float) -> TraceStats:
+        if math.isinf(sat_value):
+            return TraceStats(0, 0)
+        import torch
+
+        hit = ((values >= sat_value) & (weight[:, None] > 0)).any(0)                # (V,) per sample
+        n_vox = int(hit.sum())
+        if not n_vox:
+            return TraceStats(0, 0)
+        per_neuron = torch.zeros(self.n_neurons, dtype=torch.int32, device=self.device)
+        per_neuron.index_add_(0, self._labels, hit.to(torch.int32))
+        return TraceStats(n_vox, int((per_neuron > 0).sum()))
 
     def _corner_index(self, base: NDArray[np.int64], strides: list[int]) -> torch.Tensor:
         """(8, V) flat indices of every voxel's 8 corners at voxel + base (+ the x, y, z bits of c = 0..7),
@@ -311,9 +333,14 @@ class TorchMotionCorrection(MotionCorrection):
         """`volume`: the (x, y, z) tensor on the device, or the torch trace path's (flat, order, dtype)."""
         return super().measure(xyz_view(volume, self.shape))
 
-    def traces(self, volume: Any, shift: Shift) -> Any:
-        """(N,) float32 tensor on the device."""
-        return super().traces(xyz_view(volume, self.shape), shift)
+    def traces(self, volume: Any, shift: Shift) -> tuple[Any, TraceStats]:
+        """((N,) float32 tensor on the device, saturation counts: with the source dtype's maximum when the
+        volume comes as the torch trace path's (flat, order, dtype))."""
+        dtype = volume[2] if isinstance(volume, tuple) else None
+        sat = float(np.iinfo(dtype).max) if dtype is not None and dtype.kind in "ui" else math.inf
+        out: tuple[Any, TraceStats] = self._traces.process_with_stats(xyz_view(volume, self.shape),
+                                                                      self.read_at(shift), sat)
+        return out
 
 
 def xyz_view(volume: Any, shape: tuple[int, ...]) -> Any:

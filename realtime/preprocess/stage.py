@@ -247,14 +247,14 @@ class Preprocess:
 
     def _traces(self, volume: np.ndarray) -> tuple[Shift | None, Any, TraceStats]:
         """(shift, traces, saturation): unregistered without registration or during its warm-up; through
-        the shift after (saturation is then not counted: the shifted read does not test voxels)."""
+        the shift after."""
         if self.motion is None:
             return None, *self.path.process(volume)
         on_device = self.path.device_volume(volume)
         shift = self.motion.measure(on_device)
         if shift is None:
             return None, *self.path.process(on_device)
-        return shift, self.motion.traces(on_device, shift), TraceStats(0, 0)
+        return shift, *self.motion.traces(on_device, shift)
 
     def _moved_back(self, ds: np.ndarray | None, shift: Shift | None) -> np.ndarray | None:
         if ds is None or shift is None or self.motion is None:

@@ -190,3 +190,21 @@ def test_measure_and_commit_follow_numpy() -> None:
             twin.commit()
             twin.commit()                                                     # a second commit: nothing
         assert twin.n_reference == est.n_reference and twin.ready == est.ready
+
+
+@pytest.mark.parametrize("d", [(2.0, -1.0, 0.0), (0.5, -0.25, 0.75)])
+def test_saturation_is_counted_through_the_shift_as_without_it(d: tuple[float, float, float]) -> None:
+    shape = (24, 20, 8)
+    extractor = TraceExtractor(segmentation(shape, 9))
+    vol = np.random.default_rng(8).integers(100, 1000, shape).astype(np.uint16)
+    vol[10:13, 8:10, 3:5] = 65535
+    f, stats = ShiftedTraces(extractor).process_with_stats(vol, np.array(d))
+    got, tstats = TorchShiftedTraces(extractor).process_with_stats(device_volume(vol), np.array(d), 65535.0)
+    np.testing.assert_allclose(got.numpy(), f, rtol=3e-6)
+    assert stats == tstats and stats.saturated_voxels > 0
+    if d == (2.0, -1.0, 0.0):   # a whole-voxel shift: exactly the plain count on the volume moved back
+        moved = np.roll(vol, (-2, 1, 0), axis=(0, 1, 2))
+        assert stats == extractor.process_with_stats(moved)[1]
+    clean = vol.copy()
+    clean[clean == 65535] = 500
+    assert ShiftedTraces(extractor).process_with_stats(clean, np.array(d))[1].saturated_voxels == 0
