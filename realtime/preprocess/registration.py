@@ -159,19 +159,23 @@ def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDA
             inside &= box[i, a] + base[a] >= 0 and box[i, 3 + a] + base[a] + 1 < n[a]
         s = 0.0
         n_sat = 0
-        for j in range(offsets[i], offsets[i + 1]):
-            if inside:
+        if inside:
+            for j in range(offsets[i], offsets[i + 1]):
                 p = idx[j] + corner[0]
                 v = 0.0
-                hit = False
+                top = 0.0
                 for c in range(weight.shape[0]):
                     x = flat[p + corner[c + 1]]
                     v += weight[c] * x
-                    hit |= weight[c] > 0 and x >= sat_value
-            else:
+                    if weight[c] > 0:
+                        top = max(top, x)
+                s += v
+                n_sat += top >= sat_value
+        else:
+            for j in range(offsets[i], offsets[i + 1]):
                 v, hit = _clamped_sample(vol, coords[j], base, weight, sat_value)
-            s += v
-            n_sat += hit
+                s += v
+                n_sat += hit
         out[i] = s * inv_counts[i]
         sat[i] = n_sat
 
