@@ -65,8 +65,8 @@ def _registration_lines(reg: np.ndarray | None) -> list[str]:
         return []
     reg = np.asarray(reg, dtype=np.float64).reshape(-1, 4)
     done = reg[np.isfinite(reg[:, 3])]
-    if not len(done):
-        return [_line("registered", "0 frames")]
+    if not len(done):   # registration off
+        return []
     worst = np.abs(done[:, :3]).max(axis=0)
     return [_line("registered", f"{len(done)} frames; max |shift| x {worst[0]:.2f}, y {worst[1]:.2f}, "
                   f"z {worst[2]:.2f} voxels; lowest confidence {done[:, 3].min():.1f}")]
