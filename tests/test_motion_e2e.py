@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pynwb import NWBHDF5IO
+from pynwb import NWBHDF5IO  # type: ignore[import-untyped]
 
 from loopcast.broker import free_port
 from loopcast.inprocess import run_loop
