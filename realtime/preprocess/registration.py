@@ -41,6 +41,7 @@ weight: 0 * inf = nan; a whole-voxel shift reads only the neuron's own, shifted 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -299,7 +300,69 @@ def _parabola(values: NDArray[np.float64], k: int) -> float:
     return float(np.clip(0.5 * (lo - hi) / denom, -0.5, 0.5)) if denom < 0 else 0.0
 
 
-class ShiftEstimator:
+class EstimatorSteps:
+    """What both backends' estimators share, built on their `_spectra`, `_combine` and `commit`: `measure`, the
+    warm-up and per-frame steps, `ready` and the refresh rule's test."""
+
+    cfg: RegistrationConfig
+    n_reference: int
+
+    @property
+    def ready(self) -> bool:
+        """Whether the reference is complete (`warmup_frames` volumes added)."""
+        return self.n_reference >= self.cfg.warmup_frames
+
+    _ref: list[Any] | None
+    _pending: tuple[list[Any], Shift | None] | None
+
+    def _spectra(self, volume: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def _combine(self, spectra: list[Any], ref: list[Any]) -> Shift:
+        raise NotImplementedError
+
+    def measure(self, volume: Any) -> Shift | None:
+        """The volume's shift against the reference so far (None for the very first volume), without
+        touching the reference: `commit` then lets the volume in (warm-up) or applies the refresh rule."""
+        spectra = self._spectra(volume)
+        shift = None if self._ref is None else self._combine(spectra, self._ref)
+        self._pending = (spectra, shift)
+        return shift
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def add_reference_frame(self, volume: Any) -> None:
+        """Add a warm-up volume to the reference (aligned to the reference so far); ignored once ready."""
+        if not self.ready:
+            self.measure(volume)
+            self.commit()
+
+    def estimate(self, volume: Any) -> Shift:
+        """The volume's shift against the complete reference (refreshing it per the refresh rule)."""
+        if not self.ready:
+            raise RuntimeError(f"the reference is not complete ({self.n_reference} of "
+                               f"{self.cfg.warmup_frames} volumes): add_reference_frame() first")
+        shift = self.measure(volume)
+        assert shift is not None
+        self.commit()
+        return shift
+
+    def _accept(self, shift: Shift) -> bool:
+        """The refresh rule's test (module docstring)."""
+        return (self.cfg.refresh_rate > 0 and shift.confidence >= self.cfg.refresh_min_confidence
+                and bool(np.all(np.abs(shift.as_array()) <= self.cfg.refresh_max_shift)))
+
+
+def combine_planes(cfg: RegistrationConfig, planes: list[tuple[float, float, float]]) -> Shift:
+    """The XY, XZ and YZ planes' (d0, d1, confidence) -> one Shift in voxels (x, y times the stride): x from XY
+    and XZ, y from XY and YZ, z from XZ and YZ; the lowest confidence."""
+    (xy0, xy1, c0), (xz0, xz1, c1), (yz0, yz1, c2) = planes
+    sx, sy = cfg.stride
+    return Shift(0.5 * (xy0 + xz0) * sx, 0.5 * (xy1 + yz0) * sy, 0.5 * (xz1 + yz1), min(c0, c1, c2))
+
+
+class ShiftEstimator(EstimatorSteps):
     """Reference from the first volumes, then each volume's shift against it (module docstring)."""
 
     def __init__(self, shape: tuple[int, int, int], cfg: RegistrationConfig = RegistrationConfig()) -> None:
@@ -315,11 +378,6 @@ class ShiftEstimator:
         self._ref: list[NDArray[np.complex64]] | None = None
         self._pending: tuple[list[NDArray[np.complex64]], Shift | None] | None = None
         self.n_reference = 0
-
-    @property
-    def ready(self) -> bool:
-        """Whether the reference is complete (`warmup_frames` volumes added)."""
-        return self.n_reference >= self.cfg.warmup_frames
 
     def projections(self, volume: NDArray[np.generic]) -> list[NDArray[np.float64]]:
         """The XY, XZ and YZ sum projections of the (strided) volume."""
@@ -338,14 +396,6 @@ class ShiftEstimator:
 
     def _spectra(self, volume: NDArray[np.generic]) -> list[NDArray[np.complex64]]:
         return [p.spectrum(proj) for p, proj in zip(self._planes, self.projections(volume), strict=True)]
-
-    def measure(self, volume: NDArray[np.generic]) -> Shift | None:
-        """The volume's shift against the reference so far (None for the very first volume), without
-        touching the reference: `commit` then lets the volume in (warm-up) or applies the refresh rule."""
-        spectra = self._spectra(volume)
-        shift = None if self._ref is None else self._combine(spectra, self._ref)
-        self._pending = (spectra, shift)
-        return shift
 
     def commit(self) -> None:
         """The last measured volume joins the reference: averaged in during warm-up (aligned first when it
@@ -366,33 +416,10 @@ class ShiftEstimator:
             r = self.cfg.refresh_rate
             self._ref = [(1 - r) * ref + r * a for ref, a in zip(self._ref, self._align(spectra, shift), strict=True)]
 
-    def add_reference_frame(self, volume: NDArray[np.generic]) -> None:
-        """Add a warm-up volume to the reference (aligned to the reference so far); ignored once ready."""
-        if not self.ready:
-            self.measure(volume)
-            self.commit()
-
-    def estimate(self, volume: NDArray[np.generic]) -> Shift:
-        """The volume's shift against the complete reference (refreshing it per the refresh rule)."""
-        if not self.ready:
-            raise RuntimeError(f"the reference is not complete ({self.n_reference} of "
-                               f"{self.cfg.warmup_frames} volumes): add_reference_frame() first")
-        shift = self.measure(volume)
-        assert shift is not None
-        self.commit()
-        return shift
-
-    def _accept(self, shift: Shift) -> bool:
-        """The refresh rule's test (module docstring)."""
-        return (self.cfg.refresh_rate > 0 and shift.confidence >= self.cfg.refresh_min_confidence
-                and bool(np.all(np.abs(shift.as_array()) <= self.cfg.refresh_max_shift)))
-
     def _combine(self, spectra: list[NDArray[np.complex64]], ref: list[NDArray[np.complex64]]) -> Shift:
         """Per-plane correlations -> one Shift in voxels (x, y scaled back by the stride)."""
-        (xy0, xy1, c0), (xz0, xz1, c1), (yz0, yz1, c2) = (
-            p.correlate(s, r) for p, s, r in zip(self._planes, spectra, ref, strict=True))
-        sx, sy = self.cfg.stride
-        return Shift(0.5 * (xy0 + xz0) * sx, 0.5 * (xy1 + yz0) * sy, 0.5 * (xz1 + yz1), min(c0, c1, c2))
+        return combine_planes(self.cfg, [p.correlate(s, r) for p, s, r in zip(self._planes, spectra, ref,
+                                                                               strict=True)])
 
     def _align(self, spectra: list[NDArray[np.complex64]], shift: Shift) -> list[NDArray[np.complex64]]:
         """Spectra moved by -shift (strided units), i.e. into the reference's frame."""

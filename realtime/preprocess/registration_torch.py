@@ -37,12 +37,14 @@ from loopcast.realtime.metrics import Metrics
 from loopcast.realtime.preprocess.motion import MotionCorrection
 from loopcast.realtime.preprocess.registration import (
     PLANES,
+    EstimatorSteps,
     RegistrationConfig,
     Shift,
     ShiftEstimator,
     _parabola,
     _PlaneCorrelator,
     _weights,
+    combine_planes,
 )
 from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 
@@ -146,7 +148,7 @@ class _TorchPlane:
         return float(d0), float(d1), float(values[0])
 
 
-class TorchShiftEstimator:
+class TorchShiftEstimator(EstimatorSteps):
     """`ShiftEstimator` on a torch device: reference from the first volumes, then each volume's shift."""
 
     def __init__(self, shape: tuple[int, int, int], cfg: RegistrationConfig,
@@ -160,11 +162,6 @@ class TorchShiftEstimator:
         self._pending: tuple[list[torch.Tensor], Shift | None] | None = None
         self.n_reference = 0
 
-    @property
-    def ready(self) -> bool:
-        """Whether the reference is complete (`warmup_frames` volumes added)."""
-        return self.n_reference >= self.cfg.warmup_frames
-
     def projections(self, volume: torch.Tensor) -> list[torch.Tensor]:
         """The XY, XZ and YZ float32 sum projections of the (strided) volume, on the device."""
         import torch
@@ -175,14 +172,6 @@ class TorchShiftEstimator:
 
     def _spectra(self, volume: torch.Tensor) -> list[torch.Tensor]:
         return [p.spectrum(proj) for p, proj in zip(self._planes, self.projections(volume), strict=True)]
-
-    def measure(self, volume: torch.Tensor) -> Shift | None:
-        """The volume's shift against the reference so far (None for the very first volume), without
-        touching the reference: `commit` then lets the volume in (warm-up) or applies the refresh rule."""
-        spectra = self._spectra(volume)
-        shift = None if self._ref is None else self._combine(spectra, self._ref)
-        self._pending = (spectra, shift)
-        return shift
 
     def commit(self) -> None:
         """The last measured volume joins the reference: averaged in during warm-up (aligned first when it
@@ -203,37 +192,14 @@ class TorchShiftEstimator:
             for ref, a in zip(self._ref, self._align(spectra, shift), strict=True):
                 ref.mul_(1 - rate).add_(a, alpha=rate)
 
-    def add_reference_frame(self, volume: torch.Tensor) -> None:
-        """Add a warm-up volume to the reference (aligned to the reference so far); ignored once ready."""
-        if not self.ready:
-            self.measure(volume)
-            self.commit()
-
-    def estimate(self, volume: torch.Tensor) -> Shift:
-        """The volume's shift against the complete reference (refreshing it per the refresh rule)."""
-        if not self.ready:
-            raise RuntimeError(f"the reference is not complete ({self.n_reference} of "
-                               f"{self.cfg.warmup_frames} volumes): add_reference_frame() first")
-        shift = self.measure(volume)
-        assert shift is not None
-        self.commit()
-        return shift
-
-    def _accept(self, shift: Shift) -> bool:
-        """The refresh rule's test (registration.py's docstring)."""
-        return (self.cfg.refresh_rate > 0 and shift.confidence >= self.cfg.refresh_min_confidence
-                and bool(np.all(np.abs(shift.as_array()) <= self.cfg.refresh_max_shift)))
-
     def _combine(self, spectra: list[torch.Tensor], ref: list[torch.Tensor]) -> Shift:
         """Per-plane correlations (one device -> host copy) -> one Shift in voxels (x, y times the stride)."""
         import torch
 
         packed = torch.cat([p.correlate(s, r) for p, s, r in zip(self._planes, spectra, ref, strict=True)])
         host = packed.cpu().numpy()
-        (xy0, xy1, c0), (xz0, xz1, c1), (yz0, yz1, c2) = (
-            p.finish(v) for p, v in zip(self._planes, np.split(host, len(self._planes)), strict=True))
-        sx, sy = self.cfg.stride
-        return Shift(0.5 * (xy0 + xz0) * sx, 0.5 * (xy1 + yz0) * sy, 0.5 * (xz1 + yz1), min(c0, c1, c2))
+        return combine_planes(self.cfg, [p.finish(v) for p, v in
+                                         zip(self._planes, np.split(host, len(self._planes)), strict=True)])
 
     def _align(self, spectra: list[torch.Tensor], shift: Shift) -> list[torch.Tensor]:
         """Spectra moved by -shift (strided units), i.e. into the reference's frame."""
@@ -285,15 +251,10 @@ class TorchShiftedTraces:
     def _saturation(self, values: torch.Tensor, weight: torch.Tensor, sat_value: float) -> TraceStats:
         if math.isinf(sat_value):
             return TraceStats(0, 0)
-        import torch
+        from loopcast.realtime.preprocess.traces_torch import count_saturated
 
         hit = ((values >= sat_value) & (weight[:, None] > 0)).any(0)                # (V,) per sample
-        n_vox = int(hit.sum())
-        if not n_vox:
-            return TraceStats(0, 0)
-        per_neuron = torch.zeros(self.n_neurons, dtype=torch.int32, device=self.device)
-        per_neuron.index_add_(0, self._labels, hit.to(torch.int32))
-        return TraceStats(n_vox, int((per_neuron > 0).sum()))
+        return count_saturated(hit, self._labels, self.n_neurons)
 
     def _corner_index(self, base: NDArray[np.int64], strides: list[int]) -> torch.Tensor:
         """(8, V) flat indices of every voxel's 8 corners at voxel + base (+ the x, y, z bits of c = 0..7),

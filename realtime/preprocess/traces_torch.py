@@ -59,10 +59,14 @@ class TorchTraceExtractor:
     def _saturation(self, values: torch.Tensor, dtype: np.dtype) -> TraceStats:
         if dtype.kind not in "ui":
             return TraceStats(0, 0)
-        hit = values >= int(np.iinfo(dtype).max)
-        n_vox = int(hit.sum())
-        if not n_vox:
-            return TraceStats(0, 0)
-        per_neuron = torch.zeros(self.n_neurons, dtype=torch.int32, device=self.device)
-        per_neuron.index_add_(0, self._labels, hit.to(torch.int32))
-        return TraceStats(n_vox, int((per_neuron > 0).sum()))
+        return count_saturated(values >= int(np.iinfo(dtype).max), self._labels, self.n_neurons)
+
+
+def count_saturated(hit: torch.Tensor, labels: torch.Tensor, n_neurons: int) -> TraceStats:
+    """TraceStats of per-sample saturation flags `hit` (V,) whose neurons are `labels` (V,)."""
+    n_vox = int(hit.sum())
+    if not n_vox:
+        return TraceStats(0, 0)
+    per_neuron = torch.zeros(n_neurons, dtype=torch.int32, device=hit.device)
+    per_neuron.index_add_(0, labels, hit.to(torch.int32))
+    return TraceStats(n_vox, int((per_neuron > 0).sum()))
