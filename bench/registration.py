@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from loopcast.realtime.preprocess.registration import RegistrationConfig, ShiftedTraces, ShiftEstimator
+from loopcast.realtime.preprocess.registration import RegistrationConfig, ShiftEstimator
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor
 
 from common import print_table, quantiles, write_result

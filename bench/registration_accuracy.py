@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from loopcast.config import from_dict, load_toml, to_dict
-from loopcast.realtime.preprocess.registration import RegistrationConfig, ShiftedTraces, ShiftEstimator
+from loopcast.realtime.preprocess.registration import RegistrationConfig, ShiftEstimator
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor
 from loopcast.replay.fish import FishConfig, FishModel, stimulus_schedule
 from loopcast.replay.motion import MotionConfig, RigidMotion

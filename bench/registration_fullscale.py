@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loopcast.config import to_dict
-from loopcast.realtime.preprocess.registration import RegistrationConfig, ShiftedTraces, ShiftEstimator
+from loopcast.realtime.preprocess.registration import RegistrationConfig, ShiftEstimator
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor
 from loopcast.realtime.preprocess.voxel_dff import downsample_xy
 from loopcast.realtime.preprocess.voxel_shift import shift_back

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from loopcast.config import dump_toml
 from loopcast.realtime.preprocess.dff import DffConfig, centered_dff
-from loopcast.realtime.preprocess.registration import ShiftedTraces
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor
 from loopcast.replay.fish import CONDITION_NAMES, FishConfig, FishModel, stimulus_schedule
 from loopcast.replay.layout import CONFIG_FILE, Recording

@@ -162,7 +162,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     PIPELINE: (CONFIG, RT),
     RT: (),   # realtime/__init__.py; a new module in realtime/ must get its own row too
     REPLAY: (CONFIG, REPLAY, WIRE, f"{PREPROCESS}.dff", f"{PREPROCESS}.traces", f"{PREPROCESS}.registration",
-             METRICS),
+             f"{PREPROCESS}.shifted_traces", METRICS),
     MODELS: (CONFIG, MODELS),
     OFFLINE: (CONFIG, RT, REPLAY, MODELS, OFFLINE),
     "loopcast.configs": (),

@@ -20,7 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from loopcast.realtime.metrics import Metrics
-from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift, ShiftedTraces, ShiftEstimator
+from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift, ShiftEstimator
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 from loopcast.realtime.preprocess.voxel_shift import shift_back
 

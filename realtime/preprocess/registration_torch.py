@@ -43,9 +43,9 @@ from loopcast.realtime.preprocess.registration import (
     ShiftEstimator,
     _parabola,
     _PlaneCorrelator,
-    _weights,
     combine_planes,
 )
+from loopcast.realtime.preprocess.shifted_traces import _weights
 from loopcast.realtime.preprocess.traces import TraceExtractor, TraceStats
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ import pytest
 
 from loopcast.realtime.metrics import Metrics, MetricsConfig
 from loopcast.realtime.preprocess.dff import DffConfig
-from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift, ShiftedTraces
+from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.stage import Preprocess, PreprocessConfig, Preprocessed, VoxelStageConfig
 from loopcast.realtime.preprocess.traces import TraceExtractor
 from loopcast.realtime.preprocess.voxel_dff import VoxelDff, VoxelDffConfig, downsample_xy

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift, ShiftedTraces, ShiftEstimator
+from loopcast.realtime.preprocess.registration import RegistrationConfig, Shift, ShiftEstimator
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces
 from loopcast.realtime.preprocess.traces import TraceExtractor
 
 SHAPE = (96, 64, 16)

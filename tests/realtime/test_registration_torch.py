@@ -15,7 +15,6 @@ torch = pytest.importorskip("torch")
 from loopcast.realtime.preprocess.registration import (  # noqa: E402
     RegistrationConfig,
     Shift,
-    ShiftedTraces,
     ShiftEstimator,
 )
 from loopcast.realtime.preprocess.registration_torch import (  # noqa: E402
@@ -23,6 +22,7 @@ from loopcast.realtime.preprocess.registration_torch import (  # noqa: E402
     TorchShiftEstimator,
     device_volume,
 )
+from loopcast.realtime.preprocess.shifted_traces import ShiftedTraces  # noqa: E402
 from loopcast.realtime.preprocess.traces import TraceExtractor  # noqa: E402
 
 SHAPE = (64, 48, 16)
