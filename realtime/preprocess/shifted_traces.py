@@ -38,7 +38,13 @@ def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDA
             inside &= box[i, a] + base[a] >= 0 and box[i, 3 + a] + base[a] + 1 < n[a]
         s = 0.0
         n_sat = 0
-        if inside:
+        if inside and weight.shape[0] == 1:     # whole voxels: the plain pass at an offset
+            off = corner[0] + corner[1]
+            for j in range(offsets[i], offsets[i + 1]):
+                x = flat[idx[j] + off]
+                s += x
+                n_sat += x >= sat_value
+        elif inside:
             for j in range(offsets[i], offsets[i + 1]):
                 p = idx[j] + corner[0]
                 v = 0.0
