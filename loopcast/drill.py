@@ -89,6 +89,12 @@ class DrillRig:
     def alive(self, name: str) -> bool:
         return self.procs[name].poll() is None
 
+    def stop(self, name: str, timeout_s: float = 20.0) -> int | None:
+        """Stop one process as an operator would (SIGTERM): it closes its records; its exit code."""
+        if self.procs[name].poll() is None:
+            self.procs[name].send_signal(signal.SIGTERM)
+        return wait_or_stop(self.procs[name], timeout_s)
+
     def close(self) -> dict[str, int | None]:
         """Stop every process (SIGTERM, then SIGKILL) and the broker; their exit codes."""
         codes = {}
@@ -253,6 +259,8 @@ def run_killed_drill(rig: DrillRig, down_s: float = 2.0, timeout_s: float = 90.0
     wait_until("a trigger after the arm", lambda: len(rig.sent(t_arm)) > 0, timeout_s)
     records = rig.audit()
     sim, run2 = rig.counters("sim"), rig.counters("run2")
+    alive = {n: rig.alive(n) for n in rig.procs}
+    rig.stop("run2")   # its session store is read closed: a live one may not have flushed a table yet
     return {"drill": "pipeline_killed", "injected": "SIGKILL to `loopcast run`; a new one started",
             "watchdog_disarm_s": (t_disarm - t_kill) / 1e9, "restart_to_first_forecast_s": (first_fc - t_restart) / 1e9,
             "sent_while_down_or_unarmed": sent_unarmed,
@@ -261,7 +269,7 @@ def run_killed_drill(rig: DrillRig, down_s: float = 2.0, timeout_s: float = 90.0
             "frames_lost": _frames_between(rig.dirs["run"], rig.dirs["run2"]),
             "frames_lost_by_counters": sim.get("loopcast_frames_sent_total", 0.0) - run1
             - run2.get("loopcast_frames_received_total", 0.0),
-            "records_lost": _audit_gaps(records), "processes_alive": {n: rig.alive(n) for n in rig.procs}}
+            "records_lost": _audit_gaps(records), "processes_alive": alive}
 
 
 def source_restart_drill(rig: DrillRig, after_s: float = 3.0, timeout_s: float = 90.0) -> dict[str, Any]:
