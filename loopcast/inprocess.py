@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,24 @@ class LoopResult:
     controller: Controller
     metrics: dict[str, Metrics] = field(default_factory=dict)
     activations: list[Forecast] = field(default_factory=list)   # kind "activation" messages
+
+
+class MessageFeed:
+    """A frame source for `Pipeline` that hands over one queued message per step (so every frame is
+    forecast): messages made or captured beforehand, fed to a pipeline without sockets."""
+
+    def __init__(self, messages: list[list[Any]]) -> None:
+        self.messages = list(messages)
+
+    @property
+    def finished(self) -> bool:
+        return not self.messages
+
+    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]:
+        return [self.messages.pop(0)] if self.messages else []
+
+    def close(self) -> None:
+        self.messages = []
 
 
 class TriggerListener:

@@ -113,6 +113,11 @@ class Rig:
         body = json.dumps({"command": payload, "sender": sender}) if sender else payload
         await self.mqtt.publish(f"loopcast/{self.rig}/control", body.encode(), qos=1)
 
+    async def arm(self, sender: str | None = None) -> None:
+        """Send arm and wait until the status says armed."""
+        await self.control("arm", sender)
+        await self.status_where(lambda s: s["armed"])
+
     async def status_where(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         async with asyncio.timeout(TIMEOUT):
             while True:
@@ -140,8 +145,7 @@ def test_controller_records_every_forecast_decision(mqtt_broker: Broker, tmp_pat
     async def main() -> Rig:
         async with Rig(mqtt_broker, log_path, InterlockConfig(min_interval_s=60.0, max_per_minute=10)) as r:
             assert r.controller.status()["audit_log"] == str(log_path)
-            await r.control("arm", sender="tester@lab (pytest)")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm("tester@lab (pytest)")
             await r.forecast(0.1)                                       # 1: below the level
             await r.forecast(0.9)                                       # 2: sent
             await r.forecast(0.9)                                       # 3: min_interval
@@ -195,12 +199,10 @@ def test_controller_records_control_messages_and_state(mqtt_broker: Broker, tmp_
 
     async def main() -> Rig:
         async with Rig(mqtt_broker, log_path) as r:
-            await r.control("arm", sender=alice)
-            await r.status_where(lambda s: s["armed"])
+            await r.arm(alice)
             await r.control("disarm")                                   # plain text: no sender
             await r.status_where(lambda s: not s["armed"])
-            await r.control("arm", sender=alice)
-            await r.status_where(lambda s: s["armed"])
+            await r.arm(alice)
             await r.control("stop", sender=bob)
             await r.status_where(lambda s: s["estop"])
             await r.control("arm", sender=alice)                        # refused: e-stop latched
@@ -266,8 +268,7 @@ def test_audit_write_failure_disarms(mqtt_broker: Broker, tmp_path: Path, caplog
 
     async def main() -> None:
         async with Rig(mqtt_broker, log_path) as r:
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             log_fd = r.controller.audit._log._fd  # type: ignore[union-attr]
             full = os.open("/dev/full", os.O_WRONLY)
             os.dup2(full, log_fd)
@@ -295,8 +296,7 @@ def test_publish_failure_is_recorded(mqtt_broker: Broker, tmp_path: Path) -> Non
 
     async def main() -> None:
         async with Rig(mqtt_broker, log_path) as r:
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             client = r.controller._client
             assert client is not None
             real_publish = client.publish
@@ -330,8 +330,7 @@ def test_an_unexpected_error_in_a_handler_disarms_until_armed_again(
 
     async def main() -> Rig:
         async with Rig(mqtt_broker, log_path) as r:
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             ctl = r.controller
             if where == "forecast_handling":
                 monkeypatch.setattr(ctl.policy, "evaluate", bug)
@@ -346,8 +345,7 @@ def test_an_unexpected_error_in_a_handler_disarms_until_armed_again(
             await r.forecast(0.9)                                       # still disarmed: suppressed
             await r.wait_records("forecast", 1)
             assert not r.triggers
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             await r.forecast(0.9)
             await until(lambda: len(r.triggers) == 1)
         return r
@@ -370,8 +368,7 @@ def test_broker_loss_is_recorded(tmp_path: Path) -> None:
     async def main() -> None:
         nonlocal broker
         async with Rig(broker, log_path) as r:
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             await asyncio.to_thread(broker.stop)
             await until(lambda: any(x["event"] == "broker_lost" for x in r.records("state")))
             broker = await asyncio.to_thread(start_broker, "embedded", broker.port)
@@ -543,8 +540,7 @@ def test_an_unexpected_error_on_the_broker_connection_disarms_and_reconnects(
 
     async def main() -> None:
         async with Rig(mqtt_broker, log_path) as r:
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             ctl = r.controller
             monkeypatch.setattr(ctl, "_publish_status", bug)
             await until(lambda: r.metrics.count("loopcast_errors_total", kind="broker_handling") >= 1)
@@ -555,8 +551,7 @@ def test_an_unexpected_error_on_the_broker_connection_disarms_and_reconnects(
             await r.forecast(0.9)
             await r.wait_records("forecast", 1)
             assert not r.triggers
-            await r.control("arm")
-            await r.status_where(lambda s: s["armed"])
+            await r.arm()
             await r.forecast(0.9)
             await until(lambda: len(r.triggers) == 1)
 

@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from loopcast.inprocess import MessageFeed
 from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage
 from loopcast.realtime.ingest import REASONS, Ingest, RigConfig
@@ -228,23 +229,6 @@ SESSION_CFG = PipelineConfig(preprocess=PreprocessConfig(dff=DffConfig(warmup=2,
                              forecast=ForecastConfig(also_schedule="every"))
 
 
-class Feed:
-    """A frame source handing over one queued message per call."""
-
-    def __init__(self, messages: list[list[Any]]) -> None:
-        self.messages = list(messages)
-
-    @property
-    def finished(self) -> bool:
-        return not self.messages
-
-    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]:
-        return [self.messages.pop(0)] if self.messages else []
-
-    def close(self) -> None:
-        self.messages = []
-
-
 def session_volumes(session: str, n: int, seed: int) -> list[list[Any]]:
     """Frames 0..n-1 of one session: noisy volumes with transients."""
     rng = np.random.default_rng(seed)
@@ -261,7 +245,7 @@ def run_sessions(engine: Path, messages: list[list[Any]]) -> tuple[Pipeline, Met
     metrics = Metrics("run", MetricsConfig(enabled=False))
     pub = Publisher("tcp://127.0.0.1:*")
     segmentation = (np.arange(np.prod(SESSION_SHAPE), dtype=np.uint32).reshape(SESSION_SHAPE) % 10) + 1
-    pipe = Pipeline(SESSION_CFG, SESSION_RIG, Feed(messages), segmentation,
+    pipe = Pipeline(SESSION_CFG, SESSION_RIG, MessageFeed(messages), segmentation,
                     ForecastStage(OnnxEngine(engine), pub, metrics), metrics)
     pres: list[Preprocessed] = []
     pipe.preprocess.process = keep(pipe.preprocess.process, pres)  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ modules exported by conftest.export_toy), frames fed in process, outputs on real
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from loopcast import app
+from loopcast.inprocess import MessageFeed
 from loopcast.realtime.engines.manifest import EngineError
 from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 from loopcast.realtime.forecast.activation import ActivationStage
@@ -62,23 +63,6 @@ def frames(n: int, with_stimulus: bool = True, seed: int = 0) -> list[list[Any]]
     return out
 
 
-class Feed:
-    """A frame source handing over one queued message per call (so every frame is forecast)."""
-
-    def __init__(self, messages: list[list[Any]]) -> None:
-        self.messages = list(messages)
-
-    @property
-    def finished(self) -> bool:
-        return not self.messages
-
-    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]:
-        return [self.messages.pop(0)] if self.messages else []
-
-    def close(self) -> None:
-        self.messages = []
-
-
 def stage_for(path: Path, pub: Publisher, metrics: Metrics) -> ForecastStage:
     engine = OnnxEngine(path)
     kind = ActivationStage if engine.manifest.task == "activation" else ForecastStage
@@ -94,7 +78,7 @@ def run_pipeline(paths: list[Path], messages: list[list[Any]],
     sub = Subscriber(pub.endpoint, topics=(b"forecast/", b"activation/"), rcvhwm=10_000)
     assert pub.wait_for_subscribers(2, 5)
     stages = [stage_for(p, pub, metrics) for p in paths]
-    pipe = Pipeline(CFG, rig, Feed(messages), segmentation(), stages, metrics)
+    pipe = Pipeline(CFG, rig, MessageFeed(messages), segmentation(), stages, metrics)
     pres: list[Preprocessed] = []
     pipe.preprocess.process = capture(pipe.preprocess.process, pres)  # type: ignore[method-assign]
     pipe.run()
@@ -220,7 +204,7 @@ def test_failures_are_counted_per_stage(toy_engines: dict[str, Path]) -> None:
     pub = Publisher("tcp://127.0.0.1:*")
     good = ForecastStage(OnnxEngine(toy_engines["mean"]), pub, metrics)
     bad = ActivationStage(BrokenEngine(toy_engines["act"]), pub, metrics)
-    pipe = Pipeline(CFG, RIG, Feed(frames(8)), segmentation(), [good, bad], metrics)
+    pipe = Pipeline(CFG, RIG, MessageFeed(frames(8)), segmentation(), [good, bad], metrics)
     pipe.run()
     pipe.close()
     n = 8 - (C - 1)
@@ -233,7 +217,7 @@ def test_two_stages_on_one_topic_are_refused(toy_engines: dict[str, Path]) -> No
     metrics, pub = Metrics("run", MetricsConfig(enabled=False)), Publisher("tcp://127.0.0.1:*")
     stages = [ForecastStage(OnnxEngine(toy_engines["mean"]), pub, metrics) for _ in range(2)]
     with pytest.raises(ValueError, match="same topic"):
-        Pipeline(CFG, RIG, Feed([]), segmentation(), stages, metrics)
+        Pipeline(CFG, RIG, MessageFeed([]), segmentation(), stages, metrics)
     pub.close()
 
 

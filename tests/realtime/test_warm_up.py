@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from loopcast import app
+from loopcast.inprocess import MessageFeed
 from loopcast.realtime.engines.onnx_runtime import OnnxEngine
 from loopcast.realtime.forecast.stage import ForecastConfig, ForecastStage
 from loopcast.realtime.ingest import RigConfig
@@ -56,23 +57,6 @@ def frames(n: int) -> list[list[Any]]:
     return out
 
 
-class Feed:
-    """A frame source handing over one queued message per call (so every frame is forecast)."""
-
-    def __init__(self, messages: list[list[Any]]) -> None:
-        self.messages = list(messages)
-
-    @property
-    def finished(self) -> bool:
-        return not self.messages
-
-    def recv_all(self, timeout_ms: int, limit: int = 64) -> list[Sequence[Any]]:
-        return [self.messages.pop(0)] if self.messages else []
-
-    def close(self) -> None:
-        self.messages = []
-
-
 def capture(process: Callable[[Frame], Preprocessed | None], sink: list[Preprocessed]) -> Callable[..., Any]:
     def wrapped(frame: Frame) -> Preprocessed | None:
         out = process(frame)
@@ -103,7 +87,7 @@ def build(toy_engines: dict[str, Path]) -> tuple[Pipeline, Metrics, Subscriber]:
 def run(pipe: Pipeline, sub: Subscriber) -> tuple[list[Preprocessed], list[tuple[bytes, Any]]]:
     pres: list[Preprocessed] = []
     pipe.preprocess.process = capture(pipe.preprocess.process, pres)  # type: ignore[method-assign]
-    pipe.connect(Feed(frames(FRAMES)))
+    pipe.connect(MessageFeed(frames(FRAMES)))
     pipe.run()
     got = receive(sub, sum(pipe.report.published.values()))
     pipe.close()
@@ -152,9 +136,9 @@ def test_the_app_warms_every_stage_up_before_it_subscribes_to_frames(
         events.append("warm_up")
         return times
 
-    def subscribe(*args: Any, **kwargs: Any) -> Feed:
+    def subscribe(*args: Any, **kwargs: Any) -> MessageFeed:
         events.append("subscribe")
-        return Feed([])
+        return MessageFeed([])
 
     monkeypatch.setattr(Pipeline, "warm_up", warm_then_note)
     monkeypatch.setattr(app, "Subscriber", subscribe)
