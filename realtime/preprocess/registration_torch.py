@@ -228,8 +228,8 @@ class TorchShiftedTraces:
 
     def process_with_stats(self, volume: torch.Tensor, shift: Shift | NDArray[np.float64],
                            sat_value: float = math.inf) -> tuple[torch.Tensor, TraceStats]:
-        """The means and, as `ShiftedTraces`, the saturation counts: samples that read a voxel >= `sat_value`
-        (the source dtype's maximum; the tensor may be widened) with a non-zero weight."""
+        """The means and, as `ShiftedTraces`, the saturation counts: samples whose nearest voxel is >=
+        `sat_value` (the source dtype's maximum; the tensor may be widened)."""
         import torch
 
         _check_volume(volume, self.shape)
@@ -251,9 +251,11 @@ class TorchShiftedTraces:
     def _saturation(self, values: torch.Tensor, weight: torch.Tensor, sat_value: float) -> TraceStats:
         if math.isinf(sat_value):
             return TraceStats(0, 0)
+        import torch
+
         from loopcast.realtime.preprocess.traces_torch import count_saturated
 
-        hit = ((values >= sat_value) & (weight[:, None] > 0)).any(0)                # (V,) per sample
+        hit = values[int(torch.argmax(weight))] >= sat_value                      # (V,) the nearest voxel
         return count_saturated(hit, self._labels, self.n_neurons)
 
     def _corner_index(self, base: NDArray[np.int64], strides: list[int]) -> torch.Tensor:

@@ -26,11 +26,11 @@ from loopcast.realtime.wire.codec import Order, volume_order
 def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDArray[np.integer],
                    coords: NDArray[np.int32], offsets: NDArray[np.int64], inv_counts: NDArray[np.float64],
                    box: NDArray[np.int32], base: NDArray[np.int64], corner: NDArray[np.int64],
-                   weight: NDArray[np.float64], sat_value: float, out: NDArray[np.float32],
+                   weight: NDArray[np.float64], near: int, sat_value: float, out: NDArray[np.float32],
                    sat: NDArray[np.int32]) -> None:  # pragma: no cover (compiled)
     """Fast path (the neuron's shifted box + 1 inside the volume): 8 reads at flat offsets, no clamping (one
     read for a whole-voxel shift: `weight` (1,), the plain trace pass moved by an offset). `sat[i]`: neuron
-    i's samples that read a voxel >= sat_value with a non-zero weight."""
+    i's samples whose nearest voxel (corner `near`, the largest weight) is >= sat_value."""
     n = vol.shape
     for i in numba.prange(out.shape[0]):
         inside = True
@@ -48,17 +48,13 @@ def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDA
             for j in range(offsets[i], offsets[i + 1]):
                 p = idx[j] + corner[0]
                 v = 0.0
-                top = 0.0
                 for c in range(weight.shape[0]):
-                    x = flat[p + corner[c + 1]]
-                    v += weight[c] * x
-                    if weight[c] > 0:
-                        top = max(top, x)
+                    v += weight[c] * flat[p + corner[c + 1]]
                 s += v
-                n_sat += top >= sat_value
+                n_sat += flat[p + corner[near + 1]] >= sat_value
         else:
             for j in range(offsets[i], offsets[i + 1]):
-                v, hit = _clamped_sample(vol, coords[j], base, weight, sat_value)
+                v, hit = _clamped_sample(vol, coords[j], base, weight, near, sat_value)
                 s += v
                 n_sat += hit
         out[i] = s * inv_counts[i]
@@ -67,9 +63,10 @@ def _shifted_means(vol: NDArray[np.generic], flat: NDArray[np.generic], idx: NDA
 
 @njit(nogil=True, inline="always")
 def _clamped_sample(vol: NDArray[np.generic], at: NDArray[np.int32], base: NDArray[np.int64],
-                    weight: NDArray[np.float64], sat_value: float) -> tuple[float, bool]:  # pragma: no cover
+                    weight: NDArray[np.float64], near: int,
+                    sat_value: float) -> tuple[float, bool]:  # pragma: no cover (compiled)
     """Trilinear sample at `at` + base (+ the fractions in `weight`), coordinates clamped to the volume; and
-    whether it read a saturated voxel."""
+    whether its nearest voxel (corner `near`) is saturated."""
     v = 0.0
     hit = False
     for c in range(weight.shape[0]):
@@ -78,7 +75,7 @@ def _clamped_sample(vol: NDArray[np.generic], at: NDArray[np.int32], base: NDArr
         z = min(max(at[2] + base[2] + (c & 1), 0), vol.shape[2] - 1)
         value = vol[x, y, z]
         v += weight[c] * value
-        hit |= weight[c] > 0 and value >= sat_value
+        hit |= c == near and value >= sat_value
     return v, hit
 
 
@@ -104,8 +101,8 @@ class ShiftedTraces:
 
     def process_with_stats(self, volume: NDArray[np.generic],
                            shift: Shift | NDArray[np.float64]) -> tuple[NDArray[np.float32], TraceStats]:
-        """(N,) float32 neuron means and the saturation counts of `TraceExtractor` (a sample that read a voxel
-        at the integer dtype's maximum with a non-zero weight counts as a saturated voxel)."""
+        """(N,) float32 neuron means and the saturation counts of `TraceExtractor` (a sample whose nearest
+        voxel is at the integer dtype's maximum counts as a saturated voxel)."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} != segmentation shape {self.shape}")
         d = shift.as_array() if isinstance(shift, Shift) else np.asarray(shift, np.float64)
@@ -118,7 +115,7 @@ class ShiftedTraces:
         sat_value = float(np.iinfo(vol.dtype.str).max) if vol.dtype.kind in "ui" else np.inf
         _shifted_means(vol, vol.reshape(-1, order=order), self._extractor.indices(order), self._coords,
                        self._offsets, self._inv_counts, self._box, base, self._corners(base, order),
-                       weight, sat_value, out, self._sat)
+                       weight, int(np.argmax(weight)), sat_value, out, self._sat)
         n_sat = int(self._sat.sum())
         return out, TraceStats(n_sat, int(np.count_nonzero(self._sat)) if n_sat else 0)
 
