@@ -70,6 +70,7 @@ DRIFT_FLOOR_MS = 1.0     # ... or this many ms, whichever is larger (a 3 ms p99 
 TARGETS = {"rss_growth_pct": RSS_GROWTH_PCT, "fd_slack": FD_SLACK, "drift_pct": DRIFT_PCT,
            "drift_floor_ms": DRIFT_FLOOR_MS, "leftover_shm_files": 0, "leftover_socket_files": 0,
            "leftover_processes": 0}
+UNKNOWN_AFTER_S = 2.0      # a child still unrecognisable this long after it appeared is an unknown one
 SHM_PREFIX = "loopcast-"   # realtime/wire/shm.py: loopcast-<tag>-<pid of the writer>-<hex>
 # Every forecast a trigger (bench/loop_fullscale.py's policy), with the duty limit and the session cap off too
 EVERY_FORECAST_TRIGGERS = [*FIRE_ON_EVERY_FORECAST, "controller.interlocks.max_light_s=0",
@@ -155,6 +156,7 @@ class Sampler:
     parents: tuple[str, ...] = ("run",)
     pids: dict[str, tuple[int, int | None]] = field(default_factory=dict)   # name -> (pid, start time)
     tracks: dict[str, list[ProcSample]] = field(default_factory=dict)
+    _unknown: dict[int, float] = field(default_factory=dict)   # pid -> when first seen not yet recognisable
 
     def add(self, name: str, pid: int) -> None:
         self.pids[name] = (pid, start_time(pid))
@@ -170,14 +172,22 @@ class Sampler:
                 self.tracks[name].append(s)
 
     def _find_children(self) -> None:
+        """Register new children by what they run. A child that does not read as a known one yet may still be
+        between fork and exec (it shows its parent's command line): it is named "child" only if it still
+        does UNKNOWN_AFTER_S after it was first seen."""
         known = {pid for pid, _ in self.pids.values()}
+        now = time.monotonic()
         for parent in self.parents:
             if parent not in self.pids:
                 continue
             for pid in children(self.pids[parent][0]):
-                if pid not in known:
-                    name = f"{parent}/{child_label(pid)}"
-                    self.add(name if name not in self.pids else f"{name}-{pid}", pid)
+                if pid in known:
+                    continue
+                label = child_label(pid)
+                if label == "child" and now - self._unknown.setdefault(pid, now) < UNKNOWN_AFTER_S:
+                    continue
+                name = f"{parent}/{label}"
+                self.add(name if name not in self.pids else f"{name}-{pid}", pid)
 
     def alive(self, skip: Iterable[str] = ()) -> list[str]:
         """'name pid' of each registered process that is still running (the same process, not a reused pid)."""
