@@ -49,7 +49,8 @@ from loopcast.realtime.wire.shm import ShmReader, ShmRing
 RIG = RigConfig(name="fuzz", shape=(6, 5, 3), dtype="uint16", n_covariates=4)
 VOLUME = np.arange(90, dtype=np.uint16).reshape(RIG.shape)
 FORECAST_REASONS = frozenset({"bad_parts", "bad_topic", "malformed_header", "bad_version", "missing_field",
-                              "bad_shape", "bad_dtype", "bad_order", "truncated_payload", "oversized_payload"})
+                              "bad_shape", "bad_dtype", "bad_order", "truncated_payload", "oversized_payload",
+                              "bad_registration"})
 DELETE = "<delete>"   # a mutation that removes the field
 CI = settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -73,7 +74,7 @@ SEQ_WRONG = st.one_of(st.integers(-(2**63), 0), st.integers(2**40, 2**63 - 1), S
 FRAME_FIELDS = ("v", "seq", "t_src_ns", "kind", "shape", "dtype", "order", "rig", "stimulus", "condition", "shm",
                 "session", "unknown")
 FORECAST_FIELDS = ("v", "seq", "t_src_ns", "kind", "model", "engine_version", "lead_times", "shape", "dtype", "order",
-                   "t_pub_ns", "frame", "unknown")
+                   "t_pub_ns", "frame", "registration", "unknown")
 PAYLOADS = st.one_of(st.sampled_from(["exact", "half", "double", "empty", "one_more"]), st.binary(max_size=64))
 SHM_PATHS = ("ring", "shrunk", "empty", "fifo", "dir", "link_out", "link_ring", "other", "gone", "passwd", "relative",
              "dotdot", "loop", "nul", "long")
